@@ -1,0 +1,223 @@
+"""One small hooked-model interface: read and patch residual-stream sites of a causal LM, batched.
+
+Sites (per block ``l`` in ``0..L-1``):
+- ``resid_pre``: the residual stream entering block ``l``;
+- ``resid_post``: the residual stream leaving block ``l`` (``resid_post[l] == resid_pre[l+1]``);
+- ``attn_out`` / ``mlp_out``: what the attention / MLP sub-layer of block ``l`` adds to the residual stream.
+
+Two backends implement :class:`HookedModel`: :class:`NativeHooks` (plain PyTorch hooks on the HF modules; the
+default, works with bitsandbytes and ``device_map`` models) and ``probes.tl_backend.TransformerLensHooks``
+(TransformerLens ``TransformerBridge``, opt-in). Batches are right-padded: in a causal model a real token never
+attends to the padding after it, so every real position equals the unpadded one-at-a-time run.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from probes.architecture import locate
+
+SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+Site = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Overwrite ``site`` at ``layer`` for the (row, position) pairs given, with ``values`` (``[N, d_model]``)."""
+
+    site: str
+    layer: int
+    rows: Tensor  # [N] batch rows
+    positions: Tensor  # [N] token positions
+    values: Tensor  # [N, d_model]
+
+    def apply(self, hidden: Tensor) -> Tensor:
+        out = hidden.clone()
+        device = hidden.device
+        out[self.rows.to(device), self.positions.to(device)] = self.values.to(device=device, dtype=hidden.dtype)
+        return out
+
+
+@dataclass
+class RunResult:
+    """``acts[(site, layer)]`` is ``[B, T, d]``, or ``[B, K, d]`` when ``positions`` was given; ``logits`` is
+    ``[B, T, vocab]``, or None when the run stopped early."""
+
+    logits: Tensor | None
+    acts: dict[Site, Tensor] = field(default_factory=dict)
+
+
+def check_sites(sites: Iterable[Site], n_layers: int) -> None:
+    for site, layer in sites:
+        if site not in SITES:
+            raise ValueError(f"unknown site {site!r}; choose from {', '.join(SITES)}")
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layer {layer} out of range 0..{n_layers - 1}")
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Right-pad token id lists into ``(input_ids, attention_mask)``."""
+    if not seqs or min(len(s) for s in seqs) == 0:
+        raise ValueError("cannot batch an empty token sequence")
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        ids[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    return ids, mask
+
+
+def gather_positions(hidden: Tensor, positions: Tensor | None) -> Tensor:
+    """``hidden[b, positions[b, k]]`` as ``[B, K, d]`` (or ``hidden`` itself when ``positions`` is None)."""
+    if positions is None:
+        return hidden
+    index = positions.to(hidden.device)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device)[:, None], index]
+
+
+class HookedModel(ABC):
+    """A causal LM whose residual-stream sites can be read and patched in one batched forward pass."""
+
+    model: nn.Module
+    tokenizer: Any
+    n_layers: int
+    d_model: int
+
+    @abstractmethod
+    def run(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        read: Iterable[Site] = (),
+        patches: Sequence[Patch] = (),
+        positions: Tensor | None = None,
+        logits: bool = True,
+    ) -> RunResult:
+        """Run a forward pass, recording ``read`` sites and applying ``patches``.
+
+        ``positions`` (``[B, K]``) keeps only those positions of each read activation. With ``logits=False`` the
+        pass stops after the last block it needs (early stop) and returns no logits.
+        """
+
+    @abstractmethod
+    def readout(self, hidden: Tensor) -> Tensor:
+        """Logit lens: the final norm and unembedding applied to residual vectors ``[..., d]``."""
+
+    @staticmethod
+    def _last_block(read: Iterable[Site], patches: Sequence[Patch]) -> int:
+        layers = [layer for _, layer in read] + [p.layer for p in patches]
+        return max(layers, default=0)
+
+    def _plan(self, read: Iterable[Site], patches: Sequence[Patch], positions: Tensor | None,
+              acts: dict[Site, Tensor]) -> list[tuple[Site, Callable[[Tensor], Tensor]]]:
+        """For each site to hook, the function applied to its tensor: patch it, then record it into ``acts``."""
+        read = list(dict.fromkeys(read))
+        check_sites(read + [(p.site, p.layer) for p in patches], self.n_layers)
+        by_site: dict[Site, list[Patch]] = {}
+        for patch in patches:
+            by_site.setdefault((patch.site, patch.layer), []).append(patch)
+        return [(key, _transform(by_site.get(key, []), acts, key if key in read else None, positions))
+                for key in dict.fromkeys([*by_site, *read])]
+
+
+def _transform(patches: list[Patch], acts: dict[Site, Tensor], record: Site | None,
+               positions: Tensor | None) -> Callable[[Tensor], Tensor]:
+    def transform(hidden: Tensor) -> Tensor:
+        for patch in patches:
+            hidden = patch.apply(hidden)
+        if record is not None:
+            acts[record] = gather_positions(hidden, positions).detach()
+        return hidden
+    return transform
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every needed block has run."""
+
+
+class NativeHooks(HookedModel):
+    """PyTorch forward hooks on the HF modules located by :func:`probes.architecture.locate`."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.modules = locate(model)
+        self.n_layers = len(self.modules.blocks)
+        self.d_model = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def readout(self, hidden: Tensor) -> Tensor:
+        norm = self.modules.final_norm
+        device = next(norm.parameters(), hidden).device
+        logits = self.modules.unembed(norm(hidden.to(device)))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _site_hook(self, site: str, layer: int) -> tuple[nn.Module, bool]:
+        """The module to hook for a site, and whether it is a pre-hook (input) rather than an output hook."""
+        if site == "resid_pre":
+            return self.modules.blocks[layer], True
+        if site == "resid_post":
+            return self.modules.blocks[layer], False
+        if site == "attn_out":
+            return self.modules.attn[layer], False
+        return self.modules.mlp[layer], False
+
+    def run(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        read: Iterable[Site] = (),
+        patches: Sequence[Patch] = (),
+        positions: Tensor | None = None,
+        logits: bool = True,
+    ) -> RunResult:
+        acts: dict[Site, Tensor] = {}
+        with ExitStack() as stack:
+            for key, transform in self._plan(read, patches, positions, acts):
+                module, pre = self._site_hook(*key)
+                handle = (module.register_forward_pre_hook(_pre_hook(transform), with_kwargs=True) if pre
+                          else module.register_forward_hook(_post_hook(transform)))
+                stack.callback(handle.remove)
+            if not logits:
+                stop = self.modules.blocks[self._last_block(read, patches)].register_forward_hook(_raise_stop)
+                stack.callback(stop.remove)
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            device = self.model.get_input_embeddings().weight.device
+            try:
+                out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            except _StopForward:
+                return RunResult(None, acts)
+        return RunResult(out.logits, acts)
+
+
+def _raise_stop(module: nn.Module, args: Any, output: Any) -> None:
+    raise _StopForward
+
+
+def _pre_hook(transform: Callable[[Tensor], Tensor]) -> Callable[..., Any]:
+    """A forward pre-hook applying ``transform`` to the block's input hidden states."""
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if args:
+            return (transform(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": transform(kwargs["hidden_states"])}
+    return hook
+
+
+def _post_hook(transform: Callable[[Tensor], Tensor]) -> Callable[..., Any]:
+    """A forward hook applying ``transform`` to the module's output (the first element of a tuple output)."""
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (transform(output[0]), *output[1:])
+        return transform(output)
+    return hook

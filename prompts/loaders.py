@@ -1,0 +1,134 @@
+"""Load prompt sets: the bundled ones by name, JSONL files in our schema, and CSV/JSONL tables with a column
+mapping (or a named preset such as ``hopping_too_late``).
+
+A column mapping maps our field names to either a column name (``"bridge": "e2_label"``) or a format string
+over the row's columns (``"hop2": "{r2_template} is"``); presets may also use a function of the row.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+from prompts.schema import PromptItem, PromptSetError, check_set, make_item
+
+Mapper = str | Callable[[Mapping[str, str]], str]
+
+
+def _fill(template: str, row: Mapping[str, str]) -> str:
+    """``"{e2_label}"`` and other format strings over ``row``; a plain column name selects that column."""
+    if "{" not in template:
+        return row[template]
+    return template.format_map(row)
+
+
+PRESETS: dict[str, dict[str, Mapper]] = {
+    # Biran et al. 2024, "Hopping Too Late" (Wikidata-derived): one-hop prompts come from the relation
+    # templates ("the capital of {}") filled with the entity label, ending with "is" like the two-hop prompt.
+    "hopping_too_late": {
+        "id": "htl-{id}",
+        "two_hop": "source_prompt",
+        "bridge": "e2_label",
+        "answer": "e3_label",
+        "e1": "e1_label",
+        "r1": "r1_type",
+        "r2": "r2_type",
+        "hop1": lambda row: row["r1_template"].format(row["e1_label"]) + " is",
+        "hop2": lambda row: row["r2_template"].format(row["e2_label"]) + " is",
+    },
+}
+
+BUNDLED = {"curated": "curated.jsonl"}
+
+
+def bundled_path(name: str) -> Path:
+    """Path of a bundled prompt set (``curated``)."""
+    if name not in BUNDLED:
+        raise PromptSetError(name, None, None, f"no bundled prompt set of this name (have: {', '.join(BUNDLED)})")
+    return Path(str(resources.files("prompts") / "data" / BUNDLED[name]))
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
+    """(line number, record) for each row of a JSONL or CSV file."""
+    source = str(path)
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            for row in reader:
+                yield reader.line_num, dict(row)
+        return
+    if path.suffix not in (".jsonl", ".json"):
+        raise PromptSetError(source, None, None, "prompt files must be .jsonl or .csv")
+    with path.open(encoding="utf-8") as fh:
+        for number, text in enumerate(fh, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise PromptSetError(source, number, None, f"not valid JSON: {err.msg}") from err
+            if not isinstance(record, dict):
+                raise PromptSetError(source, number, None, "each line must be a JSON object")
+            yield number, record
+
+
+def _apply_mapping(row: dict[str, object], mapping: Mapping[str, Mapper], source: str, line: int) -> dict[str, object]:
+    mapped: dict[str, object] = {}
+    for field, mapper in mapping.items():
+        try:
+            mapped[field] = mapper(row) if callable(mapper) else _fill(mapper, row)  # type: ignore[arg-type]
+        except (KeyError, IndexError) as err:
+            raise PromptSetError(source, line, field, f"mapping {mapper!r} needs column {err} missing from the row") from err
+    return mapped
+
+
+def load_prompts(
+    paths: str | Path | Sequence[str | Path],
+    *,
+    columns: Mapping[str, Mapper] | None = None,
+    preset: str | None = None,
+    limit: int | None = None,
+) -> list[PromptItem]:
+    """Load and validate prompt items from bundled names and/or files (JSONL or CSV), in order.
+
+    ``columns`` or ``preset`` maps external columns to our fields; without either, records must already use our
+    field names. ``limit`` keeps the first ``limit`` items. Errors name the file, line and field.
+    """
+    if columns is not None and preset is not None:
+        raise ValueError("pass either columns or preset, not both")
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} (have: {', '.join(PRESETS)})")
+    mapping = PRESETS[preset] if preset else columns
+    items: list[PromptItem] = []
+    where: list[tuple[str, int]] = []
+    for entry in [paths] if isinstance(paths, (str, Path)) else list(paths):
+        path = bundled_path(str(entry)) if str(entry) in BUNDLED else Path(entry)
+        if not path.is_file():
+            raise PromptSetError(str(path), None, None, "file not found")
+        if path.suffix == ".csv" and mapping is None:
+            raise PromptSetError(str(path), None, None, "CSV files need a column mapping (--columns) or a --preset")
+        for line, record in _records(path):
+            if mapping is not None:
+                record = _apply_mapping(record, mapping, str(path), line)
+            items.append(make_item(record, str(path), line))
+            where.append((str(path), line))
+    if not items:
+        raise PromptSetError(", ".join(map(str, [paths] if isinstance(paths, (str, Path)) else paths)), None, None,
+                             "no prompt items found")
+    check_set(items, where)
+    return items[:limit] if limit else items
+
+
+def parse_columns(specs: Sequence[str]) -> dict[str, str]:
+    """Parse CLI ``field=column`` (or ``field={col} text``) strings into a column mapping."""
+    mapping: dict[str, str] = {}
+    for spec in specs:
+        field, sep, value = spec.partition("=")
+        if not sep or not field or not value:
+            raise ValueError(f"column mapping {spec!r} must look like field=column")
+        mapping[field.strip()] = value
+    return mapping
+

