@@ -66,7 +66,7 @@ def group_curves(frame: pd.DataFrame, prompts: pd.DataFrame, path: Path, title: 
     return _save(fig, path)
 
 
-def bridge_heatmap(frame: pd.DataFrame, prompts: pd.DataFrame, path: Path, title: str, max_rows: int = 400) -> Path:
+def bridge_heatmap(frame: pd.DataFrame, prompts: pd.DataFrame, path: Path, title: str, max_rows: int = 1000) -> Path:
     """Prompts x layers heatmap of the bridge's log rank on the two-hop prompt, ordered by group and peak layer."""
     last = last_position(frame)
     sub = last[(last["prompt_kind"] == "two_hop") & (last["target"] == "bridge")]
@@ -77,5 +77,5 @@ def bridge_heatmap(frame: pd.DataFrame, prompts: pd.DataFrame, path: Path, title
     image = ax.imshow(np.log10(matrix.to_numpy() + 1), aspect="auto", cmap="viridis_r", interpolation="nearest")
     ax.set(xlabel="layer", ylabel=f"prompt ({len(matrix)}, by group then peak layer)", title=title)
     ax.set_yticks([])
-    fig.colorbar(image, ax=ax, label="log10(bridge rank + 1); dark = readable")
+    fig.colorbar(image, ax=ax, label="log10(bridge rank + 1); bright = readable")
     return _save(fig, path)

@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     _prompt_args(run, "curated")
     run.add_argument("--out", type=Path, help="output directory (default: reports/<model name>)")
     _run_args(run)
+
+    report = sub.add_parser("report", help="rewrite the tables, plots and HTML of a finished lens run",
+                            description="Rebuild DIR's report (layers.csv, prompts.csv, summary.json, PNGs, "
+                                        "index.html) from DIR/lens.csv and DIR/run.json, without the model.")
+    report.add_argument("out", type=Path, metavar="DIR", help="directory of a finished lens or run job")
     return parser
 
 
@@ -138,6 +143,22 @@ def lens_job(args: argparse.Namespace, report: bool) -> Path:
     return out
 
 
+def report_job(out: Path) -> None:
+    """Regenerate the report of a finished run from its lens.csv and run.json."""
+    import pandas as pd
+
+    from analyses.report import write_lens_report
+
+    if not (out / "lens.csv").is_file() or not (out / "run.json").is_file():
+        raise ValueError(f"{out} has no finished run (lens.csv and run.json)")
+    record = json.loads((out / "run.json").read_text())
+    settings = record["settings"]
+    columns = parse_columns(settings["columns"]) if settings.get("columns") else None
+    items = load_prompts(settings["prompts"], columns=columns, preset=settings.get("preset"), limit=settings.get("limit"))
+    write_lens_report(pd.read_csv(out / "lens.csv", dtype={"prompt_id": str}), items, out, record)
+    print(f"wrote {out}/index.html")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -146,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             lens_job(args, report=args.report)
         elif args.command == "run":
             lens_job(args, report=True)
+        else:
+            report_job(args.out)
     except (PromptSetError, ModelLoadError, ResumeMismatch, ValueError) as err:
         if args.verbose:
             raise

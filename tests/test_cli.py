@@ -46,6 +46,9 @@ def test_lens_writes_long_csv_and_run_json(prompt_file: Path, tmp_path: Path) ->
     assert {"torch", "transformers"} <= set(run["versions"])
     for name in ("index.html", "summary.json", "layers.csv", "prompts.csv", "ranks_by_layer.png", "bridge_heatmap.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+    (tmp_path / "out" / "index.html").unlink()
+    assert main(["report", str(tmp_path / "out")]) == 0  # rebuilt from lens.csv + run.json, no model
+    assert "Where is the bridge entity?" in (tmp_path / "out" / "index.html").read_text()
     # the model's own greedy answer: Tokyo is the final-layer top token for the hop2 prompt
     last = frame[(frame.prompt_id == "fuji") & (frame.prompt_kind == "hop2") & (frame.layer == 29)]
     assert last["target_token"].item() == " Tokyo"

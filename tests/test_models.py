@@ -1,0 +1,107 @@
+"""Model loading: local checkpoints with dtype / device_map / bitsandbytes, the GGUF cache, clear errors."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import requires_smollm2, tiny_model
+from probes.hooks import NativeHooks, pad_right
+from probes.models import EMBEDDED, ModelLoadError, convert_gguf, load_model
+
+
+class _Tokenizer:
+    """Saved beside a tiny checkpoint so that load_model finds a tokenizer: a minimal byte-level BPE."""
+
+    @staticmethod
+    def save(path: Path) -> None:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {chr(i): i for i in range(128)}
+        raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+        PreTrainedTokenizerFast(tokenizer_object=raw).save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama")
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.save_pretrained(path)
+    _Tokenizer.save(path)
+    return path, model
+
+
+IDS = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def test_local_checkpoint_loads_with_same_logits(checkpoint) -> None:
+    path, original = checkpoint
+    model, tokenizer = load_model(str(path), offline=True)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(model(IDS).logits, original(IDS).logits, rtol=0, atol=1e-5)
+    assert tokenizer("ab")["input_ids"] == [97, 98]
+    assert load_model(str(path), dtype="bfloat16")[0].dtype == torch.bfloat16
+
+
+def test_device_map_splitting_across_cpu_and_offload_gives_same_logits(checkpoint, tmp_path: Path) -> None:
+    path, original = checkpoint
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, offload_folder=str(tmp_path)).eval()
+    assert getattr(model, "hf_device_map", None)
+    hooked = NativeHooks(model)
+    result = hooked.run(IDS, read=[("resid_post", 1), ("resid_pre", 2)])
+    reference = NativeHooks(original).run(IDS, read=[("resid_post", 1)])
+    torch.testing.assert_close(result.logits, reference.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(result.acts[("resid_post", 1)], reference.acts[("resid_post", 1)], rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_bitsandbytes_models_are_hooked_like_any_other(checkpoint, bits: str) -> None:
+    path, original = checkpoint
+    model, _ = load_model(str(path), quantize=bits, device="cpu")
+    assert any("bitsandbytes" in type(m).__module__ for m in model.modules())
+    hooked = NativeHooks(model)
+    ids, mask = pad_right([IDS[0].tolist(), IDS[1, :5].tolist()])
+    result = hooked.run(ids, mask, read=[("resid_post", 2)])
+    plain = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(result.logits, plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(hooked.readout(result.acts[("resid_post", 2)]), plain, rtol=0, atol=1e-4)
+    # quantization moves logits a little, not a lot
+    drift = (plain[0] - original(IDS[:1]).logits[0]).abs().max() / original(IDS[:1]).logits.abs().max()
+    assert drift < 0.2
+
+
+def test_bad_specs_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="GGUF file not found"):
+        load_model(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelLoadError, match="neither a model directory nor a .gguf file"):
+        load_model("./no/such/dir")
+    with pytest.raises(ModelLoadError, match="dtype must be one of"):
+        load_model("smollm2-135m", dtype="float8")
+    with pytest.raises(ModelLoadError, match="either device or device_map"):
+        load_model("smollm2-135m", device="cpu", device_map="auto")
+
+
+@pytest.mark.slow
+@requires_smollm2
+def test_gguf_cache_is_safetensors_with_the_logits_of_the_gguf(smollm2) -> None:
+    from transformers import AutoModelForCausalLM
+
+    gguf = EMBEDDED["smollm2-135m"].locate()
+    cached = convert_gguf(gguf)
+    assert (cached / "model.safetensors").is_file() and not list(cached.glob("*.bin"))
+    model, tokenizer = smollm2
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+    ids = torch.tensor([tokenizer("The capital of the country where the Eiffel Tower is located is")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, direct(ids).logits)
