@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analyses.aggregate import last_position  # noqa: E402
@@ -22,6 +23,9 @@ _PROBES = {
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
+    for ax in fig.axes:
+        if ax.get_xlabel() == "layer":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -57,7 +57,7 @@ def _html(summary: dict[str, Any], layers: pd.DataFrame, prompts: pd.DataFrame, 
     bridge = summary["bridge"]
     facts = {
         "model": f'{run["model"]} ({run["model_class"]}, {run["n_layers"]} layers)',
-        "prompts": f'{summary["n_prompts"]} ({run["settings"]["prompts"]})',
+        "prompts": f'{summary["n_prompts"]} ({", ".join(run["settings"]["prompts"])})',
         "accuracy (first token, greedy)": f'two-hop {acc["two_hop"]}, hop 1 {acc["hop1"]}, hop 2 {acc["hop2"]}',
         "bridge in top 10 at some layer": f'{bridge["top10_any_layer"]:.1%} of two-hop prompts',
         "bridge top 1 at some layer": f'{bridge["top1_any_layer"]:.1%}',

@@ -160,7 +160,7 @@ def _rows(tokenizer: Any, encoded: list[_Encoded], stats: list[tuple[torch.Tenso
         tokens = {p: tokenizer.decode([e.prompt_ids[p]]) for p in positions}
         for layer, (rank, logit, logprob) in enumerate(stats):
             for p in positions:
-                k = n_lens - n + p if all_positions else 0
+                k = n_lens - n + p  # lens positions are right-aligned, the last prompt token at n_lens - 1
                 lp = float(logprob[q, k])
                 rows.append({
                     **base, "layer": layer, "position": p, "prompt_token": tokens[p], "rank": int(rank[q, k]),
