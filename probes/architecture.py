@@ -40,7 +40,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         "post_attention_layernorm", "post_feedforward_layernorm",
     ),
     "gpt2": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", "attn", "mlp"),
-    "gpt_neox": ArchSpec("gpt_neox.layers", "gpt_neox.final_layer_norm", "embed_out", "attention", "mlp"),
+    "gpt_neox": ArchSpec("gpt_neox.layers", "gpt_neox.final_layer_norm", "lm_head", "attention", "mlp"),
     "gptj": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", "attn", "mlp"),
     "phi": ArchSpec("model.layers", "model.final_layernorm", "lm_head", "self_attn", "mlp"),
 }

@@ -182,23 +182,127 @@ class NativeHooks(HookedModel):
         positions: Tensor | None = None,
         logits: bool = True,
     ) -> RunResult:
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        device = self.model.get_input_embeddings().weight.device
+        result, _ = self._forward(read, patches, positions, logits, input_ids=input_ids.to(device),
+                                  attention_mask=mask.to(device), use_cache=False)
+        return result
+
+    def _forward(self, read: Iterable[Site], patches: Sequence[Patch], positions: Tensor | None, logits: bool,
+                 *, first: int = 0, **model_kwargs: Any) -> tuple[RunResult, Any]:
+        """One forward of ``self.model(**model_kwargs)`` with the hooks of ``read`` / ``patches`` in place; also
+        returns the model output (None after an early stop)."""
+        read = list(read)
         acts: dict[Site, Tensor] = {}
         with ExitStack() as stack:
             for key, transform in self._plan(read, patches, positions, acts):
+                if key[1] < first:
+                    raise ValueError(f"site {key} lies before the first block run ({first})")
                 module, pre = self._site_hook(*key)
                 handle = (module.register_forward_pre_hook(_pre_hook(transform), with_kwargs=True) if pre
                           else module.register_forward_hook(_post_hook(transform)))
                 stack.callback(handle.remove)
             if not logits:
-                stop = self.modules.blocks[self._last_block(read, patches)].register_forward_hook(_raise_stop)
+                last = max(self._last_block(read, patches), first)
+                stop = self.modules.blocks[last].register_forward_hook(_raise_stop)
                 stack.callback(stop.remove)
-            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-            device = self.model.get_input_embeddings().weight.device
             try:
-                out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                out = self.model(**model_kwargs)
             except _StopForward:
-                return RunResult(None, acts)
-        return RunResult(out.logits, acts)
+                return RunResult(None, acts), None
+        return RunResult(out.logits, acts), out
+
+    def run_with_kv(
+        self,
+        input_ids: Tensor,
+        *,
+        read: Iterable[Site] = (),
+        positions: Tensor | None = None,
+    ) -> tuple[RunResult, list[tuple[Tensor, Tensor]]]:
+        """:meth:`run` on unpadded ``input_ids`` (``[B, T]``), also returning every block's attention keys and
+        values ``[(k, v)]`` (each ``[B, kv_heads, T, head_dim]``) for all ``T`` positions, sliding-window layers
+        included: the prefix cache for :meth:`run_from`."""
+        from transformers import DynamicCache
+
+        device = self.model.get_input_embeddings().weight.device
+        cache = DynamicCache()  # no config: every layer keeps all its positions, sliding-window ones too
+        result, _ = self._forward(read, (), positions, True, input_ids=input_ids.to(device),
+                                  attention_mask=torch.ones_like(input_ids, device=device),
+                                  past_key_values=cache, use_cache=True)
+        if len(cache.layers) != self.n_layers:
+            raise RuntimeError(f"expected a key/value cache for {self.n_layers} blocks, got {len(cache.layers)}")
+        return result, [(layer.keys, layer.values) for layer in cache.layers]
+
+    def run_from(
+        self,
+        start: int,
+        hidden: Tensor,
+        *,
+        past_kv: Sequence[tuple[Tensor, Tensor]] | None = None,
+        read: Iterable[Site] = (),
+        patches: Sequence[Patch] = (),
+        positions: Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> RunResult:
+        """Resume a forward pass at block ``start`` (``0..n_layers``) with ``hidden`` (``[B, q, d]``) as its input,
+        running only blocks ``start..L-1``, the final norm and the unembedding.
+
+        ``past_kv`` (from :meth:`run_with_kv`, cut to the first ``n`` positions; batch 1 or ``B``) makes ``hidden``
+        the positions ``n..n+q-1`` of a longer sequence whose prefix the cache holds (a causal model's prefix does
+        not depend on what follows it). Without it ``hidden`` starts at position 0. ``patches``/``positions``
+        index ``hidden``'s rows and positions (not absolute positions); sites must lie at block ``start`` or
+        later. ``start == n_layers`` applies only the readout (no patches or reads then). ``logits_to_keep``
+        (>0) computes the logits of that many last positions only.
+
+        The blocks before ``start`` are swapped for pass-through modules for the duration of the call (the
+        ``ModuleList`` keeps its length, so per-layer tables indexed by block number, e.g. sliding-window layer
+        types, stay aligned); the model is not safe to use from another thread meanwhile.
+        """
+        if not 0 <= start <= self.n_layers:
+            raise ValueError(f"start {start} out of range 0..{self.n_layers}")
+        if start == self.n_layers:
+            if list(read) or list(patches):
+                raise ValueError("run_from(n_layers) only reads out: apply patches to hidden instead")
+            kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+            return RunResult(self.readout(kept), {})
+        batch, q = hidden.shape[:2]
+        offset = 0 if past_kv is None else int(past_kv[0][0].shape[-2])
+        device = hidden.device
+        kwargs: dict[str, Any] = {
+            "inputs_embeds": hidden,  # overwritten at block `start`; it only fixes shape, dtype and device
+            "attention_mask": torch.ones((batch, offset + q), dtype=torch.long, device=device),
+            "position_ids": torch.arange(offset, offset + q, device=device)[None],
+            "use_cache": offset > 0,
+        }
+        if offset > 0:
+            from transformers import DynamicCache
+
+            kwargs["past_key_values"] = DynamicCache(ddp_cache_data=[
+                (k, v) if i < start else (k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:]))
+                for i, (k, v) in enumerate(past_kv)
+            ])
+        if logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
+        blocks = self.modules.blocks
+        originals = [blocks[i] for i in range(start)]
+        inject = blocks[start].register_forward_pre_hook(_pre_hook(lambda h: hidden.to(h.device)),
+                                                         with_kwargs=True, prepend=True)
+        try:
+            for i in range(start):
+                blocks[i] = _PassThrough()
+            result, _ = self._forward(read, patches, positions, True, first=start, **kwargs)
+        finally:
+            inject.remove()
+            for i, block in enumerate(originals):
+                blocks[i] = block
+        return result
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a skipped block: returns its input hidden states."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        return args[0] if args else kwargs["hidden_states"]
 
 
 def _raise_stop(module: nn.Module, args: Any, output: Any) -> None:
