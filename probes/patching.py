@@ -22,14 +22,18 @@ Three interchangeable methods compute the same numbers (``<= 1e-4`` apart in fp3
   below ``l`` for pass-throughs) and runs only the positions from ``p0 <= p`` on, with the receiving run's
   keys/values of the positions before ``p0`` as a prefix cache; only the last position is unembedded. Variants of
   one (site, layer) are grouped into batches by a small dynamic programme that trades the work saved by a late
-  ``p0`` against the per-forward overhead (``overhead_tokens``) under a memory budget; on out-of-memory the budget
-  halves and the rest is re-planned. Cost: about ``L*P/4`` forward-equivalents instead of ``L*P`` when the
-  overhead is small (CPU), about ``L*P/2`` when everything of a layer is one batch (GPU).
+  ``p0`` against the per-forward overhead (``overhead_tokens``) under a memory budget; on out-of-memory
+  (``torch.cuda.OutOfMemoryError``, ``RuntimeError('... out of memory')``, ``MemoryError``) the budget halves and
+  the rest is re-planned. Cells whose source activation equals the receiving one (a shared prefix) are not run
+  at all: their patched run is the receiving run. Block work: ``(L+1)(P+1)/4`` forward-equivalents with
+  ``overhead_tokens=0`` (one group per position), ``~L*P/2`` with one batch per layer, instead of ``L*P``;
+  measured on SmolLM2-135M (1 CPU thread, 13 tokens): 4.4 s vs 47 s for the naive loop (41.5 vs 390
+  forward-equivalents; 7 shared prefix tokens), 10 s vs 43 s with no shared prefix (12 tokens).
 
   The fast path relies on the HF model forward iterating over its block list and on its attention taking a
   ``DynamicCache`` prefix; it is verified against ``naive`` for the ``model_type`` values in
   :data:`FAST_ARCHITECTURES` (tiny Llama, Qwen2, Qwen3, Mistral, GPT-2, Gemma 2, Gemma 3 text with
-  sliding-window layers; real SmolLM2). ``method="auto"`` uses it only there and falls back to ``batched``
+  sliding-window layers; real SmolLM2-135M and Gemma 3 270M). ``method="auto"`` uses it only there and falls back to ``batched``
   elsewhere (other architectures, the TransformerLens backend).
 
 All metrics stay on the model's device until the sweep ends.
@@ -218,7 +222,8 @@ def _normalize(cells: Iterable[Sequence[Any]], n_layers: int, length: int, heads
     out = []
     for cell in cells:
         site, layer, position = cell[0], int(cell[1]), int(cell[2])
-        head = int(cell[3]) if len(cell) > 3 and cell[3] is not None else None
+        head = cell[3] if len(cell) > 3 else None
+        head = None if head is None or (isinstance(head, float) and math.isnan(head)) else int(head)
         if site == HEAD:
             if head is None:
                 raise ValueError(f"head cell {cell} needs a head index")
@@ -443,7 +448,7 @@ def _frame(cells: list[tuple], metric: Tensor, prob: Tensor, clean: float, corru
         for (site, layer, position, head), m, pr in zip(cells, metric_list, prob_list)
     ]
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
-    frame["head"] = frame["head"].astype(object).where(frame["head"].notna(), None)
+    frame["head"] = pd.Series([cell[3] for cell in cells], dtype=object)  # ints, None for site cells
     return frame
 
 

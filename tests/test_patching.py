@@ -12,7 +12,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Gemma2Config, GPTNeoXConfig, MistralConfig, Qwen3Config
 from transformers.models.gemma3 import Gemma3TextConfig
 
-from conftest import TINY_CONFIGS, CharTokenizer
+from conftest import TINY_CONFIGS, CharTokenizer, requires_gemma3
 from probes.attribution import attribution_sweep, screen_and_confirm
 from probes.hooks import SITES, NativeHooks
 from probes.patching import (COLUMNS, FAST_ARCHITECTURES, Pair, fast_supported, head_sweep, n_heads,
@@ -380,3 +380,23 @@ def test_real_smollm2_heads_and_full_grid(smollm2) -> None:
     full = sweep(hooked, pair, "attn_out")
     assert_same(full, sweep(hooked, pair, "attn_out", method="batched"))
     assert full.forward_equivalents < hooked.n_layers * pair.length / 4
+
+
+@pytest.mark.slow
+@requires_gemma3
+def test_real_gemma3_fast_matches_naive() -> None:
+    from probes.models import load_model
+
+    model, tokenizer = load_model("gemma3-270m")
+    hooked = NativeHooks(model, tokenizer)
+    assert model.config.model_type == "gemma3_text" and len(set(model.config.layer_types)) == 2
+    pair = Pair.from_text(tokenizer, "The Eiffel Tower is in the country whose capital city is",
+                          "The Colosseum is in the country whose capital city is", " Paris", " Rome")
+    layers = [0, 5, 17]  # sliding-window and full-attention layers
+    for site in ("resid_pre", "attn_out"):
+        for direction in ("denoise", "noise"):
+            fast = sweep(hooked, pair, site, direction=direction, layers=layers)
+            assert fast.method == "fast"
+            assert_same(fast, sweep(hooked, pair, site, direction=direction, layers=layers, method="naive"))
+    heads = head_sweep(hooked, pair, layers=[5], positions=[3, pair.length - 1])
+    assert_same(heads, head_sweep(hooked, pair, layers=[5], positions=[3, pair.length - 1], method="naive"))
