@@ -22,7 +22,7 @@ _PROBES = {
 }
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
     for ax in fig.axes:
         if ax.get_xlabel() == "layer":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -49,7 +49,7 @@ def rank_curves(layers: pd.DataFrame, path: Path, title: str) -> Path:
     ax_top.set(xlabel="layer", ylabel="fraction of prompts", ylim=(-0.02, 1.02), title="Target in top 10")
     ax_top.legend(fontsize=8, loc="upper left")
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def group_curves(frame: pd.DataFrame, prompts: pd.DataFrame, path: Path, title: str) -> Path:
@@ -67,7 +67,7 @@ def group_curves(frame: pd.DataFrame, prompts: pd.DataFrame, path: Path, title: 
     ax.invert_yaxis()
     ax.set(xlabel="layer", ylabel="median rank + 1 (log)", title=title)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def bridge_heatmap(frame: pd.DataFrame, prompts: pd.DataFrame, path: Path, title: str, max_rows: int = 1000) -> Path:
@@ -82,4 +82,4 @@ def bridge_heatmap(frame: pd.DataFrame, prompts: pd.DataFrame, path: Path, title
     ax.set(xlabel="layer", ylabel=f"prompt ({len(matrix)}, by group then peak layer)", title=title)
     ax.set_yticks([])
     fig.colorbar(image, ax=ax, label="log10(bridge rank + 1); bright = readable")
-    return _save(fig, path)
+    return save_figure(fig, path)

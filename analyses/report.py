@@ -30,9 +30,10 @@ tr:nth-child(even){background:#f4f4f4}code,pre{background:#f4f4f4;padding:2px 4p
 .kv td:first-child{text-align:left;font-weight:600}"""
 
 
-def write_lens_report(frame: pd.DataFrame, items: Sequence[PromptItem], out_dir: Path,
-                      run: dict[str, Any]) -> dict[str, Any]:
-    """Aggregate ``frame`` (lens.csv rows of ``items``) into ``out_dir`` and return the summary."""
+def write_lens_report(frame: pd.DataFrame, items: Sequence[PromptItem], out_dir: Path, run: dict[str, Any],
+                      sections: Sequence[tuple[str, str, Sequence[Path]]] = ()) -> dict[str, Any]:
+    """Aggregate ``frame`` (lens.csv rows of ``items``) into ``out_dir`` and return the summary. ``sections``
+    (title, HTML text, PNG figures) are added to the page after the lens sections."""
     layers = per_layer(frame)
     texts = pd.DataFrame([{"prompt_id": i.id, "two_hop": i.two_hop, "bridge": i.bridge, "answer": i.answer,
                            "composition": i.composition} for i in items])
@@ -47,12 +48,14 @@ def write_lens_report(frame: pd.DataFrame, items: Sequence[PromptItem], out_dir:
         plots.group_curves(frame, prompts, out_dir / "ranks_by_group.png", f"Two-hop prompt by outcome, {name}"),
         plots.bridge_heatmap(frame, prompts, out_dir / "bridge_heatmap.png", f"Bridge rank per prompt, {name}"),
     ]
-    atomic_write(out_dir / "index.html", _html(summary, layers, prompts, frame, figures, run))
+    extra = "".join(f"<h2>{html.escape(title)}</h2><p>{text}</p>" + "".join(_img(f, title) for f in pngs)
+                    for title, text, pngs in sections)
+    atomic_write(out_dir / "index.html", _html(summary, layers, prompts, frame, figures, run, extra))
     return summary
 
 
 def _html(summary: dict[str, Any], layers: pd.DataFrame, prompts: pd.DataFrame, frame: pd.DataFrame,
-          figures: list[Path], run: dict[str, Any]) -> str:
+          figures: list[Path], run: dict[str, Any], extra: str) -> str:
     acc = summary["accuracy"]
     bridge = summary["bridge"]
     facts = {
@@ -88,6 +91,7 @@ def _html(summary: dict[str, Any], layers: pd.DataFrame, prompts: pd.DataFrame, 
         "<h2>Where the bridge surfaces best</h2>", _table(examples, "{:.3g}"),
         "<h2>Per-layer table (two-hop prompt)</h2>", two_hop_layers.reset_index().to_html(
             index=False, border=0, float_format=lambda x: f"{x:.3g}"),
+        extra,
         "<h2>Definitions</h2>", f"<pre>{html.escape(summary['definitions'])}</pre>",
         "<p>Files beside this page: lens.csv (every row), layers.csv, prompts.csv, summary.json, run.json.</p>",
         "</body></html>",

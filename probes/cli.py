@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import pandas as pd
 import torch
 
 from probes.hooks import HookedModel
 from probes.models import DEFAULT_MODEL, DTYPES, EMBEDDED, ModelLoadError
-from probes.pipeline import BACKENDS, ModelOptions, Timer, run_lens, run_record
+from probes.pipeline import BACKENDS, ModelOptions, Timer, item_pairs, run_lens, run_patching, run_record
 from probes.results import ResumeMismatch, atomic_write_json
 from prompts.loaders import PRESETS, load_prompts, parse_columns
 from prompts.schema import PromptItem, PromptSetError
@@ -81,7 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(run, DEFAULT_MODEL)
     _prompt_args(run, "curated")
     run.add_argument("--out", type=Path, help="output directory (default: reports/<model name>)")
+    run.add_argument("--patch-pairs", type=int, default=32,
+                     help="pairs for the report's attribution-patching section (default 32; 0 skips it)")
     _run_args(run)
+
+    patch = sub.add_parser("patch", help="activation patching over clean/corrupted pairs -> DIR/patching.csv",
+                           description="Activation patching on pairs of two-hop prompts: each item (clean) against "
+                                       "its 'pair' partner (corrupted), or line by line against --corrupt-prompts. "
+                                       "Metric: logit(clean answer) - logit(corrupted answer) at the last token; "
+                                       "value: its normalized recovery. Writes DIR/patching.csv (long format), "
+                                       "patching_cells.csv and patching_layers.csv (mean and 95%% CI over pairs), "
+                                       "heatmaps and DIR/run.json.",
+                           epilog=EPILOG)
+    _model_args(patch, None)
+    _prompt_args(patch, None)
+    patch.add_argument("--corrupt-prompts", nargs="+", help="corrupted items, paired line by line with --prompts")
+    patch.add_argument("--out", required=True, type=Path, help="output directory")
+    patch.add_argument("--site", default="resid_pre",
+                       help="comma-separated: resid_pre, resid_post, attn_out, mlp_out, head (default resid_pre)")
+    patch.add_argument("--method", choices=("exact", "attribution"), default="exact",
+                       help="exact patching (fast sweep) or its first-order attribution estimate")
+    patch.add_argument("--direction", choices=("denoise", "noise"), default="denoise",
+                       help="denoise: clean into corrupted (default); noise: corrupted into clean")
+    patch.add_argument("--skip-unequal", action="store_true", help="skip pairs of unequal token length")
+    patch.add_argument("--seed", type=int, default=0, help="random seed recorded in run.json (default 0)")
 
     report = sub.add_parser("report", help="rewrite the tables, plots and HTML of a finished lens run",
                             description="Rebuild DIR's report (layers.csv, prompts.csv, summary.json, PNGs, "
@@ -90,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_items(args: argparse.Namespace) -> list[PromptItem]:
+def _load_items(args: argparse.Namespace, paths: Sequence[str] | None = None, limit: int | None = None) -> list[PromptItem]:
     columns = parse_columns(args.columns) if args.columns else None
-    return load_prompts(args.prompts, columns=columns, preset=args.preset, limit=args.limit)
+    return load_prompts(paths or args.prompts, columns=columns, preset=args.preset, limit=limit)
 
 
 def _options(args: argparse.Namespace) -> ModelOptions:
@@ -115,7 +139,7 @@ def lens_job(args: argparse.Namespace, report: bool) -> Path:
     """Load, run the lens (resumable) and write run.json, plus the report when asked."""
     torch.manual_seed(args.seed)
     out: Path = args.out or _default_out(args.model)
-    items = _load_items(args)
+    items = _load_items(args, limit=args.limit)
     options = _options(args)
     timer = Timer()
     with timer.section("load_model_s"):
@@ -132,8 +156,11 @@ def lens_job(args: argparse.Namespace, report: bool) -> Path:
     if report:
         from analyses.report import write_lens_report
 
+        sections = []
+        if getattr(args, "patch_pairs", 0):
+            sections.append(_attribution_section(hooked, items, out, args, timer, record))
         with timer.section("report_s"):
-            summary = write_lens_report(frame, items, out, record)
+            summary = write_lens_report(frame, items, out, record, sections)
         acc, bridge = summary["accuracy"], summary["bridge"]
         print(f"{args.model}: two-hop accuracy {acc['two_hop']:.1%} (hop1 {acc['hop1']}, hop2 {acc['hop2']}); "
               f"bridge in top 10 at some layer for {bridge['top10_any_layer']:.1%} of prompts, best layer "
@@ -143,10 +170,70 @@ def lens_job(args: argparse.Namespace, report: bool) -> Path:
     return out
 
 
+def _attribution_section(hooked: HookedModel, items: list[PromptItem], out: Path, args: argparse.Namespace,
+                         timer: Timer, record: dict) -> tuple[str, str, list[Path]]:
+    """Attribution patching of resid_pre / attn_out / mlp_out on the first --patch-pairs pairs, for the report."""
+    pairs, skipped = item_pairs(items, hooked.tokenizer, skip_unequal=True)
+    pairs = pairs[: args.patch_pairs]
+    with timer.section("attribution_s"):
+        frame, sweep_s, _ = run_patching(hooked, pairs, out, sites=["resid_pre", "attn_out", "mlp_out"],
+                                         method="attribution", direction="denoise", name="attribution",
+                                         settings={"pairs": args.patch_pairs, "model": args.model})
+    record["attribution"] = {"n_pairs": len(pairs), "skipped_pairs": len(skipped), "sweep_s": sweep_s}
+    return attribution_section(frame, out, args.model)
+
+
+def attribution_section(frame: pd.DataFrame, out: Path, model: str) -> tuple[str, str, list[Path]]:
+    """Write the attribution tables and plots and return the report section (title, HTML text, figures)."""
+    from analyses.patching_report import write_patching_outputs
+
+    figures = write_patching_outputs(frame, out, f"Attribution patching, {model}", prefix="attribution")
+    text = (f"First-order (attribution) estimate of how much each site carries of the logit difference between "
+            f"an item's answer and its counterfactual partner's, on {frame['clean_id'].nunique()} pairs "
+            "(denoising: clean activations into the corrupted run; 1 = the site alone restores the clean answer). "
+            "Per-layer means with 95% CIs over pairs; attribution.csv has every cell, attribution_layers.csv the "
+            "curves. Attribution is a screen: confirm with <code>bridgeprobe patch --method exact</code>.")
+    return "Per-layer attribution", text, figures
+
+
+def patch_job(args: argparse.Namespace) -> Path:
+    """Load, build pairs, sweep (resumable), write patching outputs and run.json."""
+    from analyses.patching_report import write_patching_outputs
+    from probes.hooks import SITES
+    from probes.patching import HEAD
+
+    torch.manual_seed(args.seed)
+    sites = [s.strip() for s in args.site.split(",") if s.strip()]
+    unknown = [s for s in sites if s not in (*SITES, HEAD)]
+    if unknown or not sites:
+        raise ValueError(f"unknown site {unknown[0] if unknown else ''!r}; choose from {', '.join((*SITES, HEAD))}")
+    items = _load_items(args)
+    corrupt = _load_items(args, args.corrupt_prompts) if args.corrupt_prompts else None
+    options = _options(args)
+    timer = Timer()
+    with timer.section("load_model_s"):
+        hooked = options.load()
+    pairs, skipped = item_pairs(items, hooked.tokenizer, corrupt, skip_unequal=args.skip_unequal)
+    pairs = pairs[: args.limit] if args.limit else pairs
+    settings = {"prompts": [str(p) for p in args.prompts], "corrupt_prompts": args.corrupt_prompts,
+                "preset": args.preset, "columns": args.columns, "limit": args.limit, "sites": sites,
+                "method": args.method, "direction": args.direction, "seed": args.seed}
+    with timer.section("patching_s"):
+        frame, sweep_s, forwards = run_patching(
+            hooked, pairs, args.out, sites=sites, method=args.method, direction=args.direction,
+            settings={**settings, "model": args.model, "dtype": args.dtype, "backend": args.backend})
+    timer.timings["sweep_s"] = sweep_s
+    with timer.section("report_s"):
+        write_patching_outputs(frame, args.out, f"{args.method} patching ({args.direction}), {args.model}")
+    record = run_record("patch", hooked, options, settings, timer, {
+        "n_pairs": len(pairs), "skipped_pairs": skipped, "forward_equivalents": forwards})
+    atomic_write_json(args.out / "run.json", record)
+    print(f"wrote {args.out}/patching.csv ({len(pairs)} pairs, sweeps {sweep_s:.1f} s)")
+    return args.out
+
+
 def report_job(out: Path) -> None:
     """Regenerate the report of a finished run from its lens.csv and run.json."""
-    import pandas as pd
-
     from analyses.report import write_lens_report
 
     if not (out / "lens.csv").is_file() or not (out / "run.json").is_file():
@@ -155,7 +242,11 @@ def report_job(out: Path) -> None:
     settings = record["settings"]
     columns = parse_columns(settings["columns"]) if settings.get("columns") else None
     items = load_prompts(settings["prompts"], columns=columns, preset=settings.get("preset"), limit=settings.get("limit"))
-    write_lens_report(pd.read_csv(out / "lens.csv", dtype={"prompt_id": str}), items, out, record)
+    sections = []
+    if (out / "attribution.csv").is_file():
+        attribution = pd.read_csv(out / "attribution.csv", dtype={"clean_id": str, "corrupt_id": str})
+        sections.append(attribution_section(attribution, out, record["model"]))
+    write_lens_report(pd.read_csv(out / "lens.csv", dtype={"prompt_id": str}), items, out, record, sections)
     print(f"wrote {out}/index.html")
 
 
@@ -167,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             lens_job(args, report=args.report)
         elif args.command == "run":
             lens_job(args, report=True)
+        elif args.command == "patch":
+            patch_job(args)
         else:
             report_job(args.out)
     except (PromptSetError, ModelLoadError, ResumeMismatch, ValueError) as err:

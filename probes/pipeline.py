@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from probes.hooks import HookedModel, NativeHooks
 from probes.lens import COLUMNS, batches, lens_batch, lens_queries
 from probes.models import load_model
+from probes.patching import Pair
 from probes.results import IncrementalCSV
 from prompts.schema import PromptItem
 
@@ -123,3 +124,93 @@ def run_record(command: str, hooked: HookedModel, options: ModelOptions, setting
         "timings": timer.timings,
         **(extra or {}),
     }
+
+
+PATCH_COLUMNS = ("clean_id", "corrupt_id", "site", "layer", "position", "position_from_end", "head", "token",
+                 "value", "metric", "clean_prob", "clean_metric", "corrupt_metric")
+
+
+@dataclass(frozen=True)
+class NamedPair:
+    """A patching pair built from two prompt items: the clean item's two-hop prompt and answer vs its partner's."""
+
+    clean_id: str
+    corrupt_id: str
+    pair: Pair
+    tokens: tuple[str, ...]  # the clean prompt's tokens, for heatmap labels
+
+
+def item_pairs(items: Sequence[PromptItem], tokenizer: Any, corrupt_items: Sequence[PromptItem] | None = None,
+               *, skip_unequal: bool = False) -> tuple[list[NamedPair], list[str]]:
+    """Ordered (clean, corrupted) pairs: each item against its ``pair`` partner, or against the item on the same
+    line of ``corrupt_items``. Pairs whose prompts tokenize to different lengths are an error naming them, or
+    skipped (and returned as messages) with ``skip_unequal``."""
+    if corrupt_items is not None:
+        if len(corrupt_items) != len(items):
+            raise ValueError(f"{len(items)} clean items but {len(corrupt_items)} corrupted items; pair them line by line")
+        matches = list(zip(items, corrupt_items))
+    else:
+        by_id = {item.id: item for item in items}
+        matches = [(item, by_id[item.pair]) for item in items if item.pair in by_id]
+        if not matches:
+            raise ValueError("no item has a 'pair' partner in the set; pass --corrupt-prompts FILE instead")
+    pairs, skipped = [], []
+    for clean, corrupt in matches:
+        try:
+            pair = Pair.from_text(tokenizer, clean.two_hop, corrupt.two_hop, " " + clean.answer, " " + corrupt.answer)
+        except ValueError as err:
+            message = f"pair {clean.id} / {corrupt.id}: {err}"
+            if not skip_unequal:
+                raise ValueError(message + " (or pass --skip-unequal)") from err
+            skipped.append(message)
+            continue
+        tokens = tuple(tokenizer.decode([t]) for t in pair.clean)
+        pairs.append(NamedPair(clean.id, corrupt.id, pair, tokens))
+    return pairs, skipped
+
+
+def run_patching(
+    hooked: HookedModel,
+    pairs: Sequence[NamedPair],
+    out_dir: Path,
+    *,
+    sites: Sequence[str],
+    method: str,
+    direction: str,
+    settings: dict[str, Any],
+    name: str = "patching",
+) -> tuple[pd.DataFrame, float, float]:
+    """Write ``out_dir/NAME.csv`` (resumable, one batch of rows per pair); return it, the seconds spent in the
+    sweeps themselves and their forward-equivalents. ``method``: ``exact`` or ``attribution``; ``sites``: any of
+    :data:`probes.hooks.SITES` and ``head``."""
+    from probes.attribution import attribution_sweep
+    from probes.patching import HEAD, head_sweep, sweep
+
+    store = IncrementalCSV(out_dir, name, PATCH_COLUMNS, settings)
+    done = {key[0] for key in store.done(["clean_id"])}
+    todo = [p for p in pairs if p.clean_id not in done]
+    sweep_s = forwards = 0.0
+    for named in tqdm(todo, desc=f"{method} patching", unit="pair", disable=not todo):
+        started = time.perf_counter()
+        if method == "attribution":
+            results = [attribution_sweep(hooked, named.pair, sites=[s for s in sites if s != HEAD],
+                                         heads=HEAD in sites, direction=direction)]
+        elif method == "exact":
+            results = [head_sweep(hooked, named.pair, direction=direction) if site == HEAD
+                       else sweep(hooked, named.pair, site, direction=direction) for site in sites]
+        else:
+            raise ValueError(f"method must be exact or attribution, got {method!r}")
+        sweep_s += time.perf_counter() - started
+        rows = []
+        for result in results:
+            forwards += result.forward_equivalents
+            frame = result.frame.assign(
+                clean_id=named.clean_id, corrupt_id=named.corrupt_id,
+                position_from_end=result.frame["position"] - (named.pair.length - 1),
+                token=[named.tokens[p] for p in result.frame["position"]],
+                clean_metric=result.clean_metric, corrupt_metric=result.corrupted_metric,
+            )
+            rows.extend(frame.to_dict("records"))
+        store.append(rows)
+    frame = store.finish(sort_by=["clean_id", "site", "layer", "position", "head"])
+    return frame, round(sweep_s, 3), forwards

@@ -84,3 +84,90 @@ def test_bad_prompt_file_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert f"{bad}:2: field 'bridge': required field is missing" in capsys.readouterr().err
     assert _lens(tmp_path / "missing.jsonl", tmp_path / "out") == 2
     assert "file not found" in capsys.readouterr().err
+
+
+def _naive_resid_pre_patch(model, clean_ids: list[int], corrupt_ids: list[int], layer: int, position: int,
+                           answers: tuple[int, int]) -> float:
+    """Independent of the package: a plain forward pre-hook on the HF decoder layer, one forward per cell."""
+    import torch
+
+    captured = {}
+    block = model.model.layers[layer]
+
+    def capture(module, args, kwargs):
+        captured["h"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+    def write(module, args, kwargs):
+        hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+        hidden[:, position] = captured["h"][:, position]
+        return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+    with torch.no_grad():
+        handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+        model(torch.tensor([clean_ids]))
+        handle.remove()
+        handle = block.register_forward_pre_hook(write, with_kwargs=True)
+        logits = model(torch.tensor([corrupt_ids])).logits[0, -1]
+        handle.remove()
+    return float(logits[answers[0]] - logits[answers[1]])
+
+
+def test_patch_on_an_unseen_pair_equals_an_independent_naive_loop(tmp_path: Path, smollm2) -> None:
+    import random
+
+    model, tokenizer = smollm2
+    rng = random.Random()
+    places = [("the Alhambra", "Spain", "Madrid"), ("Table Mountain", "South Africa", "Pretoria"),
+              ("the Atomium", "Belgium", "Brussels"), ("Angkor Wat", "Cambodia", "Phnom Penh"),
+              ("the Matterhorn", "Switzerland", "Bern"), ("Uluru", "Australia", "Canberra"),
+              ("the Acropolis", "Greece", "Athens"), ("Machu Picchu", "Peru", "Lima")]
+    text = "The capital of the country where {} is located is"
+    length = lambda p: len(tokenizer(text.format(p[0]))["input_ids"])  # noqa: E731
+    first = lambda a: tokenizer(" " + a, add_special_tokens=False)["input_ids"][0]  # noqa: E731
+    candidates = [(a, b) for a in places for b in places
+                  if a != b and length(a) == length(b) and first(a[2]) != first(b[2])]
+    clean, corrupt = rng.choice(candidates)
+    items = [PromptItem("c", text.format(clean[0]), clean[1], clean[2], pair="k"),
+             PromptItem("k", text.format(corrupt[0]), corrupt[1], corrupt[2], pair="c")]
+    path = tmp_path / "pair.jsonl"
+    path.write_text("".join(json.dumps(i.to_dict()) + "\n" for i in items))
+    assert main(["patch", "--model", "smollm2-135m", "--prompts", str(path), "--out", str(tmp_path / "out"),
+                 "--limit", "1"]) == 0
+    frame = pd.read_csv(tmp_path / "out" / "patching.csv")
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert len(frame) == 30 * length(clean) and run["timings"]["sweep_s"] > 0
+    for _, row in frame.sample(12, random_state=rng.randrange(1000)).iterrows():
+        expected = _naive_resid_pre_patch(model, tokenizer(items[0].two_hop)["input_ids"],
+                                          tokenizer(items[1].two_hop)["input_ids"], int(row.layer),
+                                          int(row.position), (first(clean[2]), first(corrupt[2])))
+        assert row.metric == pytest.approx(expected, abs=1e-4), row
+        assert row.value == pytest.approx((expected - row.corrupt_metric) / (row.clean_metric - row.corrupt_metric),
+                                          abs=1e-4)
+    for name in ("patching_cells.csv", "patching_layers.csv", "patching_resid_pre.png", "patching_layers.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+def test_patch_rejects_unequal_pairs_clearly(tmp_path: Path, capsys) -> None:
+    items = [PromptItem("a", "The capital of France is", "France", "Paris", pair="b"),
+             PromptItem("b", "The capital of the United Kingdom is", "United Kingdom", "London", pair="a")]
+    path = tmp_path / "pair.jsonl"
+    path.write_text("".join(json.dumps(i.to_dict()) + "\n" for i in items))
+    assert main(["patch", "--model", "smollm2-135m", "--prompts", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "pair a / b: clean and corrupted prompts must have the same number of tokens" in capsys.readouterr().err
+
+
+def test_run_report_has_the_attribution_section(tmp_path: Path) -> None:
+    text = "The capital of the country where {} is located is"
+    items = [PromptItem("eiffel", text.format("the Eiffel Tower"), "France", "Paris", pair="colosseum",
+                        hop1="The Eiffel Tower is located in the country of", hop2="The capital of France is"),
+             PromptItem("colosseum", text.format("the Colosseum"), "Italy", "Rome", pair="eiffel",
+                        hop1="The Colosseum is located in the country of", hop2="The capital of Italy is")]
+    path = tmp_path / "pair.jsonl"
+    path.write_text("".join(json.dumps(i.to_dict()) + "\n" for i in items))
+    assert main(["run", "--prompts", str(path), "--out", str(tmp_path / "r"), "--patch-pairs", "2"]) == 0
+    layers = pd.read_csv(tmp_path / "r" / "attribution_layers.csv")
+    assert set(layers["site"]) == {"resid_pre", "attn_out", "mlp_out"} and len(layers) == 3 * 30
+    assert (layers["n_last"] == 2).all()
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "Per-layer attribution" in page
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["attribution"]["n_pairs"] == 2

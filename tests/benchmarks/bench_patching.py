@@ -1,5 +1,6 @@
-"""Benchmark: the fast activation-patching sweep vs the batched path and the naive loop (one full forward per
-patch), on one clean/corrupted pair, every layer x position of one site; the three must agree (<= 1e-4).
+"""Benchmark: the fast activation-patching sweep vs the batched path, the naive loop (one full forward per
+patch) and, for resid_pre, TransformerLens' ``patching.get_act_patch_resid_pre`` through ``TransformerBridge``,
+on one clean/corrupted pair, every layer x position of one site; all must agree (<= 1e-4).
 
     python tests/benchmarks/bench_patching.py [--model smollm2-135m] [--site resid_pre] [--threads 1]
         [--clean TEXT --corrupted TEXT --answers " Paris" " Rome"] [--skip-naive]
@@ -16,7 +17,32 @@ import torch
 from probes.attribution import attribution_sweep
 from probes.hooks import NativeHooks
 from probes.models import load_model
-from probes.patching import Pair, sweep
+from probes.patching import Pair, SweepResult, sweep
+
+
+def transformer_lens_sweep(model: torch.nn.Module, pair: Pair, like: SweepResult) -> tuple[dict, SweepResult]:
+    """``transformer_lens.patching.get_act_patch_resid_pre`` (one forward per layer x position) on a bridged copy
+    of ``model``, as a SweepResult for comparison."""
+    from transformer_lens import patching
+
+    from probes.tl_backend import TransformerLensHooks
+
+    bridge = TransformerLensHooks(model).bridge
+    clean, corrupted = pair.ids("clean"), pair.ids("corrupted")
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(clean)
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return logits[0, -1, pair.clean_answer] - logits[0, -1, pair.corrupt_answer]
+
+    start = time.perf_counter()
+    grid = patching.get_act_patch_resid_pre(bridge, corrupted, cache, metric)  # [layers, positions]
+    seconds = time.perf_counter() - start
+    frame = like.frame.copy()
+    frame["metric"] = [float(grid[r.layer, r.position]) for r in frame.itertuples()]
+    return ({"seconds": round(seconds, 2), "forward_equivalents": float(grid.numel())},
+            SweepResult(frame, like.clean_metric, like.corrupted_metric, like.clean_prob, like.corrupted_prob,
+                        like.direction, "transformer_lens", float(grid.numel())))
 
 
 def main() -> None:
@@ -29,6 +55,7 @@ def main() -> None:
     parser.add_argument("--corrupted", default="The capital of the country where the Colosseum is located is")
     parser.add_argument("--answers", nargs=2, default=[" Paris", " Rome"])
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--skip-tl", action="store_true", help="skip TransformerLens' get_act_patch_resid_pre")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -46,12 +73,15 @@ def main() -> None:
         results[name] = sweep(hooked, pair, args.site, direction=args.direction, **kwargs)
         figures[name] = {"seconds": round(time.perf_counter() - start, 2),
                          "forward_equivalents": round(results[name].forward_equivalents, 1)}
+    if args.site == "resid_pre" and args.direction == "denoise" and not args.skip_tl:
+        figures["transformer_lens"], results["transformer_lens"] = transformer_lens_sweep(model, pair, results["fast"])
     start = time.perf_counter()
     attribution_sweep(hooked, pair, direction=args.direction)
     figures["attribution_all_sites"] = {"seconds": round(time.perf_counter() - start, 2), "forward_equivalents": 3}
     reference = results.get("naive", results["batched"])
     for name, result in results.items():
         figures[name]["max_abs_diff"] = float((result.frame["metric"] - reference.frame["metric"]).abs().max())
+        figures[name]["speedup_of_fast"] = round(figures[name]["seconds"] / figures["fast"]["seconds"], 1)
     print(json.dumps({
         "model": args.model, "site": args.site, "tokens": pair.length, "layers": hooked.n_layers,
         "cells": hooked.n_layers * pair.length, "threads": args.threads,
