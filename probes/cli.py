@@ -49,7 +49,7 @@ def _prompt_args(parser: argparse.ArgumentParser, default: str | None) -> None:
     group.add_argument("--preset", choices=sorted(PRESETS), help="column mapping for a known external format")
     group.add_argument("--columns", nargs="+", metavar="FIELD=COLUMN",
                        help="column mapping for CSV/JSONL in another format: field=column or field='{col} text'")
-    group.add_argument("--limit", type=int, help="use only the first N items")
+    group.add_argument("--limit", type=int, help="use only the first N items (patch: the first N pairs)")
 
 
 def _run_args(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "its 'pair' partner (corrupted), or line by line against --corrupt-prompts. "
                                        "Metric: logit(clean answer) - logit(corrupted answer) at the last token; "
                                        "value: its normalized recovery. Writes DIR/patching.csv (long format), "
-                                       "patching_cells.csv and patching_layers.csv (mean and 95%% CI over pairs), "
+                                       "patching_cells.csv and patching_layers.csv (mean and 95% CI over pairs), "
                                        "heatmaps and DIR/run.json.",
                            epilog=EPILOG)
     _model_args(patch, None)

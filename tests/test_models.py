@@ -105,3 +105,21 @@ def test_gguf_cache_is_safetensors_with_the_logits_of_the_gguf(smollm2) -> None:
     ids = torch.tensor([tokenizer("The capital of the country where the Eiffel Tower is located is")["input_ids"]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, direct(ids).logits)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@requires_smollm2
+@pytest.mark.parametrize("options", [{"dtype": "bfloat16", "device": "cuda"}, {"quantize": "4bit", "dtype": "bfloat16"},
+                                     {"dtype": "bfloat16", "device_map": "auto"}])
+def test_embedded_model_on_gpu(options: dict) -> None:
+    model, tokenizer = load_model("smollm2-135m", **options)
+    hooked = NativeHooks(model, tokenizer)
+    ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+    result = hooked.run(ids, read=[("resid_post", hooked.n_layers - 1)])
+    with torch.no_grad():
+        plain = model(ids.to(result.logits.device)).logits
+    torch.testing.assert_close(result.logits, plain, rtol=0, atol=0)
+    readout = hooked.readout(result.acts[("resid_post", hooked.n_layers - 1)])
+    torch.testing.assert_close(readout.float(), plain.float(), rtol=2e-2, atol=2e-2)
+    assert tokenizer.decode([int(plain[0, -1].argmax())]) == " Paris"
