@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("--direction", choices=("denoise", "noise"), default="denoise",
                        help="denoise: clean into corrupted (default); noise: corrupted into clean")
     patch.add_argument("--skip-unequal", action="store_true", help="skip pairs of unequal token length")
+    patch.add_argument("--bridge-rank", action="store_true",
+                       help="also write DIR/patching_bridge.csv: the clean bridge's logit-lens rank at the last token, "
+                            "at every later layer, after each patch (batched full forwards; slower)")
     patch.add_argument("--seed", type=int, default=0, help="random seed recorded in run.json (default 0)")
 
     report = sub.add_parser("report", help="rewrite the tables, plots and HTML of a finished lens run",
@@ -176,11 +179,11 @@ def _attribution_section(hooked: HookedModel, items: list[PromptItem], out: Path
     pairs, skipped = item_pairs(items, hooked.tokenizer, skip_unequal=True)
     pairs = pairs[: args.patch_pairs]
     with timer.section("attribution_s"):
-        frame, sweep_s, _ = run_patching(hooked, pairs, out, sites=["resid_pre", "attn_out", "mlp_out"],
-                                         method="attribution", direction="denoise", name="attribution",
-                                         settings={"pairs": args.patch_pairs, "model": args.model})
-    record["attribution"] = {"n_pairs": len(pairs), "skipped_pairs": len(skipped), "sweep_s": sweep_s}
-    return attribution_section(frame, out, args.model)
+        done = run_patching(hooked, pairs, out, sites=["resid_pre", "attn_out", "mlp_out"], method="attribution",
+                            direction="denoise", name="attribution",
+                            settings={"pairs": args.patch_pairs, "model": args.model})
+    record["attribution"] = {"n_pairs": len(pairs), "skipped_pairs": len(skipped), "sweep_s": done.sweep_s}
+    return attribution_section(done.frame, out, args.model)
 
 
 def attribution_section(frame: pd.DataFrame, out: Path, model: str) -> tuple[str, str, list[Path]]:
@@ -217,18 +220,20 @@ def patch_job(args: argparse.Namespace) -> Path:
     pairs = pairs[: args.limit] if args.limit else pairs
     settings = {"prompts": [str(p) for p in args.prompts], "corrupt_prompts": args.corrupt_prompts,
                 "preset": args.preset, "columns": args.columns, "limit": args.limit, "sites": sites,
-                "method": args.method, "direction": args.direction, "seed": args.seed}
+                "method": args.method, "direction": args.direction, "bridge_rank": args.bridge_rank, "seed": args.seed}
     with timer.section("patching_s"):
-        frame, sweep_s, forwards = run_patching(
-            hooked, pairs, args.out, sites=sites, method=args.method, direction=args.direction,
-            settings={**settings, "model": args.model, "dtype": args.dtype, "backend": args.backend})
-    timer.timings["sweep_s"] = sweep_s
+        done = run_patching(hooked, pairs, args.out, sites=sites, method=args.method, direction=args.direction,
+                            bridge_rank=args.bridge_rank,
+                            settings={**settings, "model": args.model, "dtype": args.dtype, "backend": args.backend})
+    timer.timings["sweep_s"] = done.sweep_s
+    if args.bridge_rank:
+        timer.timings["bridge_rank_s"] = done.bridge_s
     with timer.section("report_s"):
-        write_patching_outputs(frame, args.out, f"{args.method} patching ({args.direction}), {args.model}")
+        write_patching_outputs(done.frame, args.out, f"{args.method} patching ({args.direction}), {args.model}")
     record = run_record("patch", hooked, options, settings, timer, {
-        "n_pairs": len(pairs), "skipped_pairs": skipped, "forward_equivalents": forwards})
+        "n_pairs": len(pairs), "skipped_pairs": skipped, "forward_equivalents": done.forward_equivalents})
     atomic_write_json(args.out / "run.json", record)
-    print(f"wrote {args.out}/patching.csv ({len(pairs)} pairs, sweeps {sweep_s:.1f} s)")
+    print(f"wrote {args.out}/patching.csv ({len(pairs)} pairs, sweeps {done.sweep_s:.1f} s)")
     return args.out
 
 

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from probes.hooks import HookedModel, NativeHooks
-from probes.lens import COLUMNS, batches, lens_batch, lens_queries
+from probes.lens import COLUMNS, batches, lens_batch, lens_queries, target_token_ids
 from probes.models import load_model
 from probes.patching import Pair
 from probes.results import IncrementalCSV
@@ -138,6 +138,7 @@ class NamedPair:
     corrupt_id: str
     pair: Pair
     tokens: tuple[str, ...]  # the clean prompt's tokens, for heatmap labels
+    bridge_token: int  # first token of the clean item's bridge, for the lens-rank readout
 
 
 def item_pairs(items: Sequence[PromptItem], tokenizer: Any, corrupt_items: Sequence[PromptItem] | None = None,
@@ -165,8 +166,20 @@ def item_pairs(items: Sequence[PromptItem], tokenizer: Any, corrupt_items: Seque
             skipped.append(message)
             continue
         tokens = tuple(tokenizer.decode([t]) for t in pair.clean)
-        pairs.append(NamedPair(clean.id, corrupt.id, pair, tokens))
+        pairs.append(NamedPair(clean.id, corrupt.id, pair, tokens, target_token_ids(tokenizer, clean.bridge)[0]))
     return pairs, skipped
+
+
+@dataclass
+class PatchingRun:
+    """What :func:`run_patching` wrote: the patching table, the bridge-rank table (when asked for), the seconds
+    spent in the sweeps themselves and their forward-equivalents."""
+
+    frame: pd.DataFrame
+    bridge: pd.DataFrame | None
+    sweep_s: float
+    bridge_s: float
+    forward_equivalents: float
 
 
 def run_patching(
@@ -179,27 +192,34 @@ def run_patching(
     direction: str,
     settings: dict[str, Any],
     name: str = "patching",
-) -> tuple[pd.DataFrame, float, float]:
-    """Write ``out_dir/NAME.csv`` (resumable, one batch of rows per pair); return it, the seconds spent in the
-    sweeps themselves and their forward-equivalents. ``method``: ``exact`` or ``attribution``; ``sites``: any of
-    :data:`probes.hooks.SITES` and ``head``."""
+    bridge_rank: bool = False,
+) -> PatchingRun:
+    """Write ``out_dir/NAME.csv`` (resumable, one batch of rows per pair) and, with ``bridge_rank``,
+    ``NAME_bridge.csv`` (:mod:`probes.bridge_rank` for each non-head site). ``method``: ``exact`` or
+    ``attribution``; ``sites``: any of :data:`probes.hooks.SITES` and ``head``."""
     from probes.attribution import attribution_sweep
+    from probes.bridge_rank import COLUMNS as BRIDGE_COLUMNS
+    from probes.bridge_rank import bridge_rank_sweep
     from probes.patching import HEAD, head_sweep, sweep
 
+    if method not in ("exact", "attribution"):
+        raise ValueError(f"method must be exact or attribution, got {method!r}")
     store = IncrementalCSV(out_dir, name, PATCH_COLUMNS, settings)
     done = {key[0] for key in store.done(["clean_id"])}
+    bridge_store = None
+    if bridge_rank:
+        bridge_store = IncrementalCSV(out_dir, f"{name}_bridge", ("clean_id", "corrupt_id", *BRIDGE_COLUMNS), settings)
+        done &= {key[0] for key in bridge_store.done(["clean_id"])}
     todo = [p for p in pairs if p.clean_id not in done]
-    sweep_s = forwards = 0.0
+    sweep_s = bridge_s = forwards = 0.0
     for named in tqdm(todo, desc=f"{method} patching", unit="pair", disable=not todo):
         started = time.perf_counter()
         if method == "attribution":
             results = [attribution_sweep(hooked, named.pair, sites=[s for s in sites if s != HEAD],
                                          heads=HEAD in sites, direction=direction)]
-        elif method == "exact":
+        else:
             results = [head_sweep(hooked, named.pair, direction=direction) if site == HEAD
                        else sweep(hooked, named.pair, site, direction=direction) for site in sites]
-        else:
-            raise ValueError(f"method must be exact or attribution, got {method!r}")
         sweep_s += time.perf_counter() - started
         rows = []
         for result in results:
@@ -211,6 +231,14 @@ def run_patching(
                 clean_metric=result.clean_metric, corrupt_metric=result.corrupted_metric,
             )
             rows.extend(frame.to_dict("records"))
+        if bridge_store is not None:
+            started = time.perf_counter()
+            ranks = [bridge_rank_sweep(hooked, named.pair, named.bridge_token, site, direction=direction)
+                     for site in sites if site != HEAD]
+            bridge_s += time.perf_counter() - started
+            bridge_store.append(pd.concat(ranks).assign(clean_id=named.clean_id, corrupt_id=named.corrupt_id)
+                                .to_dict("records"))
         store.append(rows)
     frame = store.finish(sort_by=["clean_id", "site", "layer", "position", "head"])
-    return frame, round(sweep_s, 3), forwards
+    bridge = bridge_store.finish(sort_by=["clean_id", "site", "layer", "position", "readout_layer"]) if bridge_store else None
+    return PatchingRun(frame, bridge, round(sweep_s, 3), round(bridge_s, 3), forwards)

@@ -132,7 +132,7 @@ def test_patch_on_an_unseen_pair_equals_an_independent_naive_loop(tmp_path: Path
     path = tmp_path / "pair.jsonl"
     path.write_text("".join(json.dumps(i.to_dict()) + "\n" for i in items))
     assert main(["patch", "--model", "smollm2-135m", "--prompts", str(path), "--out", str(tmp_path / "out"),
-                 "--limit", "1"]) == 0
+                 "--limit", "1", "--bridge-rank"]) == 0
     frame = pd.read_csv(tmp_path / "out" / "patching.csv")
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert len(frame) == 30 * length(clean) and run["timings"]["sweep_s"] > 0
@@ -143,6 +143,9 @@ def test_patch_on_an_unseen_pair_equals_an_independent_naive_loop(tmp_path: Path
         assert row.metric == pytest.approx(expected, abs=1e-4), row
         assert row.value == pytest.approx((expected - row.corrupt_metric) / (row.clean_metric - row.corrupt_metric),
                                           abs=1e-4)
+    bridge = pd.read_csv(tmp_path / "out" / "patching_bridge.csv")
+    assert len(bridge) == sum(30 - layer for layer in range(30)) * length(clean)
+    assert run["timings"]["bridge_rank_s"] > 0
     for name in ("patching_cells.csv", "patching_layers.csv", "patching_resid_pre.png", "patching_layers.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
 
