@@ -80,3 +80,29 @@ class CharTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return "".join("<s>" if i == 0 else chr(i - 1) for i in ids)
+
+
+def plain_hf_patched_run(model: torch.nn.Module, source: list[int], receiving: list[int], layer: int,
+                         position: int, **forward_kwargs: object):
+    """Reference patching, independent of the package: capture the input of HF decoder layer ``layer`` on
+    ``source`` with a forward pre-hook, write its ``position`` into a run on ``receiving``; return that HF output."""
+    block = model.model.layers[layer]
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured["h"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+    def write(module, args, kwargs):
+        hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+        hidden[:, position] = captured["h"][:, position]
+        return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+    with torch.no_grad():
+        handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+        model(torch.tensor([source]))
+        handle.remove()
+        handle = block.register_forward_pre_hook(write, with_kwargs=True)
+        try:
+            return model(torch.tensor([receiving]), **forward_kwargs)
+        finally:
+            handle.remove()

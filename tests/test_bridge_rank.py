@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import plain_hf_patched_run, tiny_model
 from probes.bridge_rank import bridge_rank_sweep
 from probes.hooks import NativeHooks
 from probes.patching import Pair
@@ -13,27 +13,11 @@ from probes.tl_backend import TransformerLensHooks
 
 
 def _reference(model, receiving: list[int], source: list[int], layer: int, position: int, bridge: int) -> list[int]:
-    """Patch resid_pre[layer] at ``position`` with a forward pre-hook, read hidden_states through norm + lm_head."""
-    block = model.model.layers[layer]
-    captured = {}
-
-    def capture(module, args, kwargs):
-        captured["h"] = (args[0] if args else kwargs["hidden_states"]).clone()
-
-    def write(module, args, kwargs):
-        hidden = (args[0] if args else kwargs["hidden_states"]).clone()
-        hidden[:, position] = captured["h"][:, position]
-        return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
-
+    """The patched run's hidden states through norm + lm_head (the last layer: its logits), ranked directly."""
+    out = plain_hf_patched_run(model, source, receiving, layer, position, output_hidden_states=True)
+    n = model.config.num_hidden_layers
+    ranks = []
     with torch.no_grad():
-        handle = block.register_forward_pre_hook(capture, with_kwargs=True)
-        model(torch.tensor([source]))
-        handle.remove()
-        handle = block.register_forward_pre_hook(write, with_kwargs=True)
-        out = model(torch.tensor([receiving]), output_hidden_states=True)
-        handle.remove()
-        n = model.config.num_hidden_layers
-        ranks = []
         for k in range(layer, n):
             logits = out.logits[0, -1] if k == n - 1 else model.lm_head(model.model.norm(out.hidden_states[k + 1][0, -1]))
             ranks.append(int((logits > logits[bridge]).sum()))

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import probes.pipeline
-from conftest import requires_smollm2
+from conftest import plain_hf_patched_run, requires_smollm2
 from probes.cli import main
 from prompts.schema import PromptItem
 
@@ -88,27 +88,7 @@ def test_bad_prompt_file_is_a_clear_error(tmp_path: Path, capsys) -> None:
 
 def _naive_resid_pre_patch(model, clean_ids: list[int], corrupt_ids: list[int], layer: int, position: int,
                            answers: tuple[int, int]) -> float:
-    """Independent of the package: a plain forward pre-hook on the HF decoder layer, one forward per cell."""
-    import torch
-
-    captured = {}
-    block = model.model.layers[layer]
-
-    def capture(module, args, kwargs):
-        captured["h"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
-
-    def write(module, args, kwargs):
-        hidden = (args[0] if args else kwargs["hidden_states"]).clone()
-        hidden[:, position] = captured["h"][:, position]
-        return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
-
-    with torch.no_grad():
-        handle = block.register_forward_pre_hook(capture, with_kwargs=True)
-        model(torch.tensor([clean_ids]))
-        handle.remove()
-        handle = block.register_forward_pre_hook(write, with_kwargs=True)
-        logits = model(torch.tensor([corrupt_ids])).logits[0, -1]
-        handle.remove()
+    logits = plain_hf_patched_run(model, clean_ids, corrupt_ids, layer, position).logits[0, -1]
     return float(logits[answers[0]] - logits[answers[1]])
 
 
