@@ -1,0 +1,129 @@
+"""``bridgeprobe lens``, ``bridgeprobe run`` (the main job) and ``bridgeprobe report``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from probes.cli.common import (EPILOG, default_out, load_items, model_args, model_options, prompt_args,
+                               prompt_settings, run_args)
+from probes.hooks import HookedModel
+from probes.models import DEFAULT_MODEL
+from probes.pipeline import Timer, item_pairs, run_lens, run_patching, run_record
+from probes.results import atomic_write_json
+from prompts.loaders import load_prompts, parse_columns
+from prompts.schema import PromptItem
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    lens = sub.add_parser("lens", help="logit lens: bridge and answer rank/prob per layer -> DIR/lens.csv",
+                          description="Logit-lens bridge probe. Writes DIR/lens.csv (long format) and DIR/run.json; "
+                                      "an interrupted run resumes when rerun with the same settings.",
+                          epilog=EPILOG)
+    model_args(lens, None)
+    prompt_args(lens, None)
+    lens.add_argument("--out", required=True, type=Path, help="output directory")
+    lens.add_argument("--report", action="store_true", help="also write the tables, plots and HTML report")
+    run_args(lens)
+    lens.set_defaults(handler=lambda args: lens_job(args, report=args.report))
+
+    run = sub.add_parser("run", help="main job: lens + report on the embedded default model (no arguments needed)",
+                         description="The main job: run every probe on a model and prompt set and write a report "
+                                     "(CSV, summary.json, PNG plots, index.html). Defaults: the embedded "
+                                     f"{DEFAULT_MODEL} on the bundled curated set, into reports/MODEL.",
+                         epilog=EPILOG)
+    model_args(run, DEFAULT_MODEL)
+    prompt_args(run, "curated")
+    run.add_argument("--out", type=Path, help="output directory (default: reports/<model name>)")
+    run.add_argument("--patch-pairs", type=int, default=32,
+                     help="pairs for the report's attribution-patching section (default 32; 0 skips it)")
+    run_args(run)
+    run.set_defaults(handler=lambda args: lens_job(args, report=True))
+
+    report = sub.add_parser("report", help="rewrite the tables, plots and HTML of a finished lens run",
+                            description="Rebuild DIR's report (layers.csv, prompts.csv, summary.json, PNGs, "
+                                        "index.html) from DIR/lens.csv and DIR/run.json, without the model.")
+    report.add_argument("out", type=Path, metavar="DIR", help="directory of a finished lens or run job")
+    report.set_defaults(handler=lambda args: report_job(args.out))
+
+
+def lens_job(args: argparse.Namespace, report: bool) -> Path:
+    """Load, run the lens (resumable) and write run.json, plus the report when asked."""
+    torch.manual_seed(args.seed)
+    out: Path = args.out or default_out(args.model)
+    items = load_items(args, limit=args.limit)
+    options = model_options(args)
+    timer = Timer()
+    with timer.section("load_model_s"):
+        hooked: HookedModel = options.load()
+    settings = {**prompt_settings(args), "n_items": len(items), "batch_size": args.batch_size, "seed": args.seed}
+    with timer.section("lens_s"):
+        frame, resumed = run_lens(hooked, items, out, batch_size=args.batch_size, all_positions=args.all_positions,
+                                  settings={**settings, "model": args.model, "dtype": args.dtype,
+                                            "backend": args.backend})
+    extra = {"n_queries": int(frame.groupby(["prompt_id", "prompt_kind", "target"]).ngroups),
+             "resumed_queries": resumed}
+    record = run_record(args.command, hooked, options, settings, timer, extra)
+    if report:
+        from analyses.report import write_lens_report
+
+        sections = []
+        if getattr(args, "patch_pairs", 0):
+            sections.append(_attribution_section(hooked, items, out, args, timer, record))
+        with timer.section("report_s"):
+            summary = write_lens_report(frame, items, out, record, sections)
+        acc, bridge = summary["accuracy"], summary["bridge"]
+        print(f"{args.model}: two-hop accuracy {acc['two_hop']:.1%} (hop1 {acc['hop1']}, hop2 {acc['hop2']}); "
+              f"bridge in top 10 at some layer for {bridge['top10_any_layer']:.1%} of prompts, best layer "
+              f"{bridge['best_layer_by_top10_rate']} ({bridge['best_top10_rate']:.1%})")
+    atomic_write_json(out / "run.json", record)
+    print(f"wrote {out}/" + ("index.html" if report else "lens.csv"))
+    return out
+
+
+def _attribution_section(hooked: HookedModel, items: list[PromptItem], out: Path, args: argparse.Namespace,
+                         timer: Timer, record: dict) -> tuple[str, str, list[Path]]:
+    """Attribution patching of resid_pre / attn_out / mlp_out on the first --patch-pairs pairs, for the report."""
+    pairs, skipped = item_pairs(items, hooked.tokenizer, skip_unequal=True)
+    pairs = pairs[: args.patch_pairs]
+    with timer.section("attribution_s"):
+        done = run_patching(hooked, pairs, out, sites=["resid_pre", "attn_out", "mlp_out"], method="attribution",
+                            direction="denoise", name="attribution",
+                            settings={"pairs": args.patch_pairs, "model": args.model})
+    record["attribution"] = {"n_pairs": len(pairs), "skipped_pairs": len(skipped), "sweep_s": done.sweep_s}
+    return attribution_section(done.frame, out, args.model)
+
+
+def attribution_section(frame: pd.DataFrame, out: Path, model: str) -> tuple[str, str, list[Path]]:
+    """Write the attribution tables and plots and return the report section (title, HTML text, figures)."""
+    from analyses.patching_report import write_patching_outputs
+
+    figures = write_patching_outputs(frame, out, f"Attribution patching, {model}", prefix="attribution")
+    text = (f"First-order (attribution) estimate of how much each site carries of the logit difference between "
+            f"an item's answer and its counterfactual partner's, on {frame['clean_id'].nunique()} pairs "
+            "(denoising: clean activations into the corrupted run; 1 = the site alone restores the clean answer). "
+            "Per-layer means with 95% CIs over pairs; attribution.csv has every cell, attribution_layers.csv the "
+            "curves. Attribution is a screen: confirm with <code>bridgeprobe patch --method exact</code>.")
+    return "Per-layer attribution", text, figures
+
+
+def report_job(out: Path) -> None:
+    """Regenerate the report of a finished run from its lens.csv and run.json."""
+    from analyses.report import write_lens_report
+
+    if not (out / "lens.csv").is_file() or not (out / "run.json").is_file():
+        raise ValueError(f"{out} has no finished run (lens.csv and run.json)")
+    record = json.loads((out / "run.json").read_text())
+    settings = record["settings"]
+    columns = parse_columns(settings["columns"]) if settings.get("columns") else None
+    items = load_prompts(settings["prompts"], columns=columns, preset=settings.get("preset"), limit=settings.get("limit"))
+    sections = []
+    if (out / "attribution.csv").is_file():
+        attribution = pd.read_csv(out / "attribution.csv", dtype={"clean_id": str, "corrupt_id": str})
+        sections.append(attribution_section(attribution, out, record["model"]))
+    write_lens_report(pd.read_csv(out / "lens.csv", dtype={"prompt_id": str}), items, out, record, sections)
+    print(f"wrote {out}/index.html")
