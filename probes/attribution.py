@@ -19,9 +19,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from probes.heads import HEAD, edit_out_projection_input, n_heads
 from probes.hooks import SITES, NativeHooks, _post_hook, _pre_hook
-from probes.patching import (HEAD, Pair, SweepResult, _frame, _normalize, _roles, _source_run, n_heads,
-                             out_projection, patch_cells)
+from probes.patching import Pair, SweepResult, _normalize, _roles, _source_run, cell_frame, patch_cells
 
 
 def attribution_sweep(
@@ -75,7 +75,7 @@ def attribution_sweep(
             metric, prob = pair.score(logits[:, -1].detach())
             scores[role], probs[role] = float(metric[0]), float(prob[0])
     clean, corrupted = scores["clean"], scores["corrupted"]
-    frame = _frame(cells, estimate, torch.full_like(estimate, math.nan), clean, corrupted)
+    frame = cell_frame(cells, estimate, torch.full_like(estimate, math.nan), clean, corrupted)
     return SweepResult(frame, clean, corrupted, probs["clean"], probs["corrupted"], direction,
                        "attribution", 3.0)
 
@@ -102,10 +102,7 @@ def _run_with_grad(hooked: NativeHooks, input_ids: Tensor, site_keys: list[tuple
                       else module.register_forward_hook(_post_hook(keep(acts, key))))
             stack.callback(handle.remove)
         for layer in head_layers:
-            edit = keep(head_acts, layer)
-            handle = out_projection(hooked, layer).register_forward_pre_hook(
-                lambda module, args, edit=edit: (edit(args[0]), *args[1:]))
-            stack.callback(handle.remove)
+            edit_out_projection_input(hooked, layer, keep(head_acts, layer), stack)
         ids = input_ids.to(device)
         out = hooked.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     return acts, head_acts, out.logits

@@ -76,6 +76,17 @@ def _vocab_size(hooked: HookedModel) -> int:
     return int(hooked.model.get_output_embeddings().weight.shape[0])
 
 
+def token_ranks(hooked: HookedModel, hidden: torch.Tensor, token: int) -> torch.Tensor:
+    """Logit-lens rank of ``token`` (the number of tokens with a strictly larger logit) for each residual vector
+    of ``hidden`` (``[..., d]``), unembedding at most :data:`READOUT_BUDGET` logits at a time."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    ranks = []
+    for chunk in flat.split(max(1, READOUT_BUDGET // _vocab_size(hooked))):
+        logits = hooked.readout(chunk).float()
+        ranks.append((logits > logits[:, token : token + 1]).sum(-1))
+    return torch.cat(ranks).reshape(hidden.shape[:-1])
+
+
 @dataclass(frozen=True)
 class _Encoded:
     query: LensQuery

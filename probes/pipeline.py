@@ -178,7 +178,6 @@ class PatchingRun:
     frame: pd.DataFrame
     bridge: pd.DataFrame | None
     sweep_s: float
-    bridge_s: float
     forward_equivalents: float
 
 
@@ -194,16 +193,17 @@ def run_patching(
     name: str = "patching",
     bridge_rank: bool = False,
 ) -> PatchingRun:
-    """Write ``out_dir/NAME.csv`` (resumable, one batch of rows per pair) and, with ``bridge_rank``,
-    ``NAME_bridge.csv`` (:mod:`probes.bridge_rank` for each non-head site). ``method``: ``exact`` or
-    ``attribution``; ``sites``: any of :data:`probes.hooks.SITES` and ``head``."""
+    """Write ``out_dir/NAME.csv`` (resumable, one batch of rows per pair) and, with ``bridge_rank`` (exact
+    patching only), ``NAME_bridge.csv``: the clean bridge's logit-lens rank after each patch, read in the same
+    sweep (:class:`probes.patching.SweepResult` ``bridge``). ``method``: ``exact`` or ``attribution``;
+    ``sites``: any of :data:`probes.hooks.SITES` and ``head``."""
     from probes.attribution import attribution_sweep
-    from probes.bridge_rank import COLUMNS as BRIDGE_COLUMNS
-    from probes.bridge_rank import bridge_rank_sweep
-    from probes.patching import HEAD, head_sweep, sweep
+    from probes.patching import BRIDGE_COLUMNS, HEAD, head_sweep, sweep
 
     if method not in ("exact", "attribution"):
         raise ValueError(f"method must be exact or attribution, got {method!r}")
+    if bridge_rank and method != "exact":
+        raise ValueError("the bridge-rank readout needs exact patching (--method exact)")
     store = IncrementalCSV(out_dir, name, PATCH_COLUMNS, settings)
     done = {key[0] for key in store.done(["clean_id"])}
     bridge_store = None
@@ -211,15 +211,17 @@ def run_patching(
         bridge_store = IncrementalCSV(out_dir, f"{name}_bridge", ("clean_id", "corrupt_id", *BRIDGE_COLUMNS), settings)
         done &= {key[0] for key in bridge_store.done(["clean_id"])}
     todo = [p for p in pairs if p.clean_id not in done]
-    sweep_s = bridge_s = forwards = 0.0
+    sweep_s = forwards = 0.0
     for named in tqdm(todo, desc=f"{method} patching", unit="pair", disable=not todo):
         started = time.perf_counter()
         if method == "attribution":
             results = [attribution_sweep(hooked, named.pair, sites=[s for s in sites if s != HEAD],
                                          heads=HEAD in sites, direction=direction)]
         else:
-            results = [head_sweep(hooked, named.pair, direction=direction) if site == HEAD
-                       else sweep(hooked, named.pair, site, direction=direction) for site in sites]
+            bridge_token = named.bridge_token if bridge_rank else None
+            results = [head_sweep(hooked, named.pair, direction=direction, bridge_token=bridge_token) if site == HEAD
+                       else sweep(hooked, named.pair, site, direction=direction, bridge_token=bridge_token)
+                       for site in sites]
         sweep_s += time.perf_counter() - started
         rows = []
         for result in results:
@@ -232,13 +234,10 @@ def run_patching(
             )
             rows.extend(frame.to_dict("records"))
         if bridge_store is not None:
-            started = time.perf_counter()
-            ranks = [bridge_rank_sweep(hooked, named.pair, named.bridge_token, site, direction=direction)
-                     for site in sites if site != HEAD]
-            bridge_s += time.perf_counter() - started
-            bridge_store.append(pd.concat(ranks).assign(clean_id=named.clean_id, corrupt_id=named.corrupt_id)
-                                .to_dict("records"))
+            bridge_store.append(pd.concat([r.bridge for r in results])
+                                .assign(clean_id=named.clean_id, corrupt_id=named.corrupt_id).to_dict("records"))
         store.append(rows)
     frame = store.finish(sort_by=["clean_id", "site", "layer", "position", "head"])
-    bridge = bridge_store.finish(sort_by=["clean_id", "site", "layer", "position", "readout_layer"]) if bridge_store else None
-    return PatchingRun(frame, bridge, round(sweep_s, 3), round(bridge_s, 3), forwards)
+    bridge = (bridge_store.finish(sort_by=["clean_id", "site", "layer", "position", "head", "readout_layer"])
+              if bridge_store else None)
+    return PatchingRun(frame, bridge, round(sweep_s, 3), forwards)

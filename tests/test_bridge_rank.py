@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from conftest import plain_hf_patched_run, tiny_model
-from probes.bridge_rank import bridge_rank_sweep
 from probes.hooks import NativeHooks
-from probes.patching import Pair
+from probes.patching import Pair, sweep
 from probes.tl_backend import TransformerLensHooks
 
 
@@ -24,14 +23,16 @@ def _reference(model, receiving: list[int], source: list[int], layer: int, posit
     return ranks
 
 
-@pytest.mark.parametrize("backend", [NativeHooks, TransformerLensHooks])
-def test_bridge_ranks_after_patching_match_plain_hf(backend: type) -> None:
+@pytest.mark.parametrize("backend, method", [(NativeHooks, "fast"), (NativeHooks, "naive"),
+                                             (TransformerLensHooks, "batched")])
+def test_bridge_ranks_after_patching_match_plain_hf(backend: type, method: str) -> None:
     model = tiny_model("llama")
     gen = torch.Generator().manual_seed(5)
     clean, corrupted = torch.randint(1, 128, (2, 7), generator=gen).tolist()
     pair = Pair(clean, corrupted, 3, 4)
-    frame = bridge_rank_sweep(backend(model), pair, bridge_token=9, batch_size=5)
-    assert len(frame) == sum((3 - l) * 7 for l in range(3))
+    result = sweep(backend(model), pair, "resid_pre", bridge_token=9, method=method, memory_budget=1)
+    frame = result.bridge
+    assert result.method == method and len(frame) == sum((3 - l) * 7 for l in range(3))
     for (layer, position), cell in frame.groupby(["layer", "position"]):
         expected = _reference(model, corrupted, clean, layer, position, bridge=9)
         assert cell.sort_values("readout_layer")["bridge_rank"].tolist() == expected
@@ -39,3 +40,15 @@ def test_bridge_ranks_after_patching_match_plain_hf(backend: type) -> None:
     with torch.no_grad():
         logits = model(torch.tensor([corrupted])).logits[0, -1]
     assert (frame[frame.readout_layer == 2]["baseline_rank"] == int((logits > logits[9]).sum())).all()
+
+
+@pytest.mark.parametrize("site", ["resid_post", "attn_out", "mlp_out"])
+def test_bridge_ranks_fast_equal_naive_for_every_site(site: str) -> None:
+    hooked = NativeHooks(tiny_model("gemma3_text"))
+    gen = torch.Generator().manual_seed(6)
+    clean, corrupted = torch.randint(1, 128, (2, 8), generator=gen).tolist()
+    pair = Pair(clean, corrupted, 3, 4)
+    fast = sweep(hooked, pair, site, bridge_token=11, method="fast", direction="noise")
+    naive = sweep(hooked, pair, site, bridge_token=11, method="naive", direction="noise")
+    assert fast.bridge.equals(naive.bridge)
+    assert (fast.bridge["bridge_rank"] != fast.bridge["baseline_rank"]).any()  # the patches do move the ranks

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 import probes.pipeline
 from conftest import plain_hf_patched_run, requires_smollm2
@@ -125,7 +126,19 @@ def test_patch_on_an_unseen_pair_equals_an_independent_naive_loop(tmp_path: Path
                                           abs=1e-4)
     bridge = pd.read_csv(tmp_path / "out" / "patching_bridge.csv")
     assert len(bridge) == sum(30 - layer for layer in range(30)) * length(clean)
-    assert run["timings"]["bridge_rank_s"] > 0
+    bridge_token = first(clean[1])
+    for _, row in frame.sample(3, random_state=rng.randrange(1000)).iterrows():
+        layer, position = int(row.layer), int(row.position)
+        out = plain_hf_patched_run(model, tokenizer(items[0].two_hop)["input_ids"],
+                                   tokenizer(items[1].two_hop)["input_ids"], layer, position, output_hidden_states=True)
+        cell = bridge[(bridge.layer == layer) & (bridge.position == position)].sort_values("readout_layer")
+        assert cell["readout_layer"].tolist() == list(range(layer, 30))
+        for k, rank in zip(cell["readout_layer"], cell["bridge_rank"]):
+            with torch.no_grad():
+                logits = model.lm_head(model.model.norm(out.hidden_states[k + 1][0, -1])) if k < 29 else out.logits[0, -1]
+            target = logits[bridge_token]
+            # ranks may differ only by tokens whose logits lie within 1e-4 of the bridge's
+            assert int((logits > target + 1e-4).sum()) <= rank <= int((logits > target - 1e-4).sum()), (layer, k)
     for name in ("patching_cells.csv", "patching_layers.csv", "patching_resid_pre.png", "patching_layers.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
 

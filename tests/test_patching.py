@@ -15,8 +15,9 @@ from transformers.models.gemma3 import Gemma3TextConfig
 from conftest import TINY_CONFIGS, CharTokenizer, requires_gemma3
 from probes.attribution import attribution_sweep, screen_and_confirm
 from probes.hooks import SITES, NativeHooks
-from probes.patching import (COLUMNS, FAST_ARCHITECTURES, Pair, fast_supported, head_sweep, n_heads,
-                             patch_cells, patch_jointly, plan_groups, sweep)
+from probes.heads import n_heads
+from probes.patching import COLUMNS, Pair, head_sweep, patch_cells, patch_jointly, sweep
+from probes.variants import FAST_ARCHITECTURES, fast_supported, plan_groups
 from probes.tl_backend import TransformerLensHooks
 
 TOL = 1e-4

@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     patch.add_argument("--skip-unequal", action="store_true", help="skip pairs of unequal token length")
     patch.add_argument("--bridge-rank", action="store_true",
                        help="also write DIR/patching_bridge.csv: the clean bridge's logit-lens rank at the last token, "
-                            "at every later layer, after each patch (batched full forwards; slower)")
+                            "at every layer from the patched one on, after each patch (read in the same sweep; "
+                            "exact patching only)")
     patch.add_argument("--seed", type=int, default=0, help="random seed recorded in run.json (default 0)")
     patch.set_defaults(handler=patch_job)
 
@@ -65,8 +66,6 @@ def patch_job(args: argparse.Namespace) -> Path:
                             bridge_rank=args.bridge_rank,
                             settings={**settings, "model": args.model, "dtype": args.dtype, "backend": args.backend})
     timer.timings["sweep_s"] = done.sweep_s
-    if args.bridge_rank:
-        timer.timings["bridge_rank_s"] = done.bridge_s
     with timer.section("report_s"):
         write_patching_outputs(done.frame, args.out, f"{args.method} patching ({args.direction}), {args.model}")
     record = run_record("patch", hooked, options, settings, timer, {
