@@ -16,7 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -239,6 +239,7 @@ class NativeHooks(HookedModel):
         hidden: Tensor,
         *,
         past_kv: Sequence[tuple[Tensor, Tensor]] | None = None,
+        join: Mapping[int, Tensor] | None = None,
         read: Iterable[Site] = (),
         patches: Sequence[Patch] = (),
         positions: Tensor | None = None,
@@ -247,54 +248,72 @@ class NativeHooks(HookedModel):
         """Resume a forward pass at block ``start`` (``0..n_layers``) with ``hidden`` (``[B, q, d]``) as its input,
         running only blocks ``start..L-1``, the final norm and the unembedding.
 
-        ``past_kv`` (from :meth:`run_with_kv`, cut to the first ``n`` positions; batch 1 or ``B``) makes ``hidden``
-        the positions ``n..n+q-1`` of a longer sequence whose prefix the cache holds (a causal model's prefix does
-        not depend on what follows it). Without it ``hidden`` starts at position 0. ``patches``/``positions``
-        index ``hidden``'s rows and positions (not absolute positions); sites must lie at block ``start`` or
-        later. ``start == n_layers`` applies only the readout (no patches or reads then). ``logits_to_keep``
-        (>0) computes the logits of that many last positions only.
+        ``past_kv`` (from :meth:`run_with_kv`, cut to the first ``n`` positions; batch 1) makes ``hidden`` the
+        positions ``n..n+q-1`` of a longer sequence whose prefix the cache holds (a causal model's prefix does not
+        depend on what follows it). Without it ``hidden`` starts at position 0. ``join`` (``{k: [n_k, q, d]}``,
+        ``start < k < n_layers``) appends rows to the batch as the input of block ``k``: they run only blocks
+        ``k..L-1``, so one pass serves rows that start at different blocks. Rows are numbered in the order they
+        enter (``hidden``'s, then each join's in block order); ``patches`` index those rows and ``hidden``'s
+        positions (not absolute positions), at sites at block ``start`` or later where their rows are present.
+        Reads at block ``k`` hold the rows present there; ``positions`` (``[B, K]``) gathers them only without
+        ``join``. ``start == n_layers`` applies only the readout (no joins, patches or reads then).
+        ``logits_to_keep`` (>0) computes the logits of that many last positions only.
 
-        The blocks before ``start`` are swapped for pass-through modules for the duration of the call (the
-        ``ModuleList`` keeps its length, so per-layer tables indexed by block number, e.g. sliding-window layer
-        types, stay aligned); the model is not safe to use from another thread meanwhile.
+        The model runs on a batch of one (``inputs_embeds`` only fixes shape, dtype and device), so its attention
+        mask and position ids are built for one row and broadcast over however many rows a block holds. The blocks
+        before ``start`` are swapped for pass-through modules for the duration of the call (the ``ModuleList``
+        keeps its length, so per-layer tables indexed by block number, e.g. sliding-window layer types, stay
+        aligned); the model is not safe to use from another thread meanwhile.
         """
+        join = dict(sorted((join or {}).items()))
         if not 0 <= start <= self.n_layers:
             raise ValueError(f"start {start} out of range 0..{self.n_layers}")
+        if any(not start < k < self.n_layers for k in join):
+            raise ValueError(f"join blocks must lie in {start + 1}..{self.n_layers - 1}, got {list(join)}")
+        if join and positions is not None:
+            raise ValueError("positions cannot gather reads when rows join mid-pass")
         if start == self.n_layers:
-            if list(read) or list(patches):
+            if list(read) or list(patches) or join:
                 raise ValueError("run_from(n_layers) only reads out: apply patches to hidden instead")
             kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
             return RunResult(self.readout(kept), {})
-        batch, q = hidden.shape[:2]
+        q = hidden.shape[1]
         offset = 0 if past_kv is None else int(past_kv[0][0].shape[-2])
         device = hidden.device
         kwargs: dict[str, Any] = {
-            "inputs_embeds": hidden,  # overwritten at block `start`; it only fixes shape, dtype and device
-            "attention_mask": torch.ones((batch, offset + q), dtype=torch.long, device=device),
+            "inputs_embeds": hidden[:1],
+            "attention_mask": torch.ones((1, offset + q), dtype=torch.long, device=device),
             "position_ids": torch.arange(offset, offset + q, device=device)[None],
             "use_cache": offset > 0,
         }
         if offset > 0:
             from transformers import DynamicCache
 
+            rows, present = hidden.shape[0], []  # present[k]: how many rows block k holds
+            for k in range(self.n_layers):
+                rows += join[k].shape[0] if k in join else 0
+                present.append(rows)
             kwargs["past_key_values"] = DynamicCache(ddp_cache_data=[
-                (k, v) if i < start else (k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:]))
+                (k, v) if i < start else (k.expand(present[i], *k.shape[1:]), v.expand(present[i], *v.shape[1:]))
                 for i, (k, v) in enumerate(past_kv)
             ])
         if logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         blocks = self.modules.blocks
         originals = [blocks[i] for i in range(start)]
-        inject = blocks[start].register_forward_pre_hook(_pre_hook(lambda h: hidden.to(h.device)),
-                                                         with_kwargs=True, prepend=True)
-        try:
+        with ExitStack() as stack:
+            handles = [blocks[start].register_forward_pre_hook(_pre_hook(lambda h: hidden.to(h.device)),
+                                                               with_kwargs=True, prepend=True)]
+            for k, rows in join.items():
+                def append(h: Tensor, rows: Tensor = rows) -> Tensor:
+                    return torch.cat([h, rows.to(h)])
+                handles.append(blocks[k].register_forward_pre_hook(_pre_hook(append), with_kwargs=True, prepend=True))
+            for handle in handles:
+                stack.callback(handle.remove)
+            stack.callback(lambda: [blocks.__setitem__(i, block) for i, block in enumerate(originals)])
             for i in range(start):
                 blocks[i] = _PassThrough()
             result, _ = self._forward(read, patches, positions, True, first=start, **kwargs)
-        finally:
-            inject.remove()
-            for i, block in enumerate(originals):
-                blocks[i] = block
         return result
 
 

@@ -169,8 +169,9 @@ def _free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def token_capacity(hooked: HookedModel, length: int, memory_budget: int | None) -> int:
-    """How many token-rows (batch rows x sequence length) one forward may hold within the memory budget."""
+def token_capacity(hooked: HookedModel, length: int, memory_budget: int | None, *, logits: bool = False) -> int:
+    """How many token-rows (batch rows x sequence length) one forward may hold within the memory budget
+    (``logits``: the forward returns the logits of every position)."""
     device = device_of(hooked)
     if memory_budget is None:
         memory_budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else CPU_MEMORY_BUDGET
@@ -184,6 +185,8 @@ def token_capacity(hooked: HookedModel, length: int, memory_budget: int | None) 
     elt = hooked.model.get_input_embeddings().weight.element_size()
     # per token: the prefix cache of every block, the widest activations, fp32 attention scores
     per_token = elt * (hooked.n_layers * 2 * kv_heads * head_dim + 6 * d + 3 * inner) + 4 * heads * length
+    if logits:
+        per_token += 4 * int(hooked.model.get_output_embeddings().weight.shape[0])
     return max(length, int(memory_budget) // per_token)
 
 
@@ -229,7 +232,7 @@ def _batched(hooked: HookedModel, ids: list[int], variants: list[Variant], measu
 
     baseline = forward([], 1)[0]
     values = torch.empty((len(variants), baseline.shape[-1]), dtype=baseline.dtype, device=device)
-    batch = 1 if method == "naive" else max(1, token_capacity(hooked, length, memory_budget) // length)
+    batch = 1 if method == "naive" else max(1, token_capacity(hooked, length, memory_budget, logits=True) // length)
     start = 0
     while start < len(variants):
         chunk = variants[start : start + batch]
@@ -248,22 +251,24 @@ def _batched(hooked: HookedModel, ids: list[int], variants: list[Variant], measu
 # --------------------------------------------------------------------------------------------------- fast
 
 
-def plan_groups(items: Sequence[tuple[int, int]], length: int, capacity: int, overhead: int) -> list[list[int]]:
-    """Split position-sorted ``items`` ``(position, rows)`` into contiguous groups, one forward each.
+def plan_groups(items: Sequence[tuple[int, int, float]], length: int, capacity: int, overhead: float) -> list[list[int]]:
+    """Split position-sorted ``items`` ``(position, rows, work)`` into contiguous groups, one pass each.
 
-    A group starting at position ``p0`` runs ``rows x (length - p0)`` token-rows (its compute) and holds about
-    ``rows x length`` (its memory, prefix cache included; at most ``capacity`` unless one item alone exceeds
-    it). Minimises total compute plus ``overhead`` per group, by dynamic programming. Returns item indices."""
+    A group starting at position ``p0`` computes ``work x (length - p0)`` token-rows (``work``: its rows weighted
+    by the fraction of the blocks each runs) and holds about ``rows x length`` (its memory, prefix cache included;
+    at most ``capacity`` unless one item alone exceeds it). Minimises total compute plus ``overhead`` per group,
+    by dynamic programming. Returns item indices."""
     n = len(items)
     best = [0.0] + [math.inf] * n
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
-        rows = 0
+        rows, work = 0, 0.0
         for i in range(j - 1, -1, -1):
             rows += items[i][1]
+            work += items[i][2]
             if rows * length > capacity and i < j - 1:
                 break
-            cost = best[i] + rows * (length - items[i][0]) + overhead
+            cost = best[i] + work * (length - items[i][0]) + overhead
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     groups = []
@@ -291,48 +296,46 @@ def _fast(hooked: NativeHooks, ids: list[int], variants: list[Variant], measure:
         rec, kv = hooked.run_with_kv(torch.tensor([ids]), read=reads)
     # inputs[s]: the receiving run's input of block s (s == n_layers: the final residual)
     inputs = [rec.acts[("resid_pre", l)] for l in range(n_layers)] + [rec.acts[("resid_post", n_layers - 1)]]
-    rec_last = torch.stack([rec.acts[("resid_post", l)][:, -1] for l in range(n_layers)], dim=1)  # [1, L, d]
-    baseline = measure(rec.logits[:, -1], rec_last if resid else None)[0]
+    rec_last = torch.stack([rec.acts[("resid_post", l)][0, -1] for l in range(n_layers)])  # [L, d]
+    baseline = measure(rec.logits[:, -1], rec_last[None] if resid else None)[0]
+    receiving = _Receiving(inputs, kv, rec_last, measure, resid)
 
     values = torch.empty((len(variants), baseline.shape[-1]), dtype=baseline.dtype, device=device)
     # a variant whose value equals the receiving activation patches nothing: its run is the receiving run
-    same = [_unchanged(v, rec.acts, rec_heads) for v in variants]
-    by_site: dict[tuple[str, int], list[int]] = {}
+    pending = []
     for index, v in enumerate(variants):
-        if same[index]:
+        if _unchanged(v, rec.acts, rec_heads):
             values[index] = baseline.to(device)
         else:
-            by_site.setdefault((v.site, v.layer), []).append(index)
+            pending.append(index)
+    pending.sort(key=lambda i: variants[i].position)
 
     work = 0.0
-    for indices in by_site.values():
-        start = variants[indices[0]].start
-        pending = sorted(indices, key=lambda i: variants[i].position)
-        while pending:
-            # one item per position, split further where one position alone exceeds the capacity
-            per_item = max(1, capacity // length)
-            items, members = [], []
-            for position in sorted({variants[i].position for i in pending}):
-                at = [i for i in pending if variants[i].position == position]
-                for k in range(0, len(at), per_item):
-                    items.append((position, len(at[k : k + per_item])))
-                    members.append(at[k : k + per_item])
-            done: set[int] = set()
-            try:
-                for group in plan_groups(items, length, capacity, overhead_tokens):
-                    chosen = [i for g in group for i in members[g]]
-                    out = _fast_group(hooked, [variants[i] for i in chosen], start, inputs, kv, rec_last, measure,
-                                      resid)
-                    values[torch.tensor(chosen, device=device)] = out.to(device)
-                    p0 = min(variants[i].position for i in chosen)
-                    work += len(chosen) * (length - p0) * (n_layers - start)
-                    done.update(chosen)
-            except (RuntimeError, MemoryError) as err:
-                if not is_oom(err) or capacity <= length:
-                    raise
-                _free_memory(device)
-                capacity = max(length, capacity // 2)
-            pending = [i for i in pending if i not in done]
+    while pending:
+        # one item per position, split further where one position alone exceeds the capacity
+        per_item = max(1, capacity // length)
+        items, members = [], []
+        for position in sorted({variants[i].position for i in pending}):
+            at = [i for i in pending if variants[i].position == position]
+            for k in range(0, len(at), per_item):
+                chunk = at[k : k + per_item]
+                items.append((position, len(chunk), sum(n_layers - variants[i].start for i in chunk) / n_layers))
+                members.append(chunk)
+        done: set[int] = set()
+        try:
+            for group in plan_groups(items, length, capacity, overhead_tokens):
+                chosen = [i for g in group for i in members[g]]
+                out = _fast_pass(hooked, [variants[i] for i in chosen], receiving)
+                values[torch.tensor(chosen, device=device)] = out.to(device)
+                p0 = min(variants[i].position for i in chosen)
+                work += sum(n_layers - variants[i].start for i in chosen) * (length - p0)
+                done.update(chosen)
+        except (RuntimeError, MemoryError) as err:
+            if not is_oom(err) or capacity <= length:
+                raise
+            _free_memory(device)
+            capacity = max(length, capacity // 2)
+        pending = [i for i in pending if i not in done]
     return VariantRun(values, baseline.to(device), "fast", work / (length * n_layers))
 
 
@@ -342,39 +345,76 @@ def _unchanged(v: Variant, acts: dict, heads: dict[int, Tensor]) -> bool:
     return current.equal(v.value.to(current))
 
 
-def _fast_group(hooked: NativeHooks, group: list[Variant], start: int, inputs: list[Tensor],
-                kv: list[tuple[Tensor, Tensor]], rec_last: Tensor, measure: Measure, resid: bool) -> Tensor:
-    """Variants of one (site, layer), one batch row each, run from block ``start`` and position ``p0`` (the earliest
-    patched position) on; returns their measures."""
+@dataclass(frozen=True)
+class _Receiving:
+    """What the fast path keeps of the receiving run: each block's input (``[1, T, d]``; index ``L``: the final
+    residual), every block's keys and values, and the last position's residual after every block (``[L, d]``)."""
+
+    inputs: list[Tensor]
+    kv: list[tuple[Tensor, Tensor]]
+    last: Tensor
+    measure: Measure
+    resid: bool
+
+
+def _fast_pass(hooked: NativeHooks, group: list[Variant], rec: _Receiving) -> Tensor:
+    """Measures of ``group`` (one batch row each) from one pass over positions ``p0..T-1`` (``p0``: the earliest
+    patched position): each row joins the pass at the first block its patch changes
+    (:meth:`NativeHooks.run_from` ``join``); rows patched after the last block are only read out."""
     n_layers = hooked.n_layers
-    site, layer = group[0].site, group[0].layer
-    positions = torch.tensor([v.position for v in group])
-    values = torch.stack([v.value for v in group])
-    p0 = int(positions.min())
-    base = inputs[start][:, p0:]
-    rows = torch.arange(len(group))
-    relative = positions - p0
-    hidden = base.expand(len(group), *base.shape[1:])
+    order = sorted(range(len(group)), key=lambda i: group[i].start)
+    group = [group[i] for i in order]
+    p0 = min(v.position for v in group)
+    starts = torch.tensor([v.start for v in group])
+    relative = torch.tensor([v.position - p0 for v in group])
+    rows_in: list[Tensor] = []  # each row's input at its start block, resid patches applied
     patches: list[Patch] = []
     with ExitStack() as stack:
-        if site in ("resid_pre", "resid_post"):
-            hidden = hidden.clone()
-            hidden[rows.to(hidden.device), relative.to(hidden.device)] = values.to(hidden)
-        elif site == HEAD:
-            patch_heads(hooked, layer, rows, relative, torch.tensor([v.head for v in group]), values, stack)
-        else:
-            patches.append(Patch(site, layer, rows, relative, values))
-        past = None
-        if p0 > 0 and start < n_layers:
-            past = [(k[:, :, :p0], v[:, :, :p0]) for k, v in kv]
-        reads = [("resid_post", k) for k in range(start, n_layers)] if resid else []
-        last = torch.full((len(group), 1), hidden.shape[1] - 1)
-        out = hooked.run_from(start, hidden, past_kv=past, patches=patches, read=reads, positions=last,
-                              logits_to_keep=1)
-    if not resid:
-        return measure(out.logits[:, -1], None)
-    # blocks below start keep the receiving run's residual; the input of block start is `hidden` (patched or not)
-    below = rec_last[:, : max(start - 1, 0)].expand(len(group), -1, -1).to(hidden.device)
-    parts = [below] + ([hidden[:, -1:]] if start > 0 else [])
-    parts += [out.acts[("resid_post", k)].to(hidden.device) for k in range(start, n_layers)]
-    return measure(out.logits[:, -1], torch.cat(parts, dim=1))
+        by_site: dict[tuple[str, int], list[int]] = {}
+        for r, v in enumerate(group):
+            row = rec.inputs[v.start][0, p0:]
+            if v.site in ("resid_pre", "resid_post"):
+                row = row.clone()
+                row[v.position - p0] = v.value.to(row)
+            else:
+                by_site.setdefault((v.site, v.layer), []).append(r)
+            rows_in.append(row)
+        for (site, layer), rows in by_site.items():
+            index = torch.tensor(rows)
+            values = torch.stack([group[r].value for r in rows])
+            if site == HEAD:
+                patch_heads(hooked, layer, index, relative[index], torch.tensor([group[r].head for r in rows]),
+                            values, stack)
+            else:
+                patches.append(Patch(site, layer, index, relative[index], values))
+        hidden = torch.stack(rows_in)  # [B, q, d]
+        inner = int((starts < n_layers).sum())  # rows that run at least one block
+        final = hidden[inner:, -1:]  # rows patched after the last block: the final residual itself
+        logits = [hooked.readout(final)[:, -1]] if len(final) else []
+        acts: dict = {}
+        if inner:
+            first = int(starts[0])
+            join = {int(k): hidden[(starts == k).nonzero()[:, 0]] for k in starts[:inner].unique() if k > first}
+            past = [(k[:, :, :p0], v[:, :, :p0]) for k, v in rec.kv] if p0 > 0 else None
+            reads = [("resid_post", k) for k in range(first, n_layers)] if rec.resid else []
+            out = hooked.run_from(first, hidden[starts == first], past_kv=past, join=join, patches=patches,
+                                  read=reads, logits_to_keep=1)
+            logits.insert(0, out.logits[:, -1])
+            acts = out.acts
+    last_logits = torch.cat([l.to(logits[0].device) for l in logits])
+    resid = _last_resid_of_pass(rec.last, hidden, starts, acts, n_layers) if rec.resid else None
+    measured = rec.measure(last_logits, resid)
+    return measured[torch.argsort(torch.tensor(order)).to(measured.device)]
+
+
+def _last_resid_of_pass(rec_last: Tensor, hidden: Tensor, starts: Tensor, acts: dict, n_layers: int) -> Tensor:
+    """``[B, L, d]`` residual after every block at the last position: the receiving run's below a row's start
+    block, the row's own input (patched or not) just below it, and what the pass read from there on (block ``k``
+    held the first rows, those with ``start <= k``)."""
+    out = rec_last.to(hidden)[None].repeat(len(hidden), 1, 1)
+    for r, start in enumerate(starts.tolist()):
+        if start > 0:
+            out[r, start - 1] = hidden[r, -1]
+    for (_, k), act in acts.items():
+        out[: act.shape[0], k] = act[:, -1].to(out)
+    return out

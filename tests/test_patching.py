@@ -224,12 +224,15 @@ def test_out_of_memory_backs_off(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_plan_groups() -> None:
-    items = [(p, 2) for p in range(6)]
+    items = [(p, 2, 1.0) for p in range(6)]
     assert plan_groups(items, 6, capacity=10**6, overhead=10**6) == [list(range(6))]
     assert plan_groups(items, 6, capacity=10**6, overhead=0) == [[i] for i in range(6)]
     for group in plan_groups(items, 6, capacity=24, overhead=10**6):  # at most 2 items (4 rows x 6) per group
         assert len(group) <= 2
-    assert plan_groups([(0, 100)], 6, capacity=1, overhead=0) == [[0]]  # one oversized item still runs
+    assert plan_groups([(0, 100, 50.0)], 6, capacity=1, overhead=0) == [[0]]  # one oversized item still runs
+    # merging the two items computes 2 extra token-rows (item 1 from position 4): worth it above overhead 2
+    assert plan_groups([(4, 2, 2.0), (5, 2, 2.0)], 6, capacity=10**6, overhead=1.9) == [[0], [1]]
+    assert plan_groups([(4, 2, 2.0), (5, 2, 2.0)], 6, capacity=10**6, overhead=2.1) == [[0, 1]]
 
 
 # ------------------------------------------------------------------------------------------------- run_from
@@ -401,3 +404,51 @@ def test_real_gemma3_fast_matches_naive() -> None:
             assert_same(fast, sweep(hooked, pair, site, direction=direction, layers=layers, method="naive"))
     heads = head_sweep(hooked, pair, layers=[5], positions=[3, pair.length - 1])
     assert_same(heads, head_sweep(hooked, pair, layers=[5], positions=[3, pair.length - 1], method="naive"))
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_real_out_of_memory_on_gpu_backs_off_to_the_same_values() -> None:
+    """A memory budget far above the GPU's makes the first fast pass (and the first batched forward) allocate more
+    than the card holds; both back off and still agree with each other."""
+    from probes.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m", device="cuda")
+    hooked = NativeHooks(model, tokenizer)
+    g = torch.Generator().manual_seed(0)
+    clean, corrupt = torch.randint(100, 40000, (2, 512), generator=g).tolist()
+    pair = Pair(clean, corrupt, 100, 200)
+    huge = 10 * torch.cuda.get_device_properties(0).total_memory
+    fast = sweep(hooked, pair, "resid_pre", layers=range(6), memory_budget=huge)
+    batched = sweep(hooked, pair, "resid_pre", layers=[0, 5], positions=range(0, 512, 16), method="batched",
+                    memory_budget=huge)
+    joined = fast.frame.merge(batched.frame, on=["site", "layer", "position"], suffixes=("", "_b"))
+    assert len(joined) == 64 and (joined["metric"] - joined["metric_b"]).abs().max() <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [{"dtype": "bfloat16", "device": "cuda"},
+                                     {"device_map": "auto", "max_memory": {0: "200MiB", "cpu": "8GiB"}}])
+def test_real_fast_sweep_on_gpu_matches_naive(options: dict) -> None:
+    """bf16 on the GPU, and fp32 split between the GPU and the CPU by accelerate (blocks on two devices)."""
+    from probes.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m", **options)
+    devices = {p.device.type for p in model.parameters()}
+    assert "cuda" in devices and ("cpu" in devices) == ("device_map" in options)
+    hooked = NativeHooks(model, tokenizer)
+    pair = smollm2_pair(tokenizer)
+    for site in ("resid_pre", "attn_out"):
+        fast = sweep(hooked, pair, site, layers=[0, 14, 29], bridge_token=tokenizer(" France")["input_ids"][0])
+        naive = sweep(hooked, pair, site, layers=[0, 14, 29], method="naive",
+                      bridge_token=tokenizer(" France")["input_ids"][0])
+        assert fast.method == "fast"
+        bf16 = options.get("dtype") == "bfloat16"  # other kernels for other batch shapes: bf16 rounding differs
+        tol = 5e-2 if bf16 else TOL
+        assert (fast.frame["metric"] - naive.frame["metric"]).abs().max() <= tol * max(1, abs(naive.clean_metric))
+        rank_diff = (fast.bridge["bridge_rank"] - naive.bridge["bridge_rank"]).abs()
+        assert (rank_diff <= (0.05 * naive.bridge["bridge_rank"] + 2 if bf16 else 2)).all()
