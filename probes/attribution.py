@@ -61,12 +61,13 @@ def attribution_sweep(
 
     with torch.no_grad():
         delta: dict[tuple, Tensor] = {}  # per (site, layer): [T] (sites) or [T, H] (heads)
+        device = rec_metric.device  # with a device_map, sites live on their blocks' devices
         for key, act in acts.items():
-            delta[key] = ((src.acts[key][0].float() - act[0].float()) * grad_of[id(act)][0].float()).sum(-1)
+            delta[key] = ((src.acts[key][0].float() - act[0].float()) * grad_of[id(act)][0].float()).sum(-1).to(device)
         for layer, act in head_acts.items():
             grad = grad_of[id(act)][0].float().unflatten(-1, (n, -1))
             diff = src_heads[layer][0].float() - act[0].detach().float().unflatten(-1, (n, -1))
-            delta[(HEAD, layer)] = (diff * grad).sum(-1)
+            delta[(HEAD, layer)] = (diff * grad).sum(-1).to(device)
         estimate = torch.stack([
             delta[(c[0], c[1])][c[2], c[3]] if c[0] == HEAD else delta[(c[0], c[1])][c[2]] for c in cells
         ]) + rec_metric.detach()

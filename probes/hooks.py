@@ -157,6 +157,8 @@ class NativeHooks(HookedModel):
     def readout(self, hidden: Tensor) -> Tensor:
         norm = self.modules.final_norm
         device = next(norm.parameters(), hidden).device
+        if device.type == "meta":  # offloaded by accelerate, whose hook moves inputs to where the norm runs
+            device = hidden.device
         logits = self.modules.unembed(norm(hidden.to(device)))
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap

@@ -127,8 +127,10 @@ def lens_batch(hooked: HookedModel, queries: Sequence[LensQuery], *, all_positio
     stats = []  # per layer: rank, logit, logprob of each query's first target token, [Q, n_lens] on the CPU
     # several layers per unembedding call: the weight is read once per chunk instead of once per layer
     chunk = max(1, READOUT_BUDGET // max(1, len(sequences) * n_lens * _vocab_size(hooked)))
+    readout_device = result.acts[("resid_post", layers[-1])].device  # blocks may sit on several devices
     for start in range(0, len(layers), chunk):
-        block = torch.stack([result.acts[("resid_post", l)][:, :n_lens] for l in layers[start : start + chunk]])
+        block = torch.stack([result.acts[("resid_post", l)][:, :n_lens].to(readout_device)
+                             for l in layers[start : start + chunk]])
         logits = hooked.readout(block).float()  # [layers, S, n_lens, vocab]
         logits = logits[:, seq_of.to(logits.device)]  # [layers, Q, n_lens, vocab]: each query reads its sequence
         index = first.to(logits.device)[None, :, None, None].expand(*logits.shape[:3], 1)
@@ -186,3 +188,70 @@ def batches(queries: Sequence[LensQuery], tokenizer: Any, batch_size: int) -> It
     ordered = sorted(queries, key=lambda q: -len(tokenizer(q.prompt)["input_ids"]))
     for start in range(0, len(ordered), batch_size):
         yield ordered[start : start + batch_size]
+
+
+DEFAULT_BATCH_SIZE = 16  # queries per forward on the CPU, where memory is rarely the limit
+MAX_AUTO_BATCH = 256
+
+
+def lens_memory(hooked: HookedModel, n_queries: int, n_tokens: int, *, n_sequences: int | None = None,
+                all_positions: bool = False, n_extra: int = 0) -> int:
+    """Estimated peak bytes that one :func:`lens_batch` call adds to the weights, for ``n_queries`` queries on
+    ``n_sequences`` distinct sequences (default: as many) of up to ``n_tokens`` tokens, ``n_extra`` of them target
+    tokens read only for the whole-string score. With ``e`` bytes per activation, ``d`` the model width, ``I`` the
+    MLP width, ``H`` heads, ``L`` blocks, ``V`` the vocabulary, ``T = n_tokens``, ``K`` lens positions (1, or
+    ``T`` with ``all_positions``), ``S`` sequences and ``Q`` queries:
+
+    - forward, per sequence: ``e*T*(6d + 3I) + (4 + e)*H*T^2`` (one block's widest activations; attention scores
+      as eager attention keeps them) plus the kept reads ``e*L*(K + n_extra)*d``;
+    - readout: ``12*Q*K*V*c`` (fp32 logits of ``c`` layers per unembedding call, gathered per query, and the
+      temporaries of the rank and log-sum-exp; ``c = min(L, READOUT_BUDGET // (S*K*V))``, at least 1) plus
+      ``10*S*n_extra*V`` for the whole-string score.
+
+    An upper bound by design (checked against measured peaks in tests/benchmarks/bench_scale.py)."""
+    from probes.heads import n_heads
+
+    config = hooked.model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    d, n_layers, vocab = hooked.d_model, hooked.n_layers, _vocab_size(hooked)
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
+    e = hooked.model.get_input_embeddings().weight.element_size()
+    sequences = n_queries if n_sequences is None else n_sequences
+    lens_positions = n_tokens if all_positions else 1
+    forward = e * n_tokens * (6 * d + 3 * inner) + (4 + e) * n_heads(hooked) * n_tokens**2
+    reads = e * n_layers * (lens_positions + n_extra) * d
+    layers_per_call = min(n_layers, max(1, READOUT_BUDGET // max(1, sequences * lens_positions * vocab)))
+    readout = 12 * n_queries * lens_positions * vocab * layers_per_call + 10 * sequences * n_extra * vocab
+    return sequences * (forward + reads) + readout
+
+
+def free_memory(hooked: HookedModel) -> int | None:
+    """Bytes free for activations on the model's fullest GPU (free device memory plus what PyTorch holds cached
+    but unused); None when the model has no parameter on a GPU."""
+    devices = {p.device for p in hooked.model.parameters() if p.device.type == "cuda"}
+    if not devices:
+        return None
+    return min(torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+               for dev in devices)
+
+
+def auto_batch_size(hooked: HookedModel, queries: Sequence[LensQuery], *, all_positions: bool = False,
+                    free_bytes: int | None = None, fraction: float = 0.5) -> int:
+    """Queries per :func:`lens_batch` call: the most (up to :data:`MAX_AUTO_BATCH`) whose :func:`lens_memory`
+    fits in ``fraction`` of ``free_bytes`` (default: :func:`free_memory`), sized for the longest query; without a
+    GPU, :data:`DEFAULT_BATCH_SIZE`. Two queries share a sequence at most (a two-hop prompt's bridge and answer),
+    so a batch of ``Q`` queries is costed as ``Q`` sequences for the forward and ``ceil(Q/2)`` for the readout."""
+    free = free_memory(hooked) if free_bytes is None else free_bytes
+    if free is None or not queries:
+        return DEFAULT_BATCH_SIZE
+    encoded = [_encode(hooked.tokenizer, q) for q in queries]
+    n_tokens = max(len(e.sequence) for e in encoded)
+    n_extra = max(len(e.target_ids) for e in encoded) - 1
+    budget = fraction * free
+    for size in range(MAX_AUTO_BATCH, 1, -1):
+        forward = lens_memory(hooked, size, n_tokens, all_positions=all_positions, n_extra=n_extra)
+        readout = lens_memory(hooked, size, n_tokens, n_sequences=-(-size // 2), all_positions=all_positions,
+                              n_extra=n_extra)
+        if max(forward, readout) <= budget:
+            return size
+    return 1

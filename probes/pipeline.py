@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import platform
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +17,17 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from probes import distributed
 from probes.hooks import HookedModel, NativeHooks
-from probes.lens import COLUMNS, batches, lens_batch, lens_queries, target_token_ids
+from probes.lens import COLUMNS, LensQuery, auto_batch_size, batches, lens_batch, lens_queries, target_token_ids
 from probes.models import load_model
 from probes.patching import Pair
 from probes.results import IncrementalCSV
+from probes.variants import is_oom
 from prompts.schema import PromptItem
 
 BACKENDS = ("native", "transformer-lens")
+log = logging.getLogger(__name__)
 
 
 def hook_model(model: torch.nn.Module, tokenizer: Any, backend: str = "native") -> HookedModel:
@@ -51,9 +56,14 @@ class ModelOptions:
     trust_remote_code: bool = False
 
     def load(self) -> HookedModel:
+        """Load and hook the model; in a data-parallel run, this process's replica on its own GPU(s)
+        (:meth:`probes.distributed.Shards.placement`)."""
+        implied_map = "auto" if self.quantize and self.device is None else None  # load_model's choice for it
+        device, max_memory = distributed.context().placement(self.device, self.device_map or implied_map,
+                                                             self.max_memory)
         model, tokenizer = load_model(
-            self.model, dtype=self.dtype, device=self.device, device_map=self.device_map,
-            max_memory=self.max_memory, quantize=self.quantize, offline=self.offline,
+            self.model, dtype=self.dtype, device=device, device_map=self.device_map,
+            max_memory=max_memory, quantize=self.quantize, offline=self.offline,
             trust_remote_code=self.trust_remote_code,
         )
         return hook_model(model, tokenizer, self.backend)
@@ -82,29 +92,73 @@ class Timer:
         self.timings[name] = round(time.perf_counter() - started, 3)
 
 
+@dataclass
+class LensRun:
+    """What :func:`run_lens` wrote: ``lens.csv`` (None on the other processes of a data-parallel run), the queries
+    that an interrupted run had already done (all processes), the batch size planned and the one in force at the
+    end (smaller after an out-of-memory back-off in any process)."""
+
+    frame: pd.DataFrame | None
+    resumed: int
+    batch_size: int
+    batch_size_used: int
+
+
 def run_lens(
     hooked: HookedModel,
     items: Sequence[PromptItem],
     out_dir: Path,
     *,
     settings: dict[str, Any],
-    batch_size: int = 16,
+    batch_size: int | None = None,
     all_positions: bool = False,
-) -> tuple[pd.DataFrame, int]:
-    """Write ``out_dir/lens.csv`` for ``items`` (resuming an interrupted run); return it and the count of queries
-    that were already done."""
-    if batch_size < 1:
+) -> LensRun:
+    """Write ``out_dir/lens.csv`` for ``items``, resuming an interrupted run. ``batch_size`` (queries per forward)
+    None: :func:`~probes.lens.auto_batch_size` (from free GPU memory; 16 on the CPU). A batch that runs out of
+    memory is halved and retried, and the batches after it keep the smaller size. Data-parallel
+    (:mod:`probes.distributed`): the processes take turns over the same batches a single process would run, and
+    rank 0 writes ``lens.csv``."""
+    if batch_size is not None and batch_size < 1:
         raise ValueError("batch size must be at least 1")
-    store = IncrementalCSV(out_dir, "lens", COLUMNS, {**settings, "all_positions": all_positions})
-    done = store.done(["prompt_id", "prompt_kind", "target"])
+    shards = distributed.context()
+    store = shards.store(out_dir, "lens", COLUMNS, {**settings, "all_positions": all_positions})
+    done = shards.union(store.done(["prompt_id", "prompt_kind", "target"]))
     queries = lens_queries(items)
     todo = [q for q in queries if q.key not in done]
-    with tqdm(total=len(todo), desc="logit lens", unit="query", disable=not todo) as bar:
-        for batch in batches(todo, hooked.tokenizer, batch_size):
-            store.append(lens_batch(hooked, batch, all_positions=all_positions))
-            bar.update(len(batch))
-    frame = store.finish(sort_by=["prompt_kind", "target", "prompt_id", "layer", "position"])
-    return frame, len(queries) - len(todo)
+    if batch_size is None:  # every process must plan the same batches: take the smallest choice
+        batch_size = min(shards.all_gather(auto_batch_size(hooked, todo, all_positions=all_positions)))
+    planned = shards.shard(list(batches(todo, hooked.tokenizer, batch_size)))
+    total = sum(len(b) for b in planned)
+    with tqdm(total=total, desc="logit lens", unit="query", disable=not total or not shards.is_main) as bar:
+        used = _lens_batches(hooked, planned, store, all_positions, bar, batch_size)
+    frame = shards.finish(store, sort_by=["prompt_kind", "target", "prompt_id", "layer", "position"])
+    return LensRun(frame, len(queries) - len(todo), batch_size, min(shards.all_gather(used)))
+
+
+def _lens_batches(hooked: HookedModel, planned: Sequence[list[LensQuery]], store: IncrementalCSV,
+                  all_positions: bool, bar: tqdm, size: int) -> int:
+    """Run and store the planned batches (of ``size`` queries) in order; on out-of-memory halve the failed batch
+    and every later one. Returns the batch size in force at the end."""
+    pending = deque(planned)
+    while pending:
+        batch = pending.popleft()
+        try:
+            rows = lens_batch(hooked, batch, all_positions=all_positions)
+        except (RuntimeError, MemoryError) as err:
+            if not is_oom(err) or len(batch) == 1:
+                raise
+            rows = None  # leave the except block first, so that the failed batch's tensors can be freed
+        if rows is None:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            size = len(batch) // 2
+            log.warning("logit lens: out of memory with %d queries per batch; retrying with %d", len(batch), size)
+            rest = [q for b in (batch, *pending) for q in b]
+            pending = deque(rest[i : i + size] for i in range(0, len(rest), size))
+            continue
+        store.append(rows)
+        bar.update(len(batch))
+    return size
 
 
 def run_record(command: str, hooked: HookedModel, options: ModelOptions, settings: dict[str, Any],
@@ -122,6 +176,7 @@ def run_record(command: str, hooked: HookedModel, options: ModelOptions, setting
         "seed": settings.get("seed"),
         "settings": settings,
         "timings": timer.timings,
+        **({"processes": distributed.context().world_size} if distributed.context().active else {}),
         **(extra or {}),
     }
 
@@ -173,9 +228,10 @@ def item_pairs(items: Sequence[PromptItem], tokenizer: Any, corrupt_items: Seque
 @dataclass
 class PatchingRun:
     """What :func:`run_patching` wrote: the patching table, the bridge-rank table (when asked for), the seconds
-    spent in the sweeps themselves and their forward-equivalents."""
+    spent in the sweeps themselves and their forward-equivalents (summed over the processes of a data-parallel
+    run, whose other processes get None for both tables)."""
 
-    frame: pd.DataFrame
+    frame: pd.DataFrame | None
     bridge: pd.DataFrame | None
     sweep_s: float
     forward_equivalents: float
@@ -204,15 +260,19 @@ def run_patching(
         raise ValueError(f"method must be exact or attribution, got {method!r}")
     if bridge_rank and method != "exact":
         raise ValueError("the bridge-rank readout needs exact patching (--method exact)")
-    store = IncrementalCSV(out_dir, name, PATCH_COLUMNS, settings)
-    done = {key[0] for key in store.done(["clean_id"])}
-    bridge_store = None
+    shards = distributed.context()  # data-parallel: each process sweeps every N-th pair not done yet
+    store = shards.store(out_dir, name, PATCH_COLUMNS, settings)
+    done = shards.union({key[0] for key in store.done(["clean_id"])})
+    bridge_store, bridge_done = None, done
     if bridge_rank:
-        bridge_store = IncrementalCSV(out_dir, f"{name}_bridge", ("clean_id", "corrupt_id", *BRIDGE_COLUMNS), settings)
-        done &= {key[0] for key in bridge_store.done(["clean_id"])}
-    todo = [p for p in pairs if p.clean_id not in done]
+        bridge_store = shards.store(out_dir, f"{name}_bridge", ("clean_id", "corrupt_id", *BRIDGE_COLUMNS), settings)
+        bridge_done = shards.union({key[0] for key in bridge_store.done(["clean_id"])})
+    # a pair is redone unless both tables have it; each table then gets only the rows it lacks (a run stopped
+    # between the two appends must not leave a pair twice in one of them)
+    finished = done & bridge_done
+    todo = shards.shard([p for p in pairs if p.clean_id not in finished])
     sweep_s = forwards = 0.0
-    for named in tqdm(todo, desc=f"{method} patching", unit="pair", disable=not todo):
+    for named in tqdm(todo, desc=f"{method} patching", unit="pair", disable=not todo or not shards.is_main):
         started = time.perf_counter()
         if method == "attribution":
             results = [attribution_sweep(hooked, named.pair, sites=[s for s in sites if s != HEAD],
@@ -233,11 +293,13 @@ def run_patching(
                 clean_metric=result.clean_metric, corrupt_metric=result.corrupted_metric,
             )
             rows.extend(frame.to_dict("records"))
-        if bridge_store is not None:
+        if bridge_store is not None and named.clean_id not in bridge_done:
             bridge_store.append(pd.concat([r.bridge for r in results])
                                 .assign(clean_id=named.clean_id, corrupt_id=named.corrupt_id).to_dict("records"))
-        store.append(rows)
-    frame = store.finish(sort_by=["clean_id", "site", "layer", "position", "head"])
-    bridge = (bridge_store.finish(sort_by=["clean_id", "site", "layer", "position", "head", "readout_layer"])
+        if named.clean_id not in done:
+            store.append(rows)
+    frame = shards.finish(store, sort_by=["clean_id", "site", "layer", "position", "head"])
+    bridge = (shards.finish(bridge_store, sort_by=["clean_id", "site", "layer", "position", "head", "readout_layer"])
               if bridge_store else None)
+    sweep_s, forwards = map(sum, zip(*shards.all_gather((sweep_s, forwards))))  # totals over processes
     return PatchingRun(frame, bridge, round(sweep_s, 3), forwards)

@@ -92,12 +92,37 @@ class IncrementalCSV:
             offset = fh.tell()
         atomic_write(self.offset_file, str(offset))
 
+    def rows(self) -> str:
+        """The committed rows as CSV text, without the header line (what a data-parallel merge collects)."""
+        text = self.partial.read_bytes()[: int(self.offset_file.read_text())].decode("utf-8")
+        return text.split("\n", 1)[1] if "\n" in text else ""
+
     def finish(self, sort_by: Sequence[str]) -> pd.DataFrame:
         """Sort the rows, write the final CSV atomically and drop the partial file."""
-        frame = pd.read_csv(self.partial, keep_default_na=True, dtype={"prompt_id": str})
-        frame = frame.sort_values(list(sort_by), kind="stable").reset_index(drop=True)
-        atomic_write_csv(self.final, frame)
-        self.partial.unlink()
+        frame = _write_sorted(self.final, self.partial, sort_by)
+        self.discard()
+        return frame
+
+    def discard(self) -> None:
+        """Delete the partial file and its bookkeeping (after its rows went into a final file)."""
+        self.partial.unlink(missing_ok=True)
         self.settings_file.unlink(missing_ok=True)
         self.offset_file.unlink(missing_ok=True)
-        return frame
+
+
+def finish_rows(final: Path, columns: Sequence[str], texts: Iterable[str], sort_by: Sequence[str]) -> pd.DataFrame:
+    """Write ``final`` from the committed rows of several stores (:meth:`IncrementalCSV.rows`), exactly as
+    :meth:`IncrementalCSV.finish` writes one store's: the same parsing, sorting and atomic write."""
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow(list(columns))
+    buffer.write("".join(texts))
+    buffer.seek(0)
+    return _write_sorted(final, buffer, sort_by)
+
+
+def _write_sorted(final: Path, source: Path | io.StringIO, sort_by: Sequence[str]) -> pd.DataFrame:
+    # low_memory=False: column types are inferred from all rows at once, so they do not depend on row order
+    frame = pd.read_csv(source, keep_default_na=True, dtype={"prompt_id": str}, low_memory=False)
+    frame = frame.sort_values(list(sort_by), kind="stable").reset_index(drop=True)
+    atomic_write_csv(final, frame)
+    return frame

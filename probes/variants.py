@@ -44,6 +44,7 @@ from torch import Tensor
 
 from probes.heads import HEAD, n_heads, patch_heads, record_heads
 from probes.hooks import HookedModel, NativeHooks, Patch, check_sites
+from probes.lens import free_memory
 
 METHODS = ("auto", "fast", "batched", "naive")
 # model_type values whose fast path is tested against the naive loop (tests/test_patching.py)
@@ -172,9 +173,9 @@ def _free_memory(device: torch.device) -> None:
 def token_capacity(hooked: HookedModel, length: int, memory_budget: int | None, *, logits: bool = False) -> int:
     """How many token-rows (batch rows x sequence length) one forward may hold within the memory budget
     (``logits``: the forward returns the logits of every position)."""
-    device = device_of(hooked)
     if memory_budget is None:
-        memory_budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else CPU_MEMORY_BUDGET
+        free = free_memory(hooked)  # the fullest GPU's, for a model sharded over several
+        memory_budget = CPU_MEMORY_BUDGET if free is None else free // 2
     config = hooked.model.config
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     d = hooked.d_model
@@ -191,8 +192,10 @@ def token_capacity(hooked: HookedModel, length: int, memory_budget: int | None, 
 
 
 def _last_resid(acts: dict, n_layers: int) -> Tensor:
-    """``[B, L, d]`` from ``resid_post`` reads gathered at the last position (``[B, 1, d]`` each)."""
-    return torch.cat([acts[("resid_post", k)] for k in range(n_layers)], dim=1)
+    """``[B, L, d]`` from ``resid_post`` reads gathered at the last position (``[B, 1, d]`` each; blocks may sit
+    on several devices: the result is on the last block's)."""
+    device = acts[("resid_post", n_layers - 1)].device
+    return torch.cat([acts[("resid_post", k)].to(device) for k in range(n_layers)], dim=1)
 
 
 def full_patches(hooked: HookedModel, rows: Sequence[tuple[int, Variant]], stack: ExitStack) -> list[Patch]:
@@ -296,7 +299,8 @@ def _fast(hooked: NativeHooks, ids: list[int], variants: list[Variant], measure:
         rec, kv = hooked.run_with_kv(torch.tensor([ids]), read=reads)
     # inputs[s]: the receiving run's input of block s (s == n_layers: the final residual)
     inputs = [rec.acts[("resid_pre", l)] for l in range(n_layers)] + [rec.acts[("resid_post", n_layers - 1)]]
-    rec_last = torch.stack([rec.acts[("resid_post", l)][0, -1] for l in range(n_layers)])  # [L, d]
+    last_device = inputs[-1].device  # where the final norm reads (blocks may sit on several devices)
+    rec_last = torch.stack([rec.acts[("resid_post", l)][0, -1].to(last_device) for l in range(n_layers)])  # [L, d]
     baseline = measure(rec.logits[:, -1], rec_last[None] if resid else None)[0]
     receiving = _Receiving(inputs, kv, rec_last, measure, resid)
 
@@ -365,20 +369,23 @@ def _fast_pass(hooked: NativeHooks, group: list[Variant], rec: _Receiving) -> Te
     order = sorted(range(len(group)), key=lambda i: group[i].start)
     group = [group[i] for i in order]
     p0 = min(v.position for v in group)
-    starts = torch.tensor([v.start for v in group])
+    starts = [v.start for v in group]
     relative = torch.tensor([v.position - p0 for v in group])
-    rows_in: list[Tensor] = []  # each row's input at its start block, resid patches applied
+    # each start block's rows: its input from p0 on (on that block's device), resid patches applied
+    entering: dict[int, Tensor] = {}
+    for start in dict.fromkeys(starts):
+        members = [v for v in group if v.start == start]
+        rows = rec.inputs[start][:, p0:].repeat(len(members), 1, 1)
+        for r, v in enumerate(members):
+            if v.site in ("resid_pre", "resid_post"):
+                rows[r, v.position - p0] = v.value.to(rows)
+        entering[start] = rows
     patches: list[Patch] = []
     with ExitStack() as stack:
         by_site: dict[tuple[str, int], list[int]] = {}
         for r, v in enumerate(group):
-            row = rec.inputs[v.start][0, p0:]
-            if v.site in ("resid_pre", "resid_post"):
-                row = row.clone()
-                row[v.position - p0] = v.value.to(row)
-            else:
+            if v.site not in ("resid_pre", "resid_post"):
                 by_site.setdefault((v.site, v.layer), []).append(r)
-            rows_in.append(row)
         for (site, layer), rows in by_site.items():
             index = torch.tensor(rows)
             values = torch.stack([group[r].value for r in rows])
@@ -387,34 +394,35 @@ def _fast_pass(hooked: NativeHooks, group: list[Variant], rec: _Receiving) -> Te
                             values, stack)
             else:
                 patches.append(Patch(site, layer, index, relative[index], values))
-        hidden = torch.stack(rows_in)  # [B, q, d]
-        inner = int((starts < n_layers).sum())  # rows that run at least one block
-        final = hidden[inner:, -1:]  # rows patched after the last block: the final residual itself
-        logits = [hooked.readout(final)[:, -1]] if len(final) else []
-        acts: dict = {}
-        if inner:
-            first = int(starts[0])
-            join = {int(k): hidden[(starts == k).nonzero()[:, 0]] for k in starts[:inner].unique() if k > first}
+        first = starts[0]
+        logits, acts = [], {}
+        if first < n_layers:
             past = [(k[:, :, :p0], v[:, :, :p0]) for k, v in rec.kv] if p0 > 0 else None
             reads = [("resid_post", k) for k in range(first, n_layers)] if rec.resid else []
-            out = hooked.run_from(first, hidden[starts == first], past_kv=past, join=join, patches=patches,
-                                  read=reads, logits_to_keep=1)
-            logits.insert(0, out.logits[:, -1])
+            join = {k: rows for k, rows in entering.items() if first < k < n_layers}
+            out = hooked.run_from(first, entering[first], past_kv=past, join=join, patches=patches, read=reads,
+                                  logits_to_keep=1)
+            logits.append(out.logits[:, -1])
             acts = out.acts
+        if n_layers in entering:  # patched after the last block: the final residual itself is read out
+            logits.append(hooked.readout(entering[n_layers][:, -1:])[:, -1])
     last_logits = torch.cat([l.to(logits[0].device) for l in logits])
-    resid = _last_resid_of_pass(rec.last, hidden, starts, acts, n_layers) if rec.resid else None
+    resid = _last_resid_of_pass(rec.last, entering, starts, acts, n_layers) if rec.resid else None
     measured = rec.measure(last_logits, resid)
     return measured[torch.argsort(torch.tensor(order)).to(measured.device)]
 
 
-def _last_resid_of_pass(rec_last: Tensor, hidden: Tensor, starts: Tensor, acts: dict, n_layers: int) -> Tensor:
-    """``[B, L, d]`` residual after every block at the last position: the receiving run's below a row's start
-    block, the row's own input (patched or not) just below it, and what the pass read from there on (block ``k``
-    held the first rows, those with ``start <= k``)."""
-    out = rec_last.to(hidden)[None].repeat(len(hidden), 1, 1)
-    for r, start in enumerate(starts.tolist()):
+def _last_resid_of_pass(rec_last: Tensor, entering: dict[int, Tensor], starts: list[int], acts: dict,
+                        n_layers: int) -> Tensor:
+    """``[B, L, d]`` residual after every block at the last position (on ``rec_last``'s device): the receiving
+    run's below a row's start block, the row's own input (patched or not) just below it, and what the pass read
+    from there on (block ``k`` held the first rows, those with ``start <= k``)."""
+    out = rec_last[None].repeat(len(starts), 1, 1)
+    at = 0
+    for start, rows in entering.items():
         if start > 0:
-            out[r, start - 1] = hidden[r, -1]
+            out[at : at + len(rows), start - 1] = rows[:, -1].to(out)
+        at += len(rows)
     for (_, k), act in acts.items():
         out[: act.shape[0], k] = act[:, -1].to(out)
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 from pathlib import Path
 
@@ -64,9 +65,53 @@ def test_device_map_splitting_across_cpu_and_offload_gives_same_logits(checkpoin
     torch.testing.assert_close(result.acts[("resid_post", 1)], reference.acts[("resid_post", 1)], rtol=0, atol=1e-5)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_max_memory_split_across_cpu_and_disk_gives_the_same_probe_results(checkpoint) -> None:
+    """accelerate places what exceeds the CPU cap on disk; logits, activations, lens rows and a patching sweep
+    of the split model equal the plain model's."""
+    from probes.lens import lens_batch, lens_queries
+    from probes.patching import Pair, sweep
+    from prompts.schema import PromptItem
+
+    path, original = checkpoint
+    size = sum(p.numel() * p.element_size() for p in original.parameters())
+    model, tokenizer = load_model(str(path), device_map="auto", max_memory={"cpu": int(0.7 * size)})
+    assert set(model.hf_device_map.values()) == {"cpu", "disk"}, model.hf_device_map
+    split, plain = NativeHooks(model, tokenizer), NativeHooks(original, tokenizer)
+    sites = [("resid_post", 0), ("attn_out", 2), ("mlp_out", 1)]
+    result, reference = split.run(IDS, read=sites), plain.run(IDS, read=sites)
+    torch.testing.assert_close(result.logits, reference.logits, rtol=0, atol=1e-5)
+    for site in sites:
+        torch.testing.assert_close(result.acts[site], reference.acts[site], rtol=0, atol=1e-5)
+    queries = lens_queries([PromptItem("a", "The tower is in the country of", "France", "Paris",
+                                       hop1="The tower is in", hop2="The capital of France is")])
+    rows, expected_rows = lens_batch(split, queries), lens_batch(plain, queries)
+    assert len(rows) == len(expected_rows) == 4 * 3  # queries x layers
+    for row, expected in zip(rows, expected_rows):
+        assert row["rank"] == expected["rank"] and row["logprob"] == pytest.approx(expected["logprob"], abs=1e-5)
+    pair = Pair.from_text(tokenizer, "The tower is in", "The river is in", "F", "I")
+    patched, expected = sweep(split, pair).frame["metric"], sweep(plain, pair).frame["metric"]
+    assert len(patched) == 3 * 15 and (patched - expected).abs().max() <= 1e-5
+
+
+def _bitsandbytes_on_cpu() -> str | None:
+    """Why bitsandbytes cannot quantize on this machine's CPU (None when it can)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed"
+    import bitsandbytes.functional as bnbf
+
+    try:
+        weight = torch.randn(64, 64)
+        packed, state = bnbf.quantize_4bit(weight, quant_type="nf4")
+        assert (bnbf.dequantize_4bit(packed, state) - weight).abs().mean() < 0.1
+    except Exception as err:  # noqa: BLE001 -- any failure means: no CPU backend in this build
+        return f"bitsandbytes {importlib.metadata.version('bitsandbytes')} cannot quantize on the CPU here: {err}"
+    return None
+
+
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
 def test_bitsandbytes_models_are_hooked_like_any_other(checkpoint, bits: str) -> None:
+    if (reason := _bitsandbytes_on_cpu()) is not None:
+        pytest.skip(reason)
     path, original = checkpoint
     model, _ = load_model(str(path), quantize=bits, device="cpu")
     assert any("bitsandbytes" in type(m).__module__ for m in model.modules())

@@ -45,7 +45,9 @@ def prompt_args(parser: argparse.ArgumentParser, default: str | None) -> None:
 
 def run_args(parser: argparse.ArgumentParser) -> None:
     """The --batch-size, --all-positions and --seed flags of the lens jobs."""
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    parser.add_argument("--batch-size", type=int,
+                        help="queries per forward pass (default: as many as fit in half the free GPU memory, halved "
+                             "on out-of-memory; 16 on the CPU)")
     parser.add_argument("--all-positions", action="store_true", help="also read out every prompt position")
     parser.add_argument("--seed", type=int, default=0, help="random seed recorded in run.json (default 0)")
 

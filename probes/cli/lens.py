@@ -13,7 +13,7 @@ from probes.cli.common import (EPILOG, default_out, load_items, model_args, mode
                                prompt_settings, run_args)
 from probes.hooks import HookedModel
 from probes.models import DEFAULT_MODEL
-from probes.pipeline import Timer, item_pairs, run_lens, run_patching, run_record
+from probes.pipeline import PatchingRun, Timer, item_pairs, run_lens, run_patching, run_record
 from probes.results import atomic_write_json
 from prompts.loaders import load_prompts, parse_columns
 from prompts.schema import PromptItem
@@ -62,18 +62,24 @@ def lens_job(args: argparse.Namespace, report: bool) -> Path:
         hooked: HookedModel = options.load()
     settings = {**prompt_settings(args), "n_items": len(items), "batch_size": args.batch_size, "seed": args.seed}
     with timer.section("lens_s"):
-        frame, resumed = run_lens(hooked, items, out, batch_size=args.batch_size, all_positions=args.all_positions,
-                                  settings={**settings, "model": args.model, "dtype": args.dtype,
-                                            "backend": args.backend})
+        lens = run_lens(hooked, items, out, batch_size=args.batch_size, all_positions=args.all_positions,
+                        settings={**settings, "model": args.model, "dtype": args.dtype, "backend": args.backend})
+    attribution = None
+    if report and getattr(args, "patch_pairs", 0):
+        attribution = _attribution_run(hooked, items, out, args, timer)
+    if lens.frame is None:  # another process of a data-parallel run: rank 0 writes the outputs
+        return out
+    frame = lens.frame
     extra = {"n_queries": int(frame.groupby(["prompt_id", "prompt_kind", "target"]).ngroups),
-             "resumed_queries": resumed}
+             "resumed_queries": lens.resumed, "lens_batch_size": lens.batch_size,
+             "lens_batch_size_used": lens.batch_size_used}
+    if attribution is not None:
+        extra["attribution"] = attribution[1]
     record = run_record(args.command, hooked, options, settings, timer, extra)
     if report:
         from analyses.report import write_lens_report
 
-        sections = []
-        if getattr(args, "patch_pairs", 0):
-            sections.append(_attribution_section(hooked, items, out, args, timer, record))
+        sections = [attribution_section(attribution[0].frame, out, args.model)] if attribution is not None else []
         with timer.section("report_s"):
             summary = write_lens_report(frame, items, out, record, sections)
         acc, bridge = summary["accuracy"], summary["bridge"]
@@ -85,17 +91,17 @@ def lens_job(args: argparse.Namespace, report: bool) -> Path:
     return out
 
 
-def _attribution_section(hooked: HookedModel, items: list[PromptItem], out: Path, args: argparse.Namespace,
-                         timer: Timer, record: dict) -> tuple[str, str, list[Path]]:
-    """Attribution patching of resid_pre / attn_out / mlp_out on the first --patch-pairs pairs, for the report."""
+def _attribution_run(hooked: HookedModel, items: list[PromptItem], out: Path, args: argparse.Namespace,
+                     timer: Timer) -> tuple[PatchingRun, dict]:
+    """Attribution patching of resid_pre / attn_out / mlp_out on the first --patch-pairs pairs, for the report;
+    also its entry in run.json."""
     pairs, skipped = item_pairs(items, hooked.tokenizer, skip_unequal=True)
     pairs = pairs[: args.patch_pairs]
     with timer.section("attribution_s"):
         done = run_patching(hooked, pairs, out, sites=["resid_pre", "attn_out", "mlp_out"], method="attribution",
                             direction="denoise", name="attribution",
                             settings={"pairs": args.patch_pairs, "model": args.model})
-    record["attribution"] = {"n_pairs": len(pairs), "skipped_pairs": len(skipped), "sweep_s": done.sweep_s}
-    return attribution_section(done.frame, out, args.model)
+    return done, {"n_pairs": len(pairs), "skipped_pairs": len(skipped), "sweep_s": done.sweep_s}
 
 
 def attribution_section(frame: pd.DataFrame, out: Path, model: str) -> tuple[str, str, list[Path]]:

@@ -65,6 +65,8 @@ def patch_job(args: argparse.Namespace) -> Path:
         done = run_patching(hooked, pairs, args.out, sites=sites, method=args.method, direction=args.direction,
                             bridge_rank=args.bridge_rank,
                             settings={**settings, "model": args.model, "dtype": args.dtype, "backend": args.backend})
+    if done.frame is None:  # another process of a data-parallel run: rank 0 writes the outputs
+        return args.out
     timer.timings["sweep_s"] = done.sweep_s
     with timer.section("report_s"):
         write_patching_outputs(done.frame, args.out, f"{args.method} patching ({args.direction}), {args.model}")
