@@ -11,12 +11,17 @@ import torch
 
 from probes.cli.common import (EPILOG, default_out, load_items, model_args, model_options, prompt_args,
                                prompt_settings, run_args)
+from probes.cli.memory import (memory_config, memory_flags, memory_report_section, read_memory_csv,  # memory section
+                               run_memory_section)
 from probes.hooks import HookedModel
 from probes.models import DEFAULT_MODEL
 from probes.pipeline import PatchingRun, Timer, item_pairs, run_lens, run_patching, run_record
 from probes.results import atomic_write_json
 from prompts.loaders import load_prompts, parse_columns
 from prompts.schema import PromptItem
+
+
+RUN_MEMORY_ITEMS, RUN_MEMORY_MAP_ITEMS, RUN_MEMORY_STRIDE = 24, 12, 6  # memory section of `run`
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--patch-pairs", type=int, default=32,
                      help="pairs for the report's attribution-patching section (default 32; 0 skips it)")
     run_args(run)
+    # memory section: defaults sized to keep `run` within a few minutes on 2 CPU cores (`bridgeprobe memory`: all)
+    memory_flags(run, "memory-", items=RUN_MEMORY_ITEMS, map_items=RUN_MEMORY_MAP_ITEMS, stride=RUN_MEMORY_STRIDE)
     run.set_defaults(handler=lambda args: lens_job(args, report=True))
 
     report = sub.add_parser("report", help="rewrite the tables, plots and HTML of a finished lens run",
@@ -67,6 +74,10 @@ def lens_job(args: argparse.Namespace, report: bool) -> Path:
     attribution = None
     if report and getattr(args, "patch_pairs", 0):
         attribution = _attribution_run(hooked, items, out, args, timer)
+    memory = None  # memory section
+    if report and getattr(args, "memory_items", 0) != 0:
+        memory = run_memory_section(hooked, items, out, memory_config(args, "memory-"),
+                                    {**settings, "model": args.model, "dtype": args.dtype}, timer)
     if lens.frame is None:  # another process of a data-parallel run: rank 0 writes the outputs
         return out
     frame = lens.frame
@@ -75,11 +86,15 @@ def lens_job(args: argparse.Namespace, report: bool) -> Path:
              "lens_batch_size_used": lens.batch_size_used}
     if attribution is not None:
         extra["attribution"] = attribution[1]
+    if memory is not None:
+        extra["memory"] = memory.info
     record = run_record(args.command, hooked, options, settings, timer, extra)
     if report:
         from analyses.report import write_lens_report
 
         sections = [attribution_section(attribution[0].frame, out, args.model)] if attribution is not None else []
+        if memory is not None:
+            sections.append(memory_report_section(memory.frame, out, record))
         with timer.section("report_s"):
             summary = write_lens_report(frame, items, out, record, sections)
         acc, bridge = summary["accuracy"], summary["bridge"]
@@ -131,5 +146,7 @@ def report_job(out: Path) -> None:
     if (out / "attribution.csv").is_file():
         attribution = pd.read_csv(out / "attribution.csv", dtype={"clean_id": str, "corrupt_id": str})
         sections.append(attribution_section(attribution, out, record["model"]))
+    if (out / "memory.csv").is_file():
+        sections.append(memory_report_section(read_memory_csv(out), out, record))
     write_lens_report(pd.read_csv(out / "lens.csv", dtype={"prompt_id": str}), items, out, record, sections)
     print(f"wrote {out}/index.html")

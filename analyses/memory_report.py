@@ -1,0 +1,613 @@
+"""Aggregate ``memory.csv`` (:mod:`probes.memory`) into tables, per-layer curves with 95% confidence intervals,
+heatmaps, and the statement of where the shared latent memory sits.
+
+Confidence intervals: percentile bootstrap over prompts (:data:`N_BOOT` resamples of the items, fixed seed) for
+every mean and rate; CKA's comes from the analysis itself (grouped jackknife, :mod:`probes.alignment`).
+
+The band of the shared memory is the layers where three kinds of evidence agree, each judged on the latent bridge
+state at layer ``l`` of the two-hop prompt, at its last token (the band) and at e1's last token
+(:func:`layer_evidence`), each with a CI that excludes the control and an effect of at least :data:`MIN_EFFECT`:
+
+- cross-patching: on the diagonal (source = target layer), the bridge-specific effect ``main - random`` (the
+  normalized effect of A's state minus that of a random other item's state, paired per item and cell) has a CI
+  above 0 and a mean of at least 0.1, over the items where writing A's bridge out moves the partner's prompt by at
+  least :data:`MIN_GAP` logit;
+- decoding: the bridge is decoded in the top 10 (identity prompt, fixed early target layer) more often than the
+  partner's bridge (chance): the CIs do not overlap and the rates differ by at least 0.1;
+- alignment: the probe trained on explicit bridge states reads the latent state's bridge above chance: its CI
+  lower bound above the majority-class rate and its accuracy at least 0.1 above it.
+
+The band is the longest run of consecutive layers meeting all three; it is compared with the median layer where
+the answer rises (first layer from which the answer stays in the logit-lens top 10 at the last token). Where
+writing the state into the same layer has no effect, the summary also lists the source layers whose state is
+bridge-specific when written into some other target layer (the best target of the grid: a maximum, so read it
+as "readable somewhere", not as an effect size).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analyses.plots import save_figure  # noqa: E402
+from probes.results import atomic_write, atomic_write_csv, atomic_write_json  # noqa: E402
+
+N_BOOT = 1000
+SEED = 0
+MIN_GAP = 1.0  # logits: items whose explicit bridge moves the partner prompt less are left out of `value` means
+MIN_EFFECT = 0.1
+TOP_K = 10
+CURVE_COLUMNS = ("analysis", "curve", "layer", "mean", "ci_low", "ci_high", "n")
+
+
+# --------------------------------------------------------------------------------------------------- statistics
+
+
+def bootstrap_means(matrix: np.ndarray, n_boot: int = N_BOOT, seed: int = SEED) -> pd.DataFrame:
+    """Mean over rows (items; NaN = missing) of each column with a 95% percentile-bootstrap interval over rows."""
+    matrix = np.asarray(matrix, dtype=float)
+    valid = ~np.isnan(matrix)
+    n = valid.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(valid, matrix, 0).sum(0) / n
+        if len(matrix) > 1:
+            weights = np.random.default_rng(seed).multinomial(len(matrix), np.full(len(matrix), 1 / len(matrix)),
+                                                              size=n_boot).astype(float)
+            means = (weights @ np.where(valid, matrix, 0)) / (weights @ valid)
+            low, high = np.nanpercentile(means, [2.5, 97.5], axis=0) if np.isfinite(means).any() else (mean, mean)
+        else:
+            low, high = mean, mean
+    return pd.DataFrame({"mean": mean, "ci_low": low, "ci_high": high, "n": n})
+
+
+def _curve(matrix: pd.DataFrame, analysis: str, curve: str) -> pd.DataFrame:
+    """Per-layer bootstrap means of a prompt x layer matrix."""
+    stats = bootstrap_means(matrix.to_numpy())
+    return stats.assign(analysis=analysis, curve=curve, layer=matrix.columns.astype(int))[list(CURVE_COLUMNS)]
+
+
+def _matrix(rows: pd.DataFrame, value: str = "value", index: str = "prompt_id", columns: str = "source_layer") -> pd.DataFrame:
+    return rows.pivot_table(index=index, columns=columns, values=value, aggfunc="first")
+
+
+def _select(frame: pd.DataFrame, **equal: Any) -> pd.DataFrame:
+    mask = np.ones(len(frame), dtype=bool)
+    for column, value in equal.items():
+        mask &= (frame[column] == value).to_numpy()
+    return frame[mask]
+
+
+# --------------------------------------------------------------------------------------------------- tables
+
+
+def item_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per analysed item: outcome group and correctness flags."""
+    items = _select(frame, analysis="item")
+    flags = items[items["metric"] != "skipped"]
+    table = flags.pivot_table(index="prompt_id", columns="metric", values="value", aggfunc="first")
+    table["group"] = flags.groupby("prompt_id")["condition"].first()
+    return table
+
+
+def crosspatch_eligible(frame: pd.DataFrame) -> pd.Index:
+    """Items whose explicit bridge moves the partner's hop2 prompt by at least :data:`MIN_GAP` logits."""
+    rows = _select(frame, analysis="crosspatch", condition="main")
+    values = rows.pivot_table(index="prompt_id", columns="metric", values="value", aggfunc="first")
+    if values.empty or "explicit_logit_diff" not in values:
+        return pd.Index([])
+    gap = values["explicit_logit_diff"] - values["baseline_logit_diff"]
+    return gap.index[gap >= MIN_GAP]
+
+
+def crosspatch_cells(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per (condition, source position, source layer, target layer): the mean normalized effect over eligible
+    items, the rate at which ``Y_A`` becomes the top token, and, for ``main``, the paired bridge-specific effect
+    ``main - random``."""
+    rows = _select(frame, analysis="crosspatch").dropna(subset=["source_layer"])
+    rows = rows[rows["condition"].isin(["main", "random"])]
+    if rows.empty:
+        return pd.DataFrame()
+    eligible = crosspatch_eligible(frame)
+    keys = ["condition", "source_position", "source_layer", "target_layer"]
+    value = rows[(rows["metric"] == "value") & rows["prompt_id"].isin(eligible)]
+    top1 = rows[rows["metric"] == "rank"].assign(value=lambda f: (f["value"] == 0).astype(float))
+    table = value.groupby(keys)["value"].agg(value="mean", n_value="count").join(
+        top1.groupby(keys)["value"].agg(top1_rate="mean", n="count"), how="outer")
+    paired = value.pivot_table(index=["prompt_id", "source_position", "source_layer", "target_layer"],
+                               columns="condition", values="value", aggfunc="first")
+    if {"main", "random"} <= set(paired.columns):
+        diff = (paired["main"] - paired["random"]).unstack(["source_position", "source_layer", "target_layer"])
+        stats = bootstrap_means(diff.to_numpy())
+        stats.index = diff.columns
+        specific = stats[["mean", "ci_low", "ci_high"]].add_prefix("specific_").rename(
+            columns={"specific_mean": "specific"})
+        table = table.join(pd.concat({"main": specific}, names=["condition"]), how="left")
+    return table.reset_index()
+
+
+def best_targets(cells: pd.DataFrame, position: str = "last") -> pd.DataFrame:
+    """Per source layer of the grid: the target layer where A's state has the largest bridge-specific effect,
+    with its CI (a maximum over targets: read it as "readable somewhere", not as an unbiased size)."""
+    if "specific" not in cells:
+        return pd.DataFrame()
+    main = cells[(cells["condition"] == "main") & (cells["source_position"] == position)].dropna(subset=["specific"])
+    if main.empty:
+        return pd.DataFrame()
+    grid = main.groupby("source_layer")["target_layer"].transform("nunique") > 1
+    best = main[grid].loc[lambda f: f.groupby("source_layer")["specific"].idxmax()]
+    return best[["source_layer", "target_layer", "specific", "specific_ci_low", "specific_ci_high"]].reset_index(drop=True)
+
+
+def curves(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every per-layer curve with its 95% CI (long table, :data:`CURVE_COLUMNS`)."""
+    parts = []
+    eligible = crosspatch_eligible(frame)
+    cross = _select(frame, analysis="crosspatch").dropna(subset=["source_layer"])
+    diagonal = cross[cross["source_layer"] == cross["target_layer"]]
+    for position in ("last", "e1_last"):
+        values = {c: _matrix(_select(diagonal, condition=c, source_position=position, metric="value")
+                             .pipe(lambda f: f[f["prompt_id"].isin(eligible)])) for c in ("main", "random")}
+        for condition, matrix in values.items():
+            if not matrix.empty:
+                parts.append(_curve(matrix, "crosspatch", f"{condition}_{position}"))
+        if not values["main"].empty and not values["random"].empty:
+            parts.append(_curve(values["main"] - values["random"], "crosspatch", f"specific_{position}"))
+        for condition in ("main", "random"):
+            ranks = _matrix(_select(diagonal, condition=condition, source_position=position, metric="rank"))
+            if not ranks.empty:
+                parts.append(_curve((ranks == 0).astype(float).where(ranks.notna()), "crosspatch",
+                                    f"top1_{condition}_{position}"))
+        contrast = {}
+        for condition, name in (("other_relation", ""), ("other_relation_random", "random_")):
+            other = {m: _matrix(_select(diagonal, condition=condition, source_position=position, metric=m))
+                     for m in ("transfer_value", "answer_value")}
+            if other["transfer_value"].empty:
+                continue
+            contrast[condition] = other["transfer_value"] - other["answer_value"]
+            parts += [_curve(other["transfer_value"], "crosspatch", f"{name}transfer_{position}"),
+                      _curve(other["answer_value"], "crosspatch", f"{name}answer_{position}"),
+                      _curve(contrast[condition], "crosspatch", f"{name}transfer_minus_answer_{position}")]
+        if len(contrast) == 2:
+            parts.append(_curve(contrast["other_relation"] - contrast["other_relation_random"], "crosspatch",
+                                f"specific_transfer_minus_answer_{position}"))
+    decoded = _select(frame, analysis="decoding")
+    if not decoded.empty:
+        fixed_layer = int(decoded.loc[decoded["source_layer"] != decoded["target_layer"], "target_layer"].mode().iloc[0]) \
+            if (decoded["source_layer"] != decoded["target_layer"]).any() else None
+        for mode in ("same", "fixed"):
+            sub = (decoded[decoded["source_layer"] == decoded["target_layer"]] if mode == "same"
+                   else decoded[decoded["target_layer"] == fixed_layer])
+            for (condition, position), rows in sub.groupby(["condition", "source_position"]):
+                for metric, name in (("rank", "bridge"), ("partner_rank", "partner")):
+                    ranks = _matrix(_select(rows, metric=metric))
+                    if ranks.empty:
+                        continue
+                    for k in (1, TOP_K):
+                        parts.append(_curve((ranks < k).astype(float).where(ranks.notna()), "decoding",
+                                            f"{condition}_{position}_{mode}_{name}_top{k}"))
+    lens = _select(frame, analysis="lens")
+    for (condition, position, metric), rows in lens.groupby(["condition", "source_position", "metric"]):
+        ranks = _matrix(rows)
+        for k in (1, TOP_K):
+            parts.append(_curve((ranks < k).astype(float), "lens",
+                                f"{condition}_{position}_{metric.removesuffix('_rank')}_top{k}"))
+    align = _select(frame, analysis="alignment")
+    per_item = align[align["prompt_id"].notna()]
+    suffix = {"last": "", "e1_last": "_e1_last"}  # the explicit held-out probe has no position: ""
+    for (position, metric), rows in per_item.groupby([per_item["source_position"].fillna(""), "metric"]):
+        parts.append(_curve(_matrix(rows), "alignment", metric + suffix.get(position, "")))
+    for position, end in suffix.items():
+        for kind in ("cosine", "cosine_centered"):
+            matched, mismatched = (_matrix(_select(per_item, source_position=position, metric=f"{kind}_{m}"))
+                                   for m in ("matched", "mismatched"))
+            if not matched.empty and not mismatched.empty:
+                parts.append(_curve(matched - mismatched, "alignment", f"{kind}_gap{end}"))
+        dataset = align[align["prompt_id"].isna() & align["source_layer"].notna() & (align["source_position"] == position)]
+        for kind in ("matched", "mismatched"):
+            rows = dataset[dataset["metric"].str.startswith(f"cka_{kind}")]
+            if rows.empty:
+                continue
+            table = rows.pivot_table(index="source_layer", columns="metric", values="value")
+            parts.append(pd.DataFrame({"analysis": "alignment", "curve": f"cka_{kind}{end}",
+                                       "layer": table.index.astype(int), "mean": table[f"cka_{kind}"],
+                                       "ci_low": table.get(f"cka_{kind}_ci_low"),
+                                       "ci_high": table.get(f"cka_{kind}_ci_high"), "n": np.nan}))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(CURVE_COLUMNS))
+
+
+def backpatch_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per (group, source layer, target layer): the rate at which the answer's first token is the top token after
+    the patch (for failures: fixed; for the correct prompts, 1 - rate: broken), with its CI."""
+    rows = _select(frame, analysis="backpatch", metric="rank").dropna(subset=["source_layer"])
+    parts = []
+    for group, sub in rows.groupby("condition"):
+        top = (sub.assign(cell=list(zip(sub["source_layer"].astype(int), sub["target_layer"].astype(int))))
+               .pivot_table(index="prompt_id", columns="cell", values="value", aggfunc="first"))
+        stats = bootstrap_means((top == 0).astype(float).where(top.notna()).to_numpy())
+        stats["group"] = group
+        stats["source_layer"] = [c[0] for c in top.columns]
+        stats["target_layer"] = [c[1] for c in top.columns]
+        parts.append(stats)
+    if not parts:
+        return pd.DataFrame()
+    table = pd.concat(parts, ignore_index=True).rename(columns={"mean": "top1_rate"})
+    return table[["group", "source_layer", "target_layer", "top1_rate", "ci_low", "ci_high", "n"]]
+
+
+# --------------------------------------------------------------------------------------------------- summary
+
+
+def _get(table: pd.DataFrame, analysis: str, curve: str) -> pd.DataFrame:
+    return table[(table["analysis"] == analysis) & (table["curve"] == curve)].set_index("layer")
+
+
+def answer_rise_layer(frame: pd.DataFrame) -> float | None:
+    """Median over items of the first layer from which the answer stays in the logit-lens top 10 at the two-hop
+    prompt's last token (items where it ends there), as ``answer_rise_layer`` in the lens report."""
+    ranks = _matrix(_select(frame, analysis="lens", condition="latent", source_position="last", metric="answer_rank"))
+    if ranks.empty:
+        return None
+    inside = (ranks < TOP_K).to_numpy()
+    rises = []
+    for row in inside:
+        if row[-1]:
+            outside = np.flatnonzero(~row)
+            rises.append(ranks.columns[outside[-1] + 1] if len(outside) else ranks.columns[0])
+    return float(np.median(rises)) if rises else None
+
+
+POSITIONS = {"last": "the last token", "e1_last": "e1's last token"}
+
+
+def _curve_names(position: str) -> dict[str, str]:
+    """The curves that judge the latent state at ``position`` (``last`` or ``e1_last``)."""
+    end = "" if position == "last" else f"_{position}"
+    return {"specific": f"specific_{position}", "main": f"main_{position}", "random": f"random_{position}",
+            "top1_main": f"top1_main_{position}", "top1_random": f"top1_random_{position}",
+            "specific_transfer": f"specific_transfer_minus_answer_{position}",
+            "decoded": f"latent_{position}_fixed_bridge_top{TOP_K}", "chance": f"latent_{position}_fixed_partner_top{TOP_K}",
+            "lens": f"latent_{position}_bridge_top{TOP_K}", "probe": f"probe_latent{end}",
+            "cosine_gap": f"cosine_centered_gap{end}", "cka_matched": f"cka_matched{end}",
+            "cka_mismatched": f"cka_mismatched{end}"}
+
+
+def layer_evidence(table: pd.DataFrame, frame: pd.DataFrame, n_layers: int, position: str = "last") -> pd.DataFrame:
+    """Per layer, whether each kind of evidence holds for the latent state at ``position`` (module docstring)."""
+    names = _curve_names(position)
+    evidence = pd.DataFrame(index=pd.RangeIndex(n_layers, name="layer"))
+    specific = _get(table, "crosspatch", names["specific"])
+    if not specific.empty:
+        evidence["crosspatch"] = (specific["ci_low"] > 0) & (specific["mean"] >= MIN_EFFECT)
+    bridge, partner = _get(table, "decoding", names["decoded"]), _get(table, "decoding", names["chance"])
+    if not bridge.empty and not partner.empty:
+        partner = partner.reindex(bridge.index)
+        evidence["decoding"] = (bridge["ci_low"] > partner["ci_high"]) & (bridge["mean"] - partner["mean"] >= MIN_EFFECT)
+    probe = _get(table, "alignment", names["probe"])
+    chance = _select(frame, analysis="alignment", metric="chance_majority")["value"]
+    if not probe.empty and len(chance):
+        chance = float(chance.iloc[0])
+        evidence["alignment"] = (probe["ci_low"] > chance) & (probe["mean"] - chance >= MIN_EFFECT)
+    return evidence.reindex(columns=["crosspatch", "decoding", "alignment"]).fillna(False).astype(bool)
+
+
+def _runs(layers: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], layer)
+        else:
+            runs.append((layer, layer))
+    return runs
+
+
+def _ranges(layers: list[int]) -> str:
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in _runs(layers)) or "none"
+
+
+def _fmt(row: pd.Series | None, pct: bool = False) -> str:
+    if row is None or pd.isna(row.get("mean")):
+        return "n/a"
+    f = (lambda x: f"{100 * x:.0f}%") if pct else (lambda x: f"{x:.2f}")
+    ci = "" if pd.isna(row.get("ci_low")) else f" [{f(row['ci_low'])}, {f(row['ci_high'])}]"
+    return f"{f(row['mean'])}{ci}"
+
+
+def _position_summary(frame: pd.DataFrame, table: pd.DataFrame, cells: pd.DataFrame | None, n_layers: int,
+                      position: str) -> dict[str, Any]:
+    """Band, per-kind layers and the evidence at the band's peak (or the best cross-patch layer) for one position."""
+    names = _curve_names(position)
+    evidence = layer_evidence(table, frame, n_layers, position)
+    runs = _runs([int(l) for l in evidence.index if evidence.loc[l].all()])
+    band = max(runs, key=lambda r: (r[1] - r[0], -r[0])) if runs else None
+    specific = _get(table, "crosspatch", names["specific"])
+    peak = None
+    if band is not None and not specific.empty:
+        peak = int(specific.loc[band[0] : band[1], "mean"].idxmax())
+    elif band is not None:
+        peak = band[0]
+    elif not specific.empty and specific["mean"].notna().any():
+        peak = int(specific["mean"].idxmax())
+
+    def at(analysis: str, key: str, pct: bool = False) -> str:
+        rows = _get(table, analysis, names[key])
+        return _fmt(rows.loc[peak] if peak is not None and peak in rows.index else None, pct)
+
+    chance = _select(frame, analysis="alignment", metric="chance_majority")["value"]
+    evidence_at = None if peak is None else {
+        "layer": peak,
+        "crosspatch_specific_effect": at("crosspatch", "specific"),
+        "crosspatch_main_value": at("crosspatch", "main"), "crosspatch_random_value": at("crosspatch", "random"),
+        "answer_top1_main": at("crosspatch", "top1_main", True), "answer_top1_random": at("crosspatch", "top1_random", True),
+        "other_relation_specific_transfer_minus_answer": at("crosspatch", "specific_transfer"),
+        "decoded_top10": at("decoding", "decoded", True), "decoded_top10_chance": at("decoding", "chance", True),
+        "lens_top10": at("lens", "lens", True), "probe_latent_accuracy": at("alignment", "probe", True),
+        "probe_chance_majority": f"{100 * float(chance.iloc[0]):.0f}%" if len(chance) else "n/a",
+        "cosine_centered_gap": at("alignment", "cosine_gap"), "cka_matched": at("alignment", "cka_matched"),
+        "cka_mismatched": at("alignment", "cka_mismatched"),
+    }
+    per_kind = {k: _ranges([int(l) for l in evidence.index[evidence[k]]]) for k in evidence.columns}
+    best = best_targets(cells, position) if cells is not None and not cells.empty else pd.DataFrame()
+    readable = best[(best["specific_ci_low"] > 0) & (best["specific"] >= MIN_EFFECT)] if len(best) else best
+    per_kind["crosspatch_some_target"] = ", ".join(f"{int(r.source_layer)}->{int(r.target_layer)}"
+                                                   for r in readable.itertuples()) or "none"
+    return {"band": list(band) if band else None, "peak_layer": peak, "layers_by_evidence": per_kind,
+            "evidence_at_peak": evidence_at}
+
+
+def _sentence(position: str, part: dict[str, Any]) -> str:
+    where, ev, kinds = POSITIONS[position], part["evidence_at_peak"], part["layers_by_evidence"]
+    if part["band"]:
+        a, b = part["band"]
+        return (f"at {where}, band {a}-{b} (all three agree; at layer {ev['layer']}: bridge-specific cross-patch "
+                f"effect {ev['crosspatch_specific_effect']}, decoded in the top 10 {ev['decoded_top10']} vs chance "
+                f"{ev['decoded_top10_chance']}, probe {ev['probe_latent_accuracy']} vs chance "
+                f"{ev['probe_chance_majority']})")
+    at = "" if ev is None else (
+        f"; at layer {ev['layer']}, the best same-layer cross-patch: bridge-specific effect "
+        f"{ev['crosspatch_specific_effect']}, decoded in the top 10 {ev['decoded_top10']} vs chance "
+        f"{ev['decoded_top10_chance']}, probe {ev['probe_latent_accuracy']} vs chance {ev['probe_chance_majority']}")
+    return (f"at {where}, no layer where all three agree (same-layer cross-patching: {kinds['crosspatch']}; written "
+            f"into another layer, source->target: {kinds['crosspatch_some_target']}; decoding: {kinds['decoding']}; "
+            f"probe: {kinds['alignment']}{at})")
+
+
+def summarize(frame: pd.DataFrame, table: pd.DataFrame, backpatch: pd.DataFrame, model: str, n_layers: int,
+              cells: pd.DataFrame | None = None) -> dict[str, Any]:
+    """The band statement with its evidence (JSON-ready): per source position of the latent state; ``band`` is
+    the last token's."""
+    positions = {pos: _position_summary(frame, table, cells, n_layers, pos) for pos in POSITIONS}
+    rise = answer_rise_layer(frame)
+    items = item_table(frame)
+    fixes = {}
+    if not backpatch.empty:
+        failed = backpatch[backpatch["group"] == "hops_ok_composition_failed"]
+        correct = backpatch[backpatch["group"] == "correct"].set_index(["source_layer", "target_layer"])
+        if not failed.empty:
+            # the cell that fixes the most failures net of the correct prompts it breaks (a patch that only adds
+            # noise fixes some near misses too: the correct prompts are the control)
+            broken = 1 - correct["top1_rate"].reindex(list(zip(failed["source_layer"], failed["target_layer"])))
+            best = failed.loc[(failed["top1_rate"] - broken.fillna(0).to_numpy()).idxmax()]
+            cell = (best["source_layer"], best["target_layer"])
+            fixes = {"n_failures": int(best["n"]), "best_cell": [int(c) for c in cell],
+                     "fixed": _fmt(best.rename({"top1_rate": "mean"}), pct=True),
+                     "broken_correct_at_best_cell": (_fmt(1 - correct.loc[cell][["top1_rate", "ci_high", "ci_low"]]
+                                                         .set_axis(["mean", "ci_low", "ci_high"]), pct=True)
+                                                     if cell in correct.index else "n/a"),
+                     "n_correct": int(correct["n"].max()) if len(correct) else 0}
+    band = positions["last"]["band"]
+    relation = ""
+    if band and rise is not None:
+        relation = (f", {'before' if band[1] < rise else 'after' if band[0] > rise else 'around'} the layer where the "
+                    "answer rises")
+    rises = ("The answer never rises into the logit-lens top 10" if rise is None
+             else f"The answer rises at layer {rise:g} (median)")
+    statement = (f"{model} ({n_layers} layers): " + "; ".join(_sentence(p, positions[p]) for p in POSITIONS)
+                 + f". {rises}{relation}.")
+    groups = items["group"].value_counts().to_dict() if "group" in items else {}
+    return {
+        "model": model, "n_layers": n_layers, "statement": statement, "band": band,
+        "peak_layer": positions["last"]["peak_layer"], "answer_rise_layer": rise,
+        "layers_by_evidence": positions["last"]["layers_by_evidence"],
+        "evidence_at_peak": positions["last"]["evidence_at_peak"], "positions": positions, "backpatch": fixes,
+        "n_items": int(len(items)), "n_map_items": int(_select(frame, analysis="crosspatch", condition="main")
+                                                       ["prompt_id"].nunique()),
+        "n_crosspatch_eligible": int(len(crosspatch_eligible(frame))), "groups": {k: int(v) for k, v in groups.items()},
+        "criteria": __doc__.split("The band of the shared memory is")[1].strip(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------- plots
+
+
+def _heat(ax: plt.Axes, cells: pd.DataFrame, column: str, title: str, limit: float, cmap: str) -> Any:
+    """A source x target heatmap on the layer grid of the cells (the layers that have more than one partner layer;
+    the full diagonal is drawn as curves in ``memory_layers.png``), each grid cell one block."""
+    sources = sorted(l for l, n in cells.groupby("source_layer")["target_layer"].nunique().items() if n > 1)
+    targets = sorted(l for l, n in cells.groupby("target_layer")["source_layer"].nunique().items() if n > 1)
+    sources, targets = sources or sorted(cells["source_layer"].unique()), targets or sorted(cells["target_layer"].unique())
+    grid = cells.pivot_table(index="target_layer", columns="source_layer", values=column, aggfunc="first")
+    grid = grid.reindex(index=targets, columns=sources)
+    image = ax.imshow(np.ma.masked_invalid(grid.to_numpy(dtype=float)), origin="lower", cmap=cmap,
+                      vmin=-limit if cmap == "RdBu_r" else 0, vmax=limit, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(sources)), [str(int(l)) for l in sources], fontsize=7)
+    ax.set_yticks(range(len(targets)), [str(int(l)) for l in targets], fontsize=7)
+    ax.set(xlabel="source layer (two-hop prompt)", ylabel="target layer (hop2 prompt)", title=title)
+    return image
+
+
+def crosspatch_heatmaps(cells: pd.DataFrame, path: Path, title: str) -> Path:
+    """Source x target maps: A's state (main), a random item's state, and their difference, at the last token and
+    at e1's last token."""
+    fig, axes = plt.subplots(2, 3, figsize=(15, 9))
+    for row, position in enumerate(("last", "e1_last")):
+        main = cells[(cells["condition"] == "main") & (cells["source_position"] == position)]
+        rand = cells[(cells["condition"] == "random") & (cells["source_position"] == position)]
+        for ax, sub, column, name, cmap, limit in (
+            (axes[row, 0], main, "value", "A's state", "RdBu_r", 1.0),
+            (axes[row, 1], rand, "value", "random item's state", "RdBu_r", 1.0),
+            (axes[row, 2], main, "specific", "bridge-specific: A - random", "RdBu_r", 0.5),
+        ):
+            if sub.empty or column not in sub:
+                ax.axis("off")
+                continue
+            image = _heat(ax, sub, column, f"{name}, source at {position}", limit, cmap)
+            fig.colorbar(image, ax=ax, label="normalized effect (1 = bridge written out)")
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def _band(ax: plt.Axes, summary: dict[str, Any]) -> None:
+    if summary.get("band"):
+        ax.axvspan(summary["band"][0] - 0.5, summary["band"][1] + 0.5, color="gold", alpha=0.2, label="band")
+    if summary.get("answer_rise_layer") is not None:
+        ax.axvline(summary["answer_rise_layer"], color="tab:red", ls=":", lw=1, label="answer rises (median)")
+
+
+def layer_curves(table: pd.DataFrame, summary: dict[str, Any], path: Path, title: str) -> Path:
+    """Per-layer curves with 95% CIs: cross-patching on the diagonal, decoding beside the logit lens, alignment
+    (cosine, CKA) and the probe."""
+    panels = [
+        ("Cross-patching (source = target layer)", "normalized effect", [
+            ("crosspatch", "main_last", "A's state (last token)", "tab:blue", "-"),
+            ("crosspatch", "random_last", "random item's state", "tab:gray", "-"),
+            ("crosspatch", "specific_last", "bridge-specific (A - random)", "black", "-"),
+            ("crosspatch", "specific_e1_last", "bridge-specific, e1's last token", "tab:green", "--"),
+            ("crosspatch", "specific_transfer_minus_answer_last",
+             "other relation: toward bridge - toward answer, A - random", "tab:purple", ":"),
+        ]),
+        ("Decoding vs logit lens (bridge in top 10)", "fraction of prompts", [
+            ("decoding", f"latent_last_fixed_bridge_top{TOP_K}", "decoded, latent (fixed target layer)", "tab:blue", "-"),
+            ("decoding", f"latent_last_same_bridge_top{TOP_K}", "decoded, latent (same layer)", "tab:blue", "--"),
+            ("decoding", f"latent_last_fixed_partner_top{TOP_K}", "chance: partner's bridge decoded", "tab:gray", "-"),
+            ("decoding", f"latent_e1_last_fixed_bridge_top{TOP_K}", "decoded, latent at e1's last token", "tab:purple", "-"),
+            ("decoding", f"latent_e1_last_fixed_partner_top{TOP_K}", "chance at e1's last token", "tab:purple", ":"),
+            ("lens", f"latent_last_bridge_top{TOP_K}", "logit lens, latent", "tab:orange", "-"),
+            ("decoding", f"explicit_bridge_fixed_bridge_top{TOP_K}", "decoded, explicit bridge", "tab:green", "-"),
+            ("lens", f"explicit_bridge_bridge_top{TOP_K}", "logit lens, explicit bridge", "tab:green", ":"),
+        ]),
+        ("Alignment of latent and explicit states", "similarity", [
+            ("alignment", "cosine_centered_matched", "centered cosine, same item", "tab:blue", "-"),
+            ("alignment", "cosine_centered_mismatched", "centered cosine, partner (other bridge)", "tab:gray", "-"),
+            ("alignment", "cka_matched", "linear CKA, matched", "tab:blue", "--"),
+            ("alignment", "cka_mismatched", "linear CKA, partners", "tab:gray", "--"),
+            ("alignment", "cosine_centered_gap_e1_last", "centered cosine gap (same - partner) at e1", "tab:purple", ":"),
+        ]),
+        ("Linear probe for the bridge", "accuracy", [
+            ("alignment", "probe_latent", "trained on explicit, tested on latent", "tab:blue", "-"),
+            ("alignment", "probe_latent_templates", "trained on templates, tested on latent", "tab:blue", ":"),
+            ("alignment", "probe_latent_e1_last", "trained on explicit, tested on latent at e1", "tab:purple", "-"),
+            ("alignment", "probe_explicit_heldout", "trained on templates, tested on hop2 (held out)", "tab:green", "-"),
+        ]),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    for ax, (name, ylabel, lines) in zip(axes.flat, panels):
+        for analysis, curve, label, color, style in lines:
+            rows = _get(table, analysis, curve)
+            if rows.empty:
+                continue
+            ax.plot(rows.index, rows["mean"], style, color=color, label=label, lw=1.8)
+            if rows["ci_low"].notna().any():
+                ax.fill_between(rows.index, rows["ci_low"], rows["ci_high"], color=color, alpha=0.15)
+        if name.startswith("Linear probe") and summary.get("probe_chance") is not None:
+            ax.axhline(summary["probe_chance"], color="tab:gray", ls="--", lw=1, label="chance (majority bridge)")
+        _band(ax, summary)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set(xlabel="layer", ylabel=ylabel, title=name)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def backpatch_heatmaps(table: pd.DataFrame, path: Path, title: str) -> Path:
+    """Fraction of failures fixed and of correct prompts broken, per (source, target) layer."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, group, column, name in ((axes[0], "hops_ok_composition_failed", "top1_rate", "failures fixed"),
+                                    (axes[1], "correct", "broken", "correct prompts broken")):
+        sub = table[table["group"] == group].assign(broken=lambda f: 1 - f["top1_rate"])
+        if sub.empty:
+            ax.axis("off")
+            continue
+        image = _heat(ax, sub, column, f"{name} (n={int(sub['n'].max())})", 1.0, "viridis")
+        ax.set(xlabel="source layer (later)", ylabel="target layer (earlier)")
+        fig.colorbar(image, ax=ax, label="fraction of prompts")
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------- outputs
+
+
+def write_memory_outputs(frame: pd.DataFrame, out_dir: Path, run: dict[str, Any]) -> dict[str, Any]:
+    """Write ``memory_cells.csv``, ``memory_layers.csv``, ``memory_backpatch.csv``, ``memory_summary.json``, the
+    PNGs and ``memory.html``; return the summary (with ``figures``: the PNG paths)."""
+    model, n_layers = run["model"], int(run["n_layers"])
+    cells = crosspatch_cells(frame)
+    table = curves(frame)
+    backpatch = backpatch_table(frame)
+    summary = summarize(frame, table, backpatch, model, n_layers, cells)
+    chance = _select(frame, analysis="alignment", metric="chance_majority")["value"]
+    summary["probe_chance"] = float(chance.iloc[0]) if len(chance) else None
+    summary["settings"] = run.get("memory", {}) | {k: run["settings"].get(k) for k in ("items", "stride", "map_items")
+                                                    if k in run.get("settings", {})}
+    summary["timings"] = {k: v for k, v in run.get("timings", {}).items() if k.startswith("memory")}
+    atomic_write_csv(out_dir / "memory_cells.csv", cells)
+    atomic_write_csv(out_dir / "memory_layers.csv", table)
+    atomic_write_csv(out_dir / "memory_backpatch.csv", backpatch)
+    figures = [layer_curves(table, summary, out_dir / "memory_layers.png", f"Shared latent memory, {model}")]
+    if not cells.empty:
+        figures.append(crosspatch_heatmaps(cells, out_dir / "memory_crosspatch.png",
+                                           f"Cross-prompt patching into the partner's hop2 prompt, {model}"))
+    if not backpatch.empty:
+        figures.append(backpatch_heatmaps(backpatch, out_dir / "memory_backpatch.png",
+                                          f"Back-patching later into earlier layers, {model}"))
+    summary["figures"] = [f.name for f in figures]
+    atomic_write_json(out_dir / "memory_summary.json", summary)
+    title, text, pngs = memory_section(summary, figures)
+    from analyses.report import _CSS, _img  # one way to embed figures and style a page
+
+    atomic_write(out_dir / "memory.html", f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+                                          f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}, "
+                                          f"{html.escape(model)}</h1><p>{text}</p>"
+                                          + "".join(_img(f, title) for f in pngs) + "</body></html>")
+    return summary
+
+
+def memory_section(summary: dict[str, Any], figures: list[Path]) -> tuple[str, str, list[Path]]:
+    """The report section (title, HTML text, figures)."""
+    fixes = summary.get("backpatch") or {}
+    settings = summary.get("settings", {})
+    tables = ""
+    for position, part in summary["positions"].items():
+        evidence = part.get("evidence_at_peak") or {}
+        rows = "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+                       for k, v in evidence.items())
+        kinds = ", ".join(f"{k}: {v}" for k, v in part["layers_by_evidence"].items())
+        tables += (f"<p>Latent state at {POSITIONS[position]}: layers where each kind of evidence holds: "
+                   f"{html.escape(kinds)}.</p>" + (f"<table class='kv'>{rows}</table>" if rows else ""))
+    text = (
+        f"<b>{html.escape(summary['statement'])}</b></p><p>"
+        f"{summary['n_items']} items ({summary['n_map_items']} with the cross-patch maps and the decoding; "
+        f"{summary['n_crosspatch_eligible']} of those where writing the bridge out moves the partner's prompt by "
+        f"at least {MIN_GAP:g} logit). Identity prompt for the decoding: <code>"
+        f"{html.escape(repr(settings.get('identity_prompt', '')))}</code>, fixed target layer "
+        f"{settings.get('decode_layer')}. "
+        + (f"Back-patching fixes {fixes['fixed']} of the {fixes['n_failures']} two-hop failures whose hops are both "
+           f"right at the best cell (source, target) = {tuple(fixes['best_cell'])} (net of breakage), and breaks "
+           f"{fixes['broken_correct_at_best_cell']} of the {fixes['n_correct']} correct prompts there. "
+           if fixes else "")
+        + "Means with 95% percentile-bootstrap CIs over prompts; CKA with grouped-jackknife CIs. Files: memory.csv "
+        "(every row), memory_cells.csv, memory_layers.csv, memory_backpatch.csv, memory_summary.json. "
+        "<code>bridgeprobe memory</code> runs the analysis on every item (<code>--map-items</code>, "
+        "<code>--stride</code> set its cost).</p>" + tables
+        + f"<p>Criteria: {html.escape(summary['criteria'])}"
+    )
+    return "Shared latent memory", text, figures

@@ -1,0 +1,225 @@
+"""Alignment of latent and explicit bridge states, per layer: is the bridge that hop 1 computes inside a two-hop
+prompt represented like the bridge written out in a hop-2 prompt?
+
+States (``resid_post`` of every block): *latent* = the two-hop prompt's last token (``source_position`` ``last``)
+or e1's last token (``e1_last``); *explicit* = the hop2 prompt's state at the last token of the bridge it names.
+States with a massive norm at a layer (:func:`typical`) are left out of that layer's statistics (``n_massive``
+counts them): one such state among hundreds otherwise decides the CKA alone.
+
+- ``cosine_*``: per item, cosine between its latent state and its own explicit state (``matched``) and the
+  explicit state of its partner (same relation composition, another bridge: ``mismatched``), raw and
+  ``centered`` (each set minus its mean over the analysed items: the large shared direction of the residual
+  stream otherwise dominates every cosine).
+- ``cka_*``: linear CKA (Kornblith et al. 2019) between the latent and the explicit state matrices, matched by
+  item vs matched to the partners, with a 95% interval over items (grouped jackknife, :func:`jackknife_cka`). With
+  fewer items than dimensions linear CKA is biased upward; the mismatched baseline carries the same bias.
+- ``probe_*``: a multinomial logistic regression (standardized features, L2, L-BFGS) that classifies the bridge
+  entity. ``probe_explicit_heldout`` is trained on the explicit states of neutral templates naming each bridge
+  (:data:`TEMPLATES`) and tested on the hop2 prompts' explicit states (held-out contexts); ``probe_latent`` is
+  trained on templates and hop2 prompts (every explicit state) and tested on the latent states;
+  ``probe_latent_templates`` is the first probe tested on the latent states. Per item, 1 if correct. The
+  templates are there because the hop2 prompts alone give one to four contexts per bridge. Chance:
+  ``chance_majority`` (the most frequent bridge among the items) and ``chance_uniform`` (1 / classes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from probes.hooks import HookedModel
+
+TEMPLATES = ("Let me tell you about {}", "Here is a short note on {}", "Yesterday we talked about {}",
+             "Q: What do you know about {}")
+JACKKNIFE_GROUPS = 20
+MASSIVE = 5.0  # a state whose norm exceeds this many times its set's median at its layer is left out
+Z95 = 1.96
+WEIGHT_DECAY = 1e-3
+BATCH = 32
+
+
+@torch.no_grad()
+def read_at(hooked: HookedModel, prompts: Sequence[tuple[Sequence[int], int]], batch_size: int = BATCH) -> Tensor:
+    """``resid_post`` of every block at one position per prompt: ``[N, L, d]`` (float32, CPU), batched by length."""
+    from probes.memory import read_states
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][0]))
+    out: list[Tensor | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        states, _ = read_states(hooked, [(prompts[i][0], [prompts[i][1]]) for i in chunk])
+        for i, state in zip(chunk, states[:, 0].float()):
+            out[i] = state
+    return torch.stack(out)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of ``[n, d]`` arrays."""
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def _center(gram: np.ndarray) -> np.ndarray:
+    """``H K H`` with ``H`` the centering matrix."""
+    return gram - gram.mean(0, keepdims=True) - gram.mean(1, keepdims=True) + gram.mean()
+
+
+def linear_cka(x: np.ndarray, z: np.ndarray) -> float:
+    """Linear CKA of two ``[n, d]`` representations of the same ``n`` inputs:
+    ``<K_c, L_c> / (||K_c|| ||L_c||)`` with ``K_c``, ``L_c`` the centered Gram matrices."""
+    x, z = x.astype(np.float64), z.astype(np.float64)
+    k, l = _center(x @ x.T), _center(z @ z.T)
+    return float((k * l).sum() / np.sqrt((k * k).sum() * (l * l).sum()))
+
+
+def jackknife_cka(x: np.ndarray, z: np.ndarray, rng: np.random.Generator, groups: int = JACKKNIFE_GROUPS,
+                  ) -> tuple[float, float]:
+    """95% interval of :func:`linear_cka` over items: grouped (delete-a-group) jackknife standard error, normal
+    approximation, ``cka +- 1.96 se``. Items are split at random into ``groups`` groups and each is left out once.
+    Not a bootstrap: a resample repeats items, which biases linear CKA upward."""
+    gx, gz = x.astype(np.float64) @ x.T.astype(np.float64), z.astype(np.float64) @ z.T.astype(np.float64)
+    labels = rng.permutation(len(x)) % min(groups, len(x))
+    values = []
+    for g in np.unique(labels):
+        keep = np.flatnonzero(labels != g)
+        k, l = _center(gx[np.ix_(keep, keep)]), _center(gz[np.ix_(keep, keep)])
+        with np.errstate(invalid="ignore", divide="ignore"):  # no variance left: NaN
+            values.append((k * l).sum() / np.sqrt((k * k).sum() * (l * l).sum()))
+    values = np.array(values)
+    n = len(values)
+    se = float(np.sqrt((n - 1) / n * np.nansum((values - np.nanmean(values)) ** 2)))
+    estimate = linear_cka(x, z)
+    return estimate - Z95 * se, estimate + Z95 * se
+
+
+class LinearProbe:
+    """Multinomial logistic regression on standardized features (training mean and standard deviation), with an
+    L2 penalty ``weight_decay * ||W||^2`` on the mean cross-entropy, fitted by L-BFGS."""
+
+    def __init__(self, x: Tensor, y: Tensor, n_classes: int, *, weight_decay: float = WEIGHT_DECAY,
+                 max_iter: int = 200) -> None:
+        x = x.double()
+        self.mean, self.std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+        z = (x - self.mean) / self.std
+        self.weight = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+        self.bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([self.weight, self.bias], lr=1, max_iter=max_iter,
+                                      line_search_fn="strong_wolfe")
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(z @ self.weight.T + self.bias, y) + weight_decay * (self.weight ** 2).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimizer.step(closure)
+        self.weight, self.bias = self.weight.detach(), self.bias.detach()
+
+    def predict(self, x: Tensor) -> Tensor:
+        return (((x.double() - self.mean) / self.std) @ self.weight.T + self.bias).argmax(-1)
+
+
+def typical(states: Tensor) -> Tensor:
+    """``[N, L]``: which states have an ordinary norm at their layer, at most :data:`MASSIVE` times the median over
+    the set. The others carry "massive activations" (the attention-sink phenomenon: a few positions whose residual
+    norm is tens of times the rest) and would alone decide a CKA or a standardization."""
+    norms = states.norm(dim=-1)
+    return norms <= MASSIVE * norms.median(dim=0).values
+
+
+def alignment_rows(hooked: HookedModel, plans: Sequence[Any], encoded: dict[str, Any], *, seed: int = 0) -> list[dict]:
+    """The alignment rows of ``memory.csv`` for the analysed items (``plans`` of :func:`probes.memory.make_plans`),
+    for the latent state at the two-hop prompt's last token and at e1's last token (``source_position``); one row
+    ``(alignment, "", n_items)`` marks the analysis done even when no item qualifies."""
+    items = [p.a for p in plans if p.a.hop2_position is not None]
+    rows: list[dict] = [_dataset_row("n_items", len(items))]
+    if len(items) < 2:
+        return rows
+    partners = {e.item.id: encoded.get(e.item.pair) for e in items}
+    partners = {k: p for k, p in partners.items()
+                if p is not None and p.hop2_position is not None and p.item.bridge != encoded[k].item.bridge}
+    classes = sorted({e.item.bridge for e in items})
+    label = {b: i for i, b in enumerate(classes)}
+    hop2 = {e.hop2: e for e in [*items, *partners.values()]}  # distinct explicit prompts
+    hop2_list = list(hop2.values())
+    template_prompts = []
+    for bridge in classes:
+        for template in TEMPLATES:
+            ids = hooked.tokenizer(template.format(bridge))["input_ids"]
+            template_prompts.append((ids, len(ids) - 1, label[bridge]))
+    with_e1 = [i for i, e in enumerate(items) if e.e1_position is not None]
+    latent = {"last": (list(range(len(items))), read_at(hooked, [(e.two_hop, len(e.two_hop) - 1) for e in items]))}
+    if with_e1:  # prompts whose e1 span could not be located have no e1 state
+        latent["e1_last"] = (with_e1, read_at(hooked, [(items[i].two_hop, items[i].e1_position) for i in with_e1]))
+    explicit_all = read_at(hooked, [(e.hop2, e.hop2_position) for e in hop2_list])
+    templates = read_at(hooked, [(ids, pos) for ids, pos, _ in template_prompts])
+    index = {e.hop2: i for i, e in enumerate(hop2_list)}
+    own = np.array([index[e.hop2] for e in items])
+    partner = np.array([index[partners[e.item.id].hop2] if e.item.id in partners else -1 for e in items])
+
+    rng = np.random.default_rng(seed)
+    y_items = torch.tensor([label[e.item.bridge] for e in items])
+    y_templates = torch.tensor([lab for *_, lab in template_prompts])
+    hop2_in_classes = torch.tensor([i for i, e in enumerate(hop2_list) if e.item.bridge in label])
+    y_hop2 = torch.tensor([label[hop2_list[i].item.bridge] for i in hop2_in_classes.tolist()])
+    counts = np.bincount(y_items.numpy(), minlength=len(classes))
+    rows += [_dataset_row("n_classes", len(classes)), _dataset_row("chance_uniform", 1 / len(classes)),
+             _dataset_row("chance_majority", counts.max() / counts.sum()),
+             _dataset_row("n_train_templates", len(template_prompts)),
+             _dataset_row("n_train_explicit", len(template_prompts) + len(hop2_in_classes))]
+    ok_explicit, ok_templates = typical(explicit_all), typical(templates)
+    ok_latent = {pos: typical(states) for pos, (_, states) in latent.items()}
+    for layer in range(hooked.n_layers):
+        rows += [_dataset_row("n_massive", float((~ok_explicit[:, layer]).sum() + (~ok_templates[:, layer]).sum()
+                                                 + sum((~ok[:, layer]).sum() for ok in ok_latent.values())), layer)]
+        train = ok_templates[:, layer]
+        by_templates = LinearProbe(templates[train, layer], y_templates[train], len(classes))
+        hop2_ok = hop2_in_classes[ok_explicit[hop2_in_classes, layer]]
+        by_explicit = LinearProbe(torch.cat([templates[train, layer], explicit_all[hop2_ok, layer]]),
+                                  torch.cat([y_templates[train], y_hop2[ok_explicit[hop2_in_classes, layer]]]),
+                                  len(classes))
+        explicit_ok = ok_explicit[own, layer].numpy()
+        heldout = np.flatnonzero(explicit_ok)
+        correct = (by_templates.predict(explicit_all[own[heldout], layer]) == y_items[heldout]).double().tolist()
+        rows += [_item_row(items[i], "probe_explicit_heldout", layer, v, "") for i, v in zip(heldout, correct)]
+        for pos, (which, states) in latent.items():
+            which = np.array(which, dtype=int)
+            ok = ok_latent[pos][:, layer].numpy()
+            x_all = states[:, layer].numpy()
+            for metric, probe in (("probe_latent", by_explicit), ("probe_latent_templates", by_templates)):
+                correct = (probe.predict(states[ok, layer]) == y_items[which[ok]]).double().tolist()
+                rows += [_item_row(items[i], metric, layer, v, pos) for i, v in zip(which[ok], correct)]
+            z_all = explicit_all[:, layer].numpy()
+            x_mean = x_all[ok].mean(0)
+            z_mean = z_all[own[explicit_ok]].mean(0)
+            for kind, targets in (("matched", own[which]), ("mismatched", partner[which])):
+                keep = ok & (targets >= 0)
+                keep[keep] &= ok_explicit[targets[keep], layer].numpy()
+                if keep.sum() < 1:
+                    continue
+                x, z = x_all[keep], z_all[targets[keep]]
+                raw, centered = cosine(x, z), cosine(x - x_mean, z - z_mean)
+                for metric, values in ((f"cosine_{kind}", raw), (f"cosine_centered_{kind}", centered)):
+                    rows += [_item_row(items[i], metric, layer, float(v), pos) for i, v in zip(which[keep], values)]
+                if keep.sum() >= 3:
+                    low, high = jackknife_cka(x, z, rng)
+                    rows += [_dataset_row(f"cka_{kind}", linear_cka(x, z), layer, pos),
+                             _dataset_row(f"cka_{kind}_ci_low", low, layer, pos),
+                             _dataset_row(f"cka_{kind}_ci_high", high, layer, pos)]
+    return rows
+
+
+def _item_row(encoded: Any, metric: str, layer: int, value: float, position: str) -> dict:
+    return {"analysis": "alignment", "prompt_id": encoded.item.id, "condition": "", "source_id": "",
+            "receiving_id": "", "source_position": position, "source_layer": layer, "target_layer": None,
+            "metric": metric, "value": value}
+
+
+def _dataset_row(metric: str, value: float, layer: int | None = None, position: str = "") -> dict:
+    return {"analysis": "alignment", "prompt_id": "", "condition": "", "source_id": "", "receiving_id": "",
+            "source_position": position, "source_layer": layer, "target_layer": None, "metric": metric,
+            "value": value}

@@ -1,0 +1,155 @@
+"""``bridgeprobe memory`` (the shared-latent-memory analyses) and ``bridgeprobe memory-report`` (rebuild its
+tables and plots)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from probes.cli.common import EPILOG, load_items, model_args, model_options, prompt_args, prompt_settings
+from probes.hooks import HookedModel
+from probes.memory import ANALYSES, MemoryConfig, MemoryRun, run_memory
+from probes.pipeline import Timer, run_record
+from probes.results import atomic_write_json
+from probes.variants import METHODS
+from prompts.schema import PromptItem
+
+DESCRIPTION = """Locate the shared latent memory: where the bridge entity computed inside a two-hop prompt lives
+relative to where hop 2 reads an explicitly written bridge. Per item and its 'pair' partner (same composition,
+another bridge): cross-prompt patching of the two-hop state into the partner's hop2 prompt at the bridge (source
+layer x target layer, with a random-source and an other-relation control), Patchscope-style decoding of the
+state in a few-shot identity prompt beside the logit lens, back-patching of later into earlier layers for the
+prompts answered wrongly although both hops are right, and the alignment of latent and explicit bridge states
+(cosine, linear CKA, a linear probe). Writes DIR/memory.csv (long format: analysis, prompt_id, source_layer,
+target_layer, metric, value, ...), aggregated tables, PNG heatmaps and curves, memory_summary.json (the layer band
+of the shared memory with its evidence) and DIR/run.json; an interrupted run resumes per item."""
+
+
+def _count(text: str) -> int | None:
+    """An item count: a non-negative integer, or ``all`` (None)."""
+    if text == "all":
+        return None
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count or 'all', got {text}")
+    return value
+
+
+def memory_flags(parser: argparse.ArgumentParser, prefix: str = "", *, items: int | None = None,
+                 map_items: int | None = None, stride: int = 1) -> None:
+    """The memory analysis flags (``--PREFIXitems`` ...), with the given defaults."""
+    group = parser.add_argument_group("memory analyses")
+    skip = "; 0 skips the section" if prefix else ""
+    group.add_argument(f"--{prefix}items", type=_count, default=items, metavar="N|all",
+                       help="analyse this many items, taken round-robin over the relation compositions "
+                            f"(default: {'all' if items is None else items}{skip})")
+    group.add_argument(f"--{prefix}map-items", type=_count, default=map_items, metavar="N|all",
+                       help="of those, this many (round-robin again) get the cross-patch maps and the decoding, the "
+                            "costly analyses; back-patching and the alignment use all analysed items "
+                            f"(default: {'all' if map_items is None else map_items})")
+    group.add_argument(f"--{prefix}stride", type=int, default=stride,
+                       help=f"layer stride of the source x target maps; the diagonal is always complete (default {stride})")
+    group.add_argument(f"--{prefix}analyses", default=",".join(ANALYSES),
+                       help=f"comma-separated subset of {','.join(ANALYSES)} (default: all)")
+    group.add_argument(f"--{prefix}decode-layer", type=int,
+                       help="fixed target layer of the decoding (default: n_layers // 8)")
+    group.add_argument(f"--{prefix}batch-items", type=int, default=8,
+                       help="items per decoding call (they share the identity prompt; default 8)")
+
+
+def memory_config(args: argparse.Namespace, prefix: str = "") -> MemoryConfig:
+    """The memory flags as a :class:`~probes.memory.MemoryConfig`."""
+    get = lambda name: getattr(args, prefix.replace("-", "_") + name)  # noqa: E731
+    analyses = tuple(a.strip() for a in get("analyses").split(",") if a.strip())
+    return MemoryConfig(analyses=analyses, n_items=get("items"), map_items=get("map_items"), stride=get("stride"),
+                        decode_layer=get("decode_layer"), batch_items=get("batch_items"),
+                        seed=getattr(args, "seed", 0), method=getattr(args, "method", "auto"))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    memory = sub.add_parser("memory", help="locate the shared latent memory (cross-patching, decoding, alignment, "
+                                           "back-patching) -> DIR/memory.csv", description=DESCRIPTION, epilog=EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_args(memory, None)
+    prompt_args(memory, None)
+    memory.add_argument("--out", required=True, type=Path, help="output directory")
+    memory_flags(memory)
+    memory.add_argument("--method", choices=METHODS, default="auto",
+                        help="patching engine: fast (resume from the patched block), batched, naive, or auto (fast "
+                             "where verified; default)")
+    memory.add_argument("--seed", type=int, default=0,
+                        help="seed of the control choices and the CKA jackknife groups (default 0)")
+    memory.set_defaults(handler=memory_job)
+
+    report = sub.add_parser("memory-report", help="rebuild the memory tables, plots and summary from DIR/memory.csv",
+                            description="Rewrite DIR's memory tables, PNGs and memory_summary.json from "
+                                        "DIR/memory.csv and DIR/run.json, without the model.")
+    report.add_argument("out", type=Path, metavar="DIR", help="directory of a finished memory or run job")
+    report.set_defaults(handler=lambda args: memory_report_job(args.out))
+
+
+def run_memory_section(hooked: HookedModel, items: list[PromptItem], out: Path, config: MemoryConfig,
+                       settings: dict, timer: Timer) -> MemoryRun:
+    """Run the analyses (resumable) under ``timer``'s ``memory_s``, adding the per-analysis seconds to it. A
+    resumed run's ``memory_s`` and per-analysis seconds include its earlier sessions: the whole analysis."""
+    with timer.section("memory_s"):
+        done = run_memory(hooked, items, out, config, settings=settings)
+    timer.timings["memory_s"] = round(timer.timings["memory_s"] + done.info["earlier_sessions_s"], 3)
+    timer.timings.update({f"memory_{k}": v for k, v in done.timings.items()})
+    return done
+
+
+def read_memory_csv(out: Path) -> pd.DataFrame:
+    """``DIR/memory.csv`` as :func:`~probes.memory.run_memory` returns it."""
+    return pd.read_csv(out / "memory.csv", dtype={"prompt_id": str}, low_memory=False)
+
+
+def memory_report_section(frame: pd.DataFrame, out: Path, record: dict) -> tuple[str, str, list[Path]]:
+    """Write the memory tables, plots and summary into ``out`` and return the HTML report's section."""
+    from analyses.memory_report import memory_section, write_memory_outputs
+
+    summary = write_memory_outputs(frame, out, record)
+    print(summary["statement"])
+    return memory_section(summary, [out / name for name in summary["figures"]])
+
+
+def memory_job(args: argparse.Namespace) -> Path:
+    """Load, run the memory analyses, write run.json, then the tables, plots and summary."""
+    torch.manual_seed(args.seed)
+    config = memory_config(args)
+    items = load_items(args, limit=args.limit)
+    options = model_options(args)
+    timer = Timer()
+    with timer.section("load_model_s"):
+        hooked = options.load()
+    settings = {**prompt_settings(args), "n_items": len(items), **config.settings()}
+    done = run_memory_section(hooked, items, args.out, config,
+                              {**settings, "model": args.model, "dtype": args.dtype, "backend": args.backend}, timer)
+    if done.frame is None:  # another process of a data-parallel run: rank 0 writes the outputs
+        return args.out
+    record = run_record("memory", hooked, options, settings, timer, {"memory": done.info})
+    atomic_write_json(args.out / "run.json", record)  # before the report: the rows and timings are safe
+    from analyses.memory_report import write_memory_outputs
+
+    with timer.section("report_s"):
+        summary = write_memory_outputs(done.frame, args.out, record)
+    atomic_write_json(args.out / "run.json", record)
+    print(summary["statement"])
+    print(f"wrote {args.out}/memory.csv ({done.info['n_items']} items, memory analyses {timer.timings['memory_s']:.0f} s)")
+    return args.out
+
+
+def memory_report_job(out: Path) -> None:
+    """Rebuild the memory outputs of a finished run from its memory.csv and run.json."""
+    from analyses.memory_report import write_memory_outputs
+
+    if not (out / "memory.csv").is_file() or not (out / "run.json").is_file():
+        raise ValueError(f"{out} has no finished memory run (memory.csv and run.json)")
+    record = json.loads((out / "run.json").read_text())
+    summary = write_memory_outputs(read_memory_csv(out), out, record)
+    print(summary["statement"])
+    print(f"wrote {out}/memory_summary.json")

@@ -1,0 +1,464 @@
+"""Shared-memory analyses: the patched maps against plain HF forward hooks, no-op patches, batching over items,
+resume, alignment statistics against direct numpy computations, the probe; on the real models, identity decoding
+of explicit entities and the command end to end (slow)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import probes.memory
+from conftest import requires_gemma3, requires_smollm2, tiny_model
+from probes.alignment import LinearProbe, alignment_rows, jackknife_cka, cosine, linear_cka
+from probes.hooks import NativeHooks
+from probes.variants import run_variants
+from probes.memory import (MemoryConfig, backpatch_cells, crosspatch_cells, decoding_cells, encode, identity_prompt,
+                           make_plans, patch_states, read_states, run_memory, select_items, span_end_position)
+from prompts.schema import PromptItem
+
+TOL = 1e-4
+
+
+class WordTokenizer:
+    """One token per word (with the whitespace before it) or colon; ids given on first sight from 1, BOS = 0."""
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        ids = [self.vocab.setdefault(w, len(self.vocab) + 1) for w in re.findall(r"\s*[^\s:]+|\s*:", text)]
+        if max(ids, default=0) >= 128:
+            raise ValueError("the tiny models have 128 tokens")
+        return {"input_ids": ([0] if add_special_tokens else []) + ids}
+
+    def decode(self, ids: list[int]) -> str:
+        words = {v: k for k, v in self.vocab.items()}
+        return "".join(words.get(i, "<s>") for i in ids)
+
+
+def _item(pid: str, r2: str, e1: str, bridge: str, answer: str, pair: str) -> PromptItem:
+    question = {"capital": "The capital of", "language": "The language of"}[r2]
+    return PromptItem(pid, f"{question} the country where {e1} is located is", bridge, answer, e1=e1,
+                      r1="located_in_country", r2=r2, hop1=f"{e1} is located in", hop2=f"{question} {bridge} is",
+                      pair=pair)
+
+
+ITEMS = [
+    _item("cap-fr", "capital", "the Tower", "France", "Paris", "cap-it"),
+    _item("cap-it", "capital", "the Colosseum", "Italy", "Rome", "cap-jp"),
+    _item("cap-jp", "capital", "the Fuji", "Japan", "Tokyo", "cap-fr"),
+    _item("lang-fr", "language", "the Louvre", "France", "French", "lang-it"),
+    _item("lang-it", "language", "the Pisa", "Italy", "Italian", "lang-jp"),
+    _item("lang-jp", "language", "the Kyoto", "Japan", "Japanese", "lang-fr"),
+]
+
+
+def _hooked(kind: str) -> NativeHooks:
+    return NativeHooks(tiny_model(kind), WordTokenizer())
+
+
+def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
+
+
+@torch.no_grad()
+def _hf_patched_logits(model: torch.nn.Module, source: list[int], source_position: int, receiving: list[int],
+                       position: int, source_layer: int, target_layer: int) -> torch.Tensor:
+    """Plain HF forward hooks, independent of the package: the output of decoder block ``source_layer`` at
+    ``source_position`` of the source prompt replaces that of block ``target_layer`` at ``position`` of the
+    receiving prompt; returns the receiving prompt's last-position logits."""
+    blocks = _blocks(model)
+    captured = {}
+
+    def first(output):
+        return output[0] if isinstance(output, tuple) else output
+
+    def capture(module, args, output):
+        captured["h"] = first(output)[0, source_position].clone()
+
+    def write(module, args, output):
+        hidden = first(output).clone()
+        hidden[0, position] = captured["h"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = blocks[source_layer].register_forward_hook(capture)
+    model(torch.tensor([source]))
+    handle.remove()
+    handle = blocks[target_layer].register_forward_hook(write)
+    try:
+        return model(torch.tensor([receiving])).logits[0, -1]
+    finally:
+        handle.remove()
+
+
+def _hf_scores(logits: torch.Tensor, token: int) -> tuple[float, int, float]:
+    return float(logits[token]), int((logits > logits[token]).sum()), float(logits.log_softmax(-1)[token])
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3_text", "gpt2"])
+def test_patched_map_equals_plain_hf_hooks(kind: str) -> None:
+    hooked = _hooked(kind)
+    tok = hooked.tokenizer
+    a, c = encode(tok, ITEMS[0]), encode(tok, ITEMS[1])
+    states, _ = read_states(hooked, [(a.two_hop, [a.e1_position, len(a.two_hop) - 1])])
+    cells = crosspatch_cells(hooked.n_layers, 1)
+    assert (1, 1) in cells and (2, 0) in cells and all(t <= hooked.n_layers - 2 for _, t in cells)
+    tokens = [a.answer, c.answer, a.bridge]
+    scores, base = patch_states(hooked, c.hop2, c.hop2_position, [states[0, 1], states[0, 0]], [cells, cells[::2]],
+                                tokens)
+    for score, source_position, own in ((scores[0], len(a.two_hop) - 1, cells), (scores[1], a.e1_position, cells[::2])):
+        for k, (s, t) in enumerate(own):
+            logits = _hf_patched_logits(hooked.model, list(a.two_hop), source_position, list(c.hop2),
+                                        c.hop2_position, s, t)
+            for token in tokens:
+                logit, rank, logprob = _hf_scores(logits, token)
+                assert score.logit(token)[k] == pytest.approx(logit, abs=TOL)
+                assert score.rank(token)[k] == rank
+                assert float(score.prob(token)[k].log()) == pytest.approx(logprob, abs=TOL)
+    reference = hooked.model(torch.tensor([c.hop2])).logits[0, -1]
+    assert float(base.logit(a.answer)) == pytest.approx(float(reference[a.answer]), abs=TOL)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3_text"])
+def test_a_state_patched_into_itself_changes_nothing(kind: str) -> None:
+    hooked = _hooked(kind)
+    c = encode(hooked.tokenizer, ITEMS[1])
+    states, _ = read_states(hooked, [(c.hop2, [c.hop2_position]), (c.two_hop, [len(c.two_hop) - 1])])
+    same = [(l, l) for l in range(hooked.n_layers - 1)]
+    (scores,), base = patch_states(hooked, c.hop2, c.hop2_position, [states[0, 0]], [same], [c.answer, c.bridge])
+    torch.testing.assert_close(scores.values, base.values.expand_as(scores.values), atol=1e-5, rtol=0)
+    # back-patching s == t (at the last token of the two-hop prompt, the last layer included)
+    same = [(l, l) for l in range(hooked.n_layers)]
+    (scores,), base = patch_states(hooked, c.two_hop, len(c.two_hop) - 1, [states[1, 0]], [same], [c.answer])
+    torch.testing.assert_close(scores.values, base.values.expand_as(scores.values), atol=1e-5, rtol=0)
+
+
+def test_backpatch_later_into_earlier_equals_plain_hf() -> None:
+    hooked = _hooked("llama")
+    a = encode(hooked.tokenizer, ITEMS[0])
+    last = len(a.two_hop) - 1
+    states, _ = read_states(hooked, [(a.two_hop, [last])])
+    cells = backpatch_cells(hooked.n_layers, 1)
+    assert cells == [(1, 0), (2, 0), (2, 1)]
+    (scores,), _ = patch_states(hooked, a.two_hop, last, [states[0, 0]], [cells], [a.answer])
+    for k, (s, t) in enumerate(cells):
+        logits = _hf_patched_logits(hooked.model, list(a.two_hop), last, list(a.two_hop), last, s, t)
+        assert scores.rank(a.answer)[k] == _hf_scores(logits, a.answer)[1]
+        assert float(scores.logit(a.answer)[k]) == pytest.approx(float(logits[a.answer]), abs=TOL)
+
+
+def _run(hooked: NativeHooks, out: Path, **config) -> pd.DataFrame:
+    result = run_memory(hooked, ITEMS, out, MemoryConfig(**config), settings={"model": "tiny"})
+    return result.frame
+
+
+def test_job_rows_equal_plain_hf_and_cover_every_analysis(tmp_path: Path, monkeypatch) -> None:
+    hooked = _hooked("llama")
+    variants = []  # every patched run goes through the patching engine: one variant per patched cell
+
+    def counting(hooked, ids, batch, measure, **kwargs):
+        variants.extend(batch)
+        return run_variants(hooked, ids, batch, measure, **kwargs)
+
+    monkeypatch.setattr(probes.memory, "run_variants", counting)
+    frame = _run(hooked, tmp_path / "o", batch_items=2, backpatch_groups=("correct", "hop_failed"))
+    assert set(frame["analysis"]) == {"crosspatch", "decoding", "lens", "backpatch", "alignment", "item"}
+    patched = frame[frame.analysis.isin(["crosspatch", "backpatch", "decoding"]) & frame.source_layer.notna()]
+    cell = ["analysis", "prompt_id", "condition", "source_id", "receiving_id", "source_position", "source_layer",
+            "target_layer"]
+    assert len(variants) == len(patched.drop_duplicates(cell)) > 0
+    assert set(frame.columns) >= {"analysis", "prompt_id", "source_layer", "target_layer", "metric", "value"}
+    tok = hooked.tokenizer
+    a, c = encode(tok, ITEMS[0]), encode(tok, ITEMS[1])
+    rows = frame[(frame.analysis == "crosspatch") & (frame.prompt_id == "cap-fr") & (frame.condition == "main")
+                 & (frame.source_position == "last")]
+    explicit = hooked.model(torch.tensor([a.hop2])).logits[0, -1]
+    base = hooked.model(torch.tensor([c.hop2])).logits[0, -1]
+    gap = float(explicit[a.answer] - explicit[c.answer]) - float(base[a.answer] - base[c.answer])
+    for s, t in [(0, 0), (2, 1), (1, 0)]:
+        logits = _hf_patched_logits(hooked.model, list(a.two_hop), len(a.two_hop) - 1, list(c.hop2),
+                                    c.hop2_position, s, t)
+        diff = float(logits[a.answer] - logits[c.answer])
+        cell = rows[(rows.source_layer == s) & (rows.target_layer == t)].set_index("metric")["value"]
+        assert cell["logit_diff"] == pytest.approx(diff, abs=TOL)
+        assert cell["value"] == pytest.approx((diff - float(base[a.answer] - base[c.answer])) / gap, abs=TOL)
+    # the controls: a random item of the same composition with another bridge; another relation with A's bridge
+    random_rows = frame[(frame.analysis == "crosspatch") & (frame.condition == "random")]
+    assert set(random_rows["source_id"]) <= {"cap-jp", "cap-it", "cap-fr", "lang-jp", "lang-it", "lang-fr"}
+    for pid, source in random_rows.groupby("prompt_id")["source_id"].first().items():
+        item, partner = next(i for i in ITEMS if i.id == pid), next(i for i in ITEMS if i.id == source)
+        assert partner.bridge != item.bridge
+    other = frame[(frame.analysis == "crosspatch") & frame.condition.isin(["other_relation", "other_relation_random"])]
+    assert set(other["metric"]) >= {"transfer_value", "answer_value", "transfer_gap"}
+    assert set(other["condition"]) == {"other_relation", "other_relation_random"}
+    assert (other.dropna(subset=["source_layer"]).eval("source_layer == target_layer")).all()
+    decoded = frame[(frame.analysis == "decoding") & (frame.metric == "rank")]
+    assert set(decoded["condition"]) == {"latent", "explicit"}
+    assert set(decoded["source_position"]) == {"last", "e1_last", "bridge"}
+
+
+@pytest.fixture(scope="module")
+def job_frame(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    return _run(_hooked("llama"), tmp_path_factory.mktemp("job"), batch_items=3,
+                backpatch_groups=("correct", "hop_failed"))
+
+
+def test_report_curves_are_means_of_the_rows(job_frame: pd.DataFrame, monkeypatch) -> None:
+    import analyses.memory_report as report
+
+    monkeypatch.setattr(report, "MIN_GAP", -np.inf)  # a random model: keep every item
+    frame = job_frame
+    layers = report.curves(frame)
+    rows = frame[(frame.analysis == "crosspatch") & (frame.condition == "main") & (frame.source_position == "last")
+                 & (frame.metric == "rank") & (frame.source_layer == 1) & (frame.target_layer == 1)]
+    curve = layers[(layers.curve == "top1_main_last") & (layers.layer == 1)].iloc[0]
+    assert curve["mean"] == pytest.approx((rows["value"] == 0).mean()) and curve["n"] == len(rows)
+    value = frame[(frame.analysis == "crosspatch") & (frame.source_position == "last") & (frame.metric == "value")
+                  & (frame.source_layer == 1) & (frame.target_layer == 1)].pivot(index="prompt_id", columns="condition",
+                                                                                  values="value")
+    specific = layers[(layers.curve == "specific_last") & (layers.layer == 1)].iloc[0]
+    assert specific["mean"] == pytest.approx((value["main"] - value["random"]).mean())
+    cells = report.crosspatch_cells(frame).set_index(["condition", "source_position", "source_layer", "target_layer"])
+    assert cells.loc[("main", "last", 1, 1), "specific"] == pytest.approx(specific["mean"])
+    summary = report.summarize(frame, layers, report.backpatch_table(frame), "tiny", 3, report.crosspatch_cells(frame))
+    assert summary["statement"].startswith("tiny (3 layers): at the last token") and summary["n_items"] == len(ITEMS)
+    stats = report.bootstrap_means(np.array([[1.0, np.nan], [0.0, 2.0], [1.0, 4.0]]))
+    assert stats["mean"].tolist() == pytest.approx([2 / 3, 3.0]) and stats["n"].tolist() == [3, 2]
+    assert (stats["ci_low"] <= stats["mean"]).all() and (stats["mean"] <= stats["ci_high"]).all()
+
+
+@pytest.mark.slow  # plotting takes several seconds
+def test_report_writes_every_output(job_frame: pd.DataFrame, tmp_path: Path) -> None:
+    from analyses.memory_report import write_memory_outputs
+
+    summary = write_memory_outputs(job_frame, tmp_path, {"model": "tiny", "n_layers": 3, "settings": {}})
+    for name in ("memory_cells.csv", "memory_layers.csv", "memory_backpatch.csv", "memory_summary.json",
+                 "memory_layers.png", "memory_crosspatch.png", "memory_backpatch.png", "memory.html"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "memory_summary.json").read_text())["statement"] == summary["statement"]
+
+
+def test_batched_over_items_equals_one_at_a_time(tmp_path: Path) -> None:
+    hooked = _hooked("gemma3_text")
+    config = {"analyses": ("crosspatch", "decoding", "backpatch"), "backpatch_groups": ("hop_failed",)}
+    one = _run(hooked, tmp_path / "one", batch_items=1, **config)
+    many = _run(hooked, tmp_path / "many", batch_items=4, **config)
+    assert set(one["analysis"]) == {"crosspatch", "decoding", "lens", "backpatch", "item"}
+    keys = ["analysis", "prompt_id", "condition", "source_position", "source_layer", "target_layer", "metric"]
+    pd.testing.assert_frame_equal(one.drop(columns="value"), many.drop(columns="value"))
+    np.testing.assert_allclose(one["value"], many["value"], atol=1e-5, rtol=1e-5)
+    assert not one.duplicated(keys).any()
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch) -> None:
+    hooked = _hooked("llama")
+    clean = _run(hooked, tmp_path / "clean", batch_items=2)
+    real = probes.memory.decoding_rows
+    calls = []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probes.memory, "decoding_rows", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _run(hooked, tmp_path / "cut", batch_items=2)
+    monkeypatch.setattr(probes.memory, "decoding_rows", real)
+    result = run_memory(hooked, ITEMS, tmp_path / "cut", MemoryConfig(batch_items=2), settings={"model": "tiny"})
+    assert result.info["resumed_items"] == 2
+    pd.testing.assert_frame_equal(clean, result.frame)
+    assert not (tmp_path / "cut" / "memory.partial.csv").exists()
+
+
+def test_resumed_run_times_the_whole_analysis(tmp_path: Path, monkeypatch) -> None:
+    """The first session commits one chunk whose decoding takes >= PAUSE s, then dies; the resumed session's
+    run.json timings (``run_memory_section``) must include that chunk's seconds, and no ledger may remain."""
+    from probes.cli.memory import run_memory_section
+    from probes.pipeline import Timer
+
+    pause, hooked, out = 0.5, _hooked("llama"), tmp_path / "cut"
+    real = probes.memory.decoding_rows
+    calls = []
+
+    def slow_then_dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        time.sleep(pause)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probes.memory, "decoding_rows", slow_then_dying)
+    with pytest.raises(KeyboardInterrupt):
+        _run(hooked, out, batch_items=2)
+    ledger = json.loads((out / ".memory.timings.json").read_text())
+    assert ledger["sessions"] == 1 and ledger["elapsed_s"] >= pause and ledger["analyses"]["decoding_s"] >= pause
+    monkeypatch.setattr(probes.memory, "decoding_rows", real)
+    timer, started = Timer(), time.perf_counter()
+    done = run_memory_section(hooked, ITEMS, out, MemoryConfig(batch_items=2), {"model": "tiny"}, timer)
+    this_session = time.perf_counter() - started
+    assert done.info["resumed_items"] == 2 and done.info["sessions"] == 2
+    assert done.info["earlier_sessions_s"] == pytest.approx(ledger["elapsed_s"])
+    assert timer.timings["memory_s"] == pytest.approx(ledger["elapsed_s"] + this_session, abs=0.05)
+    assert timer.timings["memory_decoding_s"] >= pause  # the resumed session itself never sleeps
+    assert not (out / ".memory.timings.json").exists()
+    # a fresh run ignores a ledger left without rows (e.g. its partial file was deleted by hand)
+    (out / ".memory.timings.json").write_text(json.dumps({**ledger, "sessions": 7}))
+    fresh = run_memory(hooked, ITEMS, tmp_path / "cut", MemoryConfig(batch_items=2, analyses=("alignment",)),
+                       settings={"model": "tiny"})
+    assert fresh.info["sessions"] == 1 and fresh.info["earlier_sessions_s"] == 0
+
+
+def test_cosine_and_cka_equal_direct_numpy() -> None:
+    rng = np.random.default_rng(0)
+    x, z = rng.normal(size=(40, 16)), rng.normal(size=(40, 16))
+    z[:, :8] += 2 * x[:, :8]
+    assert cosine(x, z) == pytest.approx([a @ b / np.sqrt(a @ a * (b @ b)) for a, b in zip(x, z)])
+    xc, zc = x - x.mean(0), z - z.mean(0)  # the feature-space formula (Kornblith et al. 2019, eq. 5)
+    direct = np.linalg.norm(zc.T @ xc) ** 2 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(zc.T @ zc))
+    assert linear_cka(x, z) == pytest.approx(direct, rel=1e-10)
+    q, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+    assert linear_cka(3 * x @ q + 1, z) == pytest.approx(direct, rel=1e-8)  # invariant to rotation, scale, shift
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    # the jackknife standard error agrees with the spread of CKA over independent samples of the same distribution
+    def sample(seed: int) -> tuple[np.ndarray, np.ndarray]:
+        g = np.random.default_rng(seed)
+        a, b = g.normal(size=(40, 16)), g.normal(size=(40, 16))
+        b[:, :8] += 2 * a[:, :8]
+        return a, b
+
+    spread = np.std([linear_cka(*sample(seed)) for seed in range(200)])
+    low, high = jackknife_cka(x, z, np.random.default_rng(1))
+    assert low < direct < high and 0.6 < (high - low) / (2 * 1.96) / spread < 1.6
+
+
+def test_alignment_rows_equal_states_read_with_plain_hf() -> None:
+    hooked = _hooked("llama")
+    tok = hooked.tokenizer
+    encoded = {i.id: encode(tok, i) for i in ITEMS}
+    plans = make_plans(encoded, [i.id for i in ITEMS], 0)
+    frame = pd.DataFrame(alignment_rows(hooked, plans, encoded))
+    layer = 1
+    captured = {}
+    handle = _blocks(hooked.model)[layer].register_forward_hook(lambda m, a, o: captured.update(h=o[0] if isinstance(o, tuple) else o))
+
+    def state(ids, position):
+        with torch.no_grad():
+            hooked.model(torch.tensor([ids]))
+        return captured["h"][0, position].numpy()
+
+    try:
+        latent = np.stack([state(e.two_hop, len(e.two_hop) - 1) for e in encoded.values()])
+        explicit = np.stack([state(e.hop2, e.hop2_position) for e in encoded.values()])
+        partner = np.stack([state(encoded[e.item.pair].hop2, encoded[e.item.pair].hop2_position)
+                            for e in encoded.values()])
+    finally:
+        handle.remove()
+    rows = frame[(frame.source_layer == layer) & (frame.source_position == "last")].set_index(["metric", "prompt_id"])["value"]
+    ids = list(encoded)
+    np.testing.assert_allclose(rows.loc["cosine_matched"].loc[ids], cosine(latent, explicit), atol=1e-5)
+    np.testing.assert_allclose(rows.loc["cosine_mismatched"].loc[ids], cosine(latent, partner), atol=1e-5)
+    centered = cosine(latent - latent.mean(0), partner - explicit.mean(0))
+    np.testing.assert_allclose(rows.loc["cosine_centered_mismatched"].loc[ids], centered, atol=1e-4)
+    assert rows.loc[("cka_matched", "")] == pytest.approx(linear_cka(latent, explicit), abs=1e-5)
+    dataset = frame[frame.source_layer.isna()].set_index("metric")["value"]
+    assert dataset["chance_uniform"] == pytest.approx(1 / 3) and dataset["n_classes"] == 3
+    assert set(frame["metric"]) >= {"probe_latent", "probe_explicit_heldout", "probe_latent_templates"}
+
+
+def test_probe_reads_separable_classes_and_not_shuffled_ones() -> None:
+    gen = torch.Generator().manual_seed(0)
+    centers = 3 * torch.randn(5, 20, generator=gen)
+    y = torch.arange(5).repeat(8)
+    x = centers[y] + torch.randn(40, 20, generator=gen)
+    test_y = torch.arange(5).repeat(4)
+    test_x = centers[test_y] + torch.randn(20, 20, generator=gen)
+    probe = LinearProbe(x, y, 5)
+    assert (probe.predict(test_x) == test_y).double().mean() == 1.0
+    shuffled = LinearProbe(x, y[torch.randperm(40, generator=gen)], 5)
+    assert (shuffled.predict(test_x) == test_y).double().mean() < 0.6
+
+
+def test_cells_items_and_prompts() -> None:
+    assert crosspatch_cells(6, 2) == sorted({(s, t) for s in (0, 2, 4, 5) for t in (0, 2, 4)} | {(l, l) for l in range(5)})
+    assert decoding_cells(4, 1) == [(0, 0), (0, 1), (1, 1), (2, 1), (2, 2), (3, 1)]
+    with pytest.raises(ValueError, match="decode layer"):
+        decoding_cells(4, 3)
+    assert [i.id for i in select_items(ITEMS, 3)] == ["cap-fr", "cap-it", "lang-fr"]  # round-robin, file order
+    prompt, demos = identity_prompt([*ITEMS, PromptItem("x", "About Mount Everest and gold is", "b", "c")])
+    assert "Mount Everest" not in demos and prompt.endswith("\nx:") and prompt.count(":") == len(demos) + 1
+    tok = WordTokenizer()
+    assert span_end_position(tok, "The capital of France is", "France") == 4  # BOS, The, capital, of, France
+    assert span_end_position(tok, "The capital of France is", "Fran") is None  # ends inside a token
+    assert span_end_position(tok, "The capital of France is", "Spain") is None
+    encoded = {i.id: encode(tok, i) for i in ITEMS}
+    plans = make_plans(encoded, list(encoded), seed=0)
+    for plan in plans:
+        assert plan.c.item.id == plan.a.item.pair and plan.r.item.bridge not in {plan.a.item.bridge, plan.c.item.bridge}
+        assert plan.d.item.r2 != plan.a.item.r2 and plan.e.item.bridge == plan.a.item.bridge
+        assert plan.e.item.r2 == plan.d.item.r2
+    assert [p.r.item.id for p in plans] == [p.r.item.id for p in make_plans(encoded, list(encoded), seed=0)]
+
+
+# --------------------------------------------------------------------------------------------------- real models
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", [pytest.param("smollm2-135m", marks=requires_smollm2),
+                                        pytest.param("gemma3-270m", marks=requires_gemma3)])
+def test_identity_decoding_of_explicit_entities_works_above_chance(model_name: str) -> None:
+    """The explicit bridge's own state (hop2 prompt, the bridge's last token), written into the identity prompt's
+    placeholder at its own early layer, is decoded as the bridge far more often than as the partner's bridge (an
+    entity of the same type: the chance level), as the decoding analysis does it."""
+    from probes.models import load_model
+    from prompts.loaders import load_prompts
+
+    model, tokenizer = load_model(model_name)
+    hooked = NativeHooks(model, tokenizer)
+    items = load_prompts("curated")
+    encoded = {i.id: encode(tokenizer, i) for i in items}
+    chosen = [e for e in (encoded[i.id] for i in select_items(items, 24))
+              if e.hop2_position is not None and encoded[e.item.pair].bridge != e.bridge][:16]
+    prompt, _ = identity_prompt(items)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    placeholder = span_end_position(tokenizer, prompt, "\nx")
+    assert placeholder == len(prompt_ids) - 2
+    states, _ = read_states(hooked, [(e.hop2, [e.hop2_position]) for e in chosen])
+    cells = [(l, l) for l in range(4)]
+    tokens = [e.bridge for e in chosen] + [encoded[e.item.pair].bridge for e in chosen]
+    scores, base = patch_states(hooked, prompt_ids, placeholder, list(states[:, 0]), [cells] * len(chosen), tokens)
+    own = torch.stack([s.rank(e.bridge) for s, e in zip(scores, chosen)])  # [items, layers]
+    partner = torch.stack([s.rank(encoded[e.item.pair].bridge) for s, e in zip(scores, chosen)])
+    top1, top10, chance10 = (own == 0).double().mean(0), (own < 10).double().mean(0), (partner < 10).double().mean(0)
+    assert len(chosen) == 16 and (top1 >= 0.5).all() and (top10 - chance10 >= 0.4).all(), (top1, top10, chance10)
+    # unpatched, the identity prompt says "x" again: no bridge in first place
+    assert all(base.rank(e.bridge) > 0 for e in chosen)
+
+
+@pytest.mark.slow
+@requires_smollm2
+def test_memory_command_end_to_end(tmp_path: Path) -> None:
+    from probes.cli import main
+
+    out = tmp_path / "m"
+    args = ["memory", "--model", "smollm2-135m", "--prompts", "curated", "--items", "4", "--map-items", "2",
+            "--stride", "10", "--out", str(out)]
+    assert main(args) == 0
+    frame = pd.read_csv(out / "memory.csv", dtype={"prompt_id": str})
+    assert set(frame["analysis"]) >= {"crosspatch", "decoding", "lens", "alignment", "item"}
+    assert frame.loc[frame.analysis == "item", "prompt_id"].nunique() == 4
+    assert frame.loc[frame.analysis == "crosspatch", "prompt_id"].nunique() <= 2
+    run = json.loads((out / "run.json").read_text())
+    assert run["command"] == "memory" and run["timings"]["memory_s"] > 0 and run["memory"]["map_items"] == 2
+    summary = json.loads((out / "memory_summary.json").read_text())
+    assert summary["statement"].startswith("smollm2-135m (30 layers): ")
+    (out / "memory_summary.json").unlink()
+    assert main(["memory-report", str(out)]) == 0 and (out / "memory_summary.json").is_file()
