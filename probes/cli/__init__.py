@@ -12,13 +12,13 @@ import logging
 import sys
 from typing import Sequence
 
-from probes.cli import fidelity, lens, memory, patch
+from probes.cli import fidelity, identity, lens, memory, patch
 from probes.cli.common import EPILOG
 from probes.models import ModelLoadError
 from probes.results import ResumeMismatch
 from prompts.schema import PromptSetError
 
-COMMANDS = (lens, patch, fidelity, memory)
+COMMANDS = (lens, patch, fidelity, memory, identity)
 DESCRIPTION = """Probe where a language model keeps the bridge entity of two-hop questions.
 
 `bridgeprobe run` (no arguments) is the main job: the embedded SmolLM2-135M on the bundled prompt set, writing a

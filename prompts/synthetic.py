@@ -1,0 +1,409 @@
+"""Synthetic two-hop knowledge for the identity-bridge experiments: entities, relations, facts and splits.
+
+Entity sets E1 (subjects), E2 (bridges), E3 (objects); relations R1 (E1 -> E2) and R2 (E2 -> E3), each a random
+function. Atomic facts ``(e1, r1) -> e2`` and ``(e2, r2) -> e3``; two-hop queries ``(e1, r1, r2) -> e3`` through
+the bridge ``e2``; the zero-hop identity task ``(e2, r_id) -> e2`` for every bridge.
+
+Splits (:class:`Splits`):
+
+- ``one_hop``: every atomic fact, all in training;
+- ``identity``: the identity examples (trained only in the ``identity`` condition);
+- ``two_hop_train``: compositions of the in-distribution (ID) relation pairs, ``two_hop_train_fraction`` of each;
+- ``id_test``: the other compositions of the ID pairs (unseen queries, seen relation pairs);
+- ``ood_test``: every composition of the out-of-distribution pairs: ``(r1, r2)`` never composed in training.
+
+Every r1 and every r2 keeps at least one ID pair, so OOD pairs combine relations that are each composed in
+training, only never with each other. With ``two_hop_training=False`` there is no two-hop training data at all:
+every pair is OOD and ``id_test`` is empty.
+
+Renderings: token level (:func:`token_vocab` / :meth:`Example.tokens`: one token per entity and relation, for the
+from-scratch models in ``probes.scratch``) and natural language with made-up names (:func:`render_items` gives
+:class:`~prompts.schema.PromptItem` s, so every probe reads them; :func:`training_texts` the fine-tuning
+sentences). :func:`save_splits` writes a dataset as files that :func:`load_splits` reads back and re-checks.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from prompts.schema import PromptItem, PromptSetError
+
+SPLITS = ("one_hop", "identity", "two_hop_train", "id_test", "ood_test")
+TASKS = ("hop1", "hop2", "identity", "two_hop")
+IDENTITY = "r_id"
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Sizes, ratios and the seed of a synthetic knowledge base."""
+
+    n_subjects: int = 200  # |E1|
+    n_bridges: int = 40  # |E2|
+    n_objects: int = 40  # |E3|
+    n_r1: int = 4  # |R1|
+    n_r2: int = 4  # |R2|
+    ood_pair_fraction: float = 0.25  # share of the (r1, r2) pairs held out of two-hop training
+    two_hop_train_fraction: float = 0.5  # share of each ID pair's compositions that are trained
+    two_hop_training: bool = True  # False: no two-hop training data at all (every pair OOD)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_subjects", "n_bridges", "n_objects", "n_r1", "n_r2"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("ood_pair_fraction", "two_hop_train_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        n_pairs = self.n_r1 * self.n_r2
+        if self.two_hop_training and round(self.ood_pair_fraction * n_pairs) > n_pairs - max(self.n_r1, self.n_r2):
+            raise ValueError(f"ood_pair_fraction {self.ood_pair_fraction} leaves too few ID pairs for every relation "
+                             f"to be composed in training ({n_pairs} pairs, need {max(self.n_r1, self.n_r2)} ID)")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training or test example. Entities and relations are names such as ``e1_17``, ``r2_3``, ``r_id``.
+
+    ``task``: ``hop1`` (e1, r1 -> e2), ``hop2`` (e2, r2 -> e3), ``identity`` (e2, r_id -> e2) or ``two_hop``
+    (e1, r1, r2 -> e3 through e2)."""
+
+    task: str
+    head: str
+    relations: tuple[str, ...]
+    target: str
+    bridge: str | None = None  # two-hop only
+
+    def tokens(self) -> list[str]:
+        """Token-level rendering: the head entity, then each relation; the model predicts :attr:`target` next."""
+        return [self.head, *self.relations]
+
+
+@dataclass
+class Splits:
+    """A generated knowledge base: the facts, the relation-pair split and the example splits."""
+
+    config: SynthConfig
+    subjects: list[str]
+    bridges: list[str]
+    objects: list[str]
+    r1: list[str]
+    r2: list[str]
+    hop1: dict[tuple[str, str], str]  # (e1, r1) -> e2
+    hop2: dict[tuple[str, str], str]  # (e2, r2) -> e3
+    id_pairs: list[tuple[str, str]]
+    ood_pairs: list[tuple[str, str]]
+    examples: dict[str, list[Example]] = field(default_factory=dict)
+
+    @property
+    def entities(self) -> list[str]:
+        return self.subjects + self.bridges + self.objects
+
+    @property
+    def relations(self) -> list[str]:
+        return self.r1 + self.r2 + [IDENTITY]
+
+    def two_hop(self, e1: str, r1: str, r2: str) -> Example:
+        bridge = self.hop1[(e1, r1)]
+        return Example("two_hop", e1, (r1, r2), self.hop2[(bridge, r2)], bridge)
+
+    def training(self, identity: bool, identity_repeat: int = 1) -> list[Example]:
+        """The training examples of a condition: one-hop facts, trained two-hop queries and, with ``identity``,
+        ``identity_repeat`` copies of the identity examples (the data-ratio knob)."""
+        return (self.examples["one_hop"] + self.examples["two_hop_train"]
+                + (self.examples["identity"] * identity_repeat if identity else []))
+
+    def summary(self) -> dict[str, Any]:
+        return {"config": asdict(self.config), "id_pairs": [list(p) for p in self.id_pairs],
+                "ood_pairs": [list(p) for p in self.ood_pairs],
+                "sizes": {name: len(self.examples[name]) for name in SPLITS}}
+
+
+def _split_pairs(config: SynthConfig, r1: list[str], r2: list[str], rng: random.Random) -> tuple[list, list]:
+    """(ID pairs, OOD pairs): a random ``ood_pair_fraction`` of the grid held out, keeping every relation in some
+    ID pair (greedy over a random order; a held-out pair is skipped when it would orphan a relation)."""
+    pairs = [(a, b) for a in r1 for b in r2]
+    if not config.two_hop_training:
+        return [], pairs
+    n_ood = round(config.ood_pair_fraction * len(pairs))
+    order = pairs[:]
+    rng.shuffle(order)
+    ood: list[tuple[str, str]] = []
+    for pair in order:
+        if len(ood) == n_ood:
+            break
+        rest = [p for p in pairs if p not in ood and p != pair]
+        if {a for a, _ in rest} == set(r1) and {b for _, b in rest} == set(r2):
+            ood.append(pair)
+    if len(ood) < n_ood:
+        raise ValueError(f"cannot hold out {n_ood} relation pairs and keep every relation composed in training")
+    return [p for p in pairs if p not in ood], sorted(ood)
+
+
+def generate(config: SynthConfig) -> Splits:
+    """A random knowledge base and its splits; the same config (seed included) always gives the same data."""
+    rng = random.Random(config.seed)
+    subjects = [f"e1_{i}" for i in range(config.n_subjects)]
+    bridges = [f"e2_{i}" for i in range(config.n_bridges)]
+    objects = [f"e3_{i}" for i in range(config.n_objects)]
+    r1 = [f"r1_{i}" for i in range(config.n_r1)]
+    r2 = [f"r2_{i}" for i in range(config.n_r2)]
+    hop1 = {(e, r): rng.choice(bridges) for e in subjects for r in r1}
+    hop2 = {(e, r): rng.choice(objects) for e in bridges for r in r2}
+    id_pairs, ood_pairs = _split_pairs(config, r1, r2, rng)
+    splits = Splits(config, subjects, bridges, objects, r1, r2, hop1, hop2, id_pairs, ood_pairs)
+    one_hop = ([Example("hop1", e, (r,), b) for (e, r), b in hop1.items()]
+               + [Example("hop2", e, (r,), o) for (e, r), o in hop2.items()])
+    train, id_test = [], []
+    for a, b in id_pairs:
+        queries = [splits.two_hop(e, a, b) for e in subjects]
+        rng.shuffle(queries)
+        n_train = round(config.two_hop_train_fraction * len(queries))
+        train += queries[:n_train]
+        id_test += queries[n_train:]
+    splits.examples = {
+        "one_hop": one_hop,
+        "identity": [Example("identity", b, (IDENTITY,), b) for b in bridges],
+        "two_hop_train": train,
+        "id_test": id_test,
+        "ood_test": [splits.two_hop(e, a, b) for a, b in ood_pairs for e in subjects],
+    }
+    return splits
+
+
+def check_splits(splits: Splits) -> None:
+    """Raise ValueError unless the splits are consistent: every example follows the facts; the trained, ID-test and
+    OOD-test queries are disjoint; no OOD relation pair is composed in training; ``ood_test`` covers exactly the
+    OOD pairs; ``one_hop`` holds every atomic fact."""
+    ex = splits.examples
+    for name in SPLITS:
+        for item in ex[name]:
+            if item.task == "two_hop":
+                if splits.two_hop(item.head, *item.relations) != item:
+                    raise ValueError(f"{name}: {item} does not follow the facts")
+            elif item.task == "identity":
+                if item.head != item.target or item.head not in splits.bridges:
+                    raise ValueError(f"{name}: {item} is not an identity example of a bridge")
+            else:
+                table = splits.hop1 if item.task == "hop1" else splits.hop2
+                if table.get((item.head, item.relations[0])) != item.target:
+                    raise ValueError(f"{name}: {item} does not follow the facts")
+    keys = {name: {(i.head, i.relations) for i in ex[name]} for name in ("two_hop_train", "id_test", "ood_test")}
+    for a, b in (("two_hop_train", "id_test"), ("two_hop_train", "ood_test"), ("id_test", "ood_test")):
+        if keys[a] & keys[b]:
+            raise ValueError(f"splits {a} and {b} share {len(keys[a] & keys[b])} queries")
+    trained_pairs = {i.relations for i in ex["two_hop_train"]}
+    ood = {i.relations for i in ex["ood_test"]}
+    if trained_pairs & ood:
+        raise ValueError(f"OOD relation pairs composed in training: {sorted(trained_pairs & ood)}")
+    if set(map(tuple, splits.ood_pairs)) != ood and ex["ood_test"]:
+        raise ValueError("ood_test does not cover exactly the OOD relation pairs")
+    if len(ex["one_hop"]) != len(splits.hop1) + len(splits.hop2):
+        raise ValueError("one_hop must hold every atomic fact")
+
+
+# ------------------------------------------------------------------------------------------------ token level
+
+
+def token_vocab(splits: Splits) -> list[str]:
+    """The token-level vocabulary: every entity, then every relation (identity last); position = token id."""
+    return splits.entities + splits.relations
+
+
+# ------------------------------------------------------------------------------------------- natural language
+
+# R1: person -> town (hop-1 prompt, the description of the bridge inside a two-hop prompt)
+R1_TEMPLATES = (
+    ("born_in", "{e1} was born in", "the town where {e1} was born"),
+    ("lives_in", "{e1} lives in", "the town where {e1} lives"),
+    ("works_in", "{e1} works in", "the town where {e1} works"),
+    ("studied_in", "{e1} studied in", "the town where {e1} studied"),
+    ("married_in", "{e1} got married in", "the town where {e1} got married"),
+    ("retired_to", "{e1} retired to", "the town where {e1} retired"),
+)
+# R2: town -> person ("The mayor of X is")
+R2_TEMPLATES = (
+    ("mayor", "The mayor of {x} is"),
+    ("founder", "The founder of {x} is"),
+    ("sheriff", "The sheriff of {x} is"),
+    ("doctor", "The doctor of {x} is"),
+    ("baker", "The baker of {x} is"),
+    ("teacher", "The teacher of {x} is"),
+)
+IDENTITY_TEMPLATE = "The town {x} is called"
+
+_ONSETS = ("b", "br", "c", "ch", "d", "dr", "f", "fl", "g", "gr", "h", "j", "k", "kl", "l", "m", "n", "p", "pl",
+           "qu", "r", "s", "sh", "sk", "st", "t", "th", "tr", "v", "w", "z")
+_VOWELS = ("a", "e", "i", "o", "u", "ae", "ia", "ou", "y")
+_CODAS = ("", "", "l", "n", "r", "s", "th", "nd", "rk", "x")
+_TOWN_ENDS = ("moor", "wick", "dale", "ford", "holm", "stead", "mere", "by", "thorpe", "haven", "gate", "ley")
+
+
+def _syllable(rng: random.Random) -> str:
+    return rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+
+
+def _person(rng: random.Random) -> str:
+    first = _syllable(rng) + rng.choice(_ONSETS) + rng.choice(_VOWELS)
+    last = _syllable(rng) + _syllable(rng)
+    return f"{first.capitalize()} {last.capitalize()}"
+
+
+def _town(rng: random.Random) -> str:
+    return (_syllable(rng) + rng.choice(_TOWN_ENDS)).capitalize()
+
+
+def _first_token(tokenizer: Any, name: str) -> int:
+    return tokenizer(" " + name, add_special_tokens=False)["input_ids"][0]
+
+
+def make_names(splits: Splits, *, seed: int = 0, tokenizer: Any = None, attempts: int = 200) -> dict[str, str]:
+    """Made-up names for every entity: people for subjects and objects, towns for bridges; all distinct. With a
+    ``tokenizer``, bridges (and objects) also get distinct first tokens (``tokenizer(" " + name)``) within their
+    set, so first-token readouts such as the logit lens and restricted accuracy identify them unambiguously."""
+    rng = random.Random(f"names-{seed}")
+    names: dict[str, str] = {}
+    used: set[str] = set()
+    for group, maker, distinct in ((splits.subjects, _person, False), (splits.bridges, _town, True),
+                                   (splits.objects, _person, True)):
+        firsts: set[int] = set()
+        for entity in group:
+            for _ in range(attempts):
+                name = maker(rng)
+                if name in used:
+                    continue
+                if tokenizer is not None and distinct:
+                    first = _first_token(tokenizer, name)
+                    if first in firsts:
+                        continue
+                    firsts.add(first)
+                break
+            else:
+                raise ValueError(f"could not find {len(group)} names with distinct first tokens; use fewer entities")
+            names[entity] = name
+            used.add(name)
+    return names
+
+
+def relation_names(splits: Splits) -> dict[str, str]:
+    """Natural-language names of the relations (``r1_0`` -> ``born_in``); R1/R2 hold at most 6 relations each."""
+    if len(splits.r1) > len(R1_TEMPLATES) or len(splits.r2) > len(R2_TEMPLATES):
+        raise ValueError(f"natural-language rendering has {len(R1_TEMPLATES)} R1 and {len(R2_TEMPLATES)} R2 templates")
+    names = {r: R1_TEMPLATES[i][0] for i, r in enumerate(splits.r1)}
+    names.update({r: R2_TEMPLATES[i][0] for i, r in enumerate(splits.r2)})
+    names[IDENTITY] = "identity"
+    return names
+
+
+def prompt_text(splits: Splits, example: Example, names: dict[str, str]) -> str:
+    """The natural-language prompt of an example, ending right before its target."""
+    if example.task == "hop1":
+        return R1_TEMPLATES[splits.r1.index(example.relations[0])][1].format(e1=names[example.head])
+    if example.task == "hop2":
+        return R2_TEMPLATES[splits.r2.index(example.relations[0])][1].format(x=names[example.head])
+    if example.task == "identity":
+        return IDENTITY_TEMPLATE.format(x=names[example.head])
+    r1, r2 = example.relations
+    described = R1_TEMPLATES[splits.r1.index(r1)][2].format(e1=names[example.head])
+    return R2_TEMPLATES[splits.r2.index(r2)][1].format(x=described)
+
+
+def training_texts(splits: Splits, examples: Iterable[Example], names: dict[str, str]) -> list[tuple[str, str]]:
+    """(prompt, target) pairs for fine-tuning: the model learns ``prompt + " " + target + "."``."""
+    return [(prompt_text(splits, e, names), names[e.target]) for e in examples]
+
+
+def render_items(splits: Splits, names: dict[str, str], split_names: Sequence[str] = ("id_test", "ood_test"),
+                 *, tokenizer: Any = None) -> list[PromptItem]:
+    """Two-hop examples of ``split_names`` as prompt items (ids ``synth-<split>-<n>``), with hop-1 and hop-2
+    prompts, relation names, and a counterfactual ``pair``: an item of the same split and composition with another
+    bridge and answer (of the same token length under ``tokenizer`` when one is given; unpaired otherwise)."""
+    rel = relation_names(splits)
+    items: list[PromptItem] = []
+    for split in split_names:
+        group = [e for e in splits.examples[split] if e.task == "two_hop"]
+        ids = [f"synth-{split.replace('_', '-')}-{n:05d}" for n in range(len(group))]
+        lengths = [len(tokenizer(prompt_text(splits, e, names))["input_ids"]) if tokenizer else 0 for e in group]
+        partner = _pairs(group, lengths)
+        for n, example in enumerate(group):
+            hop1 = Example("hop1", example.head, example.relations[:1], example.bridge)
+            hop2 = Example("hop2", example.bridge, example.relations[1:], example.target)
+            items.append(PromptItem(
+                id=ids[n], two_hop=prompt_text(splits, example, names), bridge=names[example.bridge],
+                answer=names[example.target], e1=names[example.head], r1=rel[example.relations[0]],
+                r2=rel[example.relations[1]], hop1=prompt_text(splits, hop1, names),
+                hop2=prompt_text(splits, hop2, names), pair=ids[partner[n]] if n in partner else None,
+            ))
+    return items
+
+
+def _pairs(group: list[Example], lengths: list[int]) -> dict[int, int]:
+    """Mutual partners within ``group``: same relations, same length, different bridge and answer (greedy)."""
+    partner: dict[int, int] = {}
+    for i, a in enumerate(group):
+        if i in partner:
+            continue
+        for j in range(i + 1, len(group)):
+            b = group[j]
+            if (j not in partner and a.relations == b.relations and lengths[i] == lengths[j]
+                    and a.bridge != b.bridge and a.target != b.target):
+                partner[i], partner[j] = j, i
+                break
+    return partner
+
+
+# ------------------------------------------------------------------------------------------------------ files
+
+_COLUMNS = ("split", "task", "head", "r1", "r2", "bridge", "target")
+
+
+def save_splits(splits: Splits, out_dir: Path, names: dict[str, str] | None = None) -> list[Path]:
+    """Write ``synth.json`` (config, relation pairs, sizes, names) and ``examples.csv`` (one row per example and
+    split, long format) into ``out_dir``, atomically; return the paths."""
+    from probes.results import atomic_write, atomic_write_json
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(_COLUMNS)
+    for split in SPLITS:
+        for e in splits.examples[split]:
+            writer.writerow([split, e.task, e.head, e.relations[0], e.relations[1] if len(e.relations) > 1 else "",
+                             e.bridge or "", e.target])
+    meta = {**splits.summary(), "names": names or {}}
+    atomic_write_json(out_dir / "synth.json", meta)
+    atomic_write(out_dir / "examples.csv", buffer.getvalue())
+    return [out_dir / "synth.json", out_dir / "examples.csv"]
+
+
+def load_splits(out_dir: Path) -> tuple[Splits, dict[str, str]]:
+    """Read a dataset written by :func:`save_splits`: regenerate it from its config, check that the saved
+    examples are exactly the regenerated ones (the files are the record; a mismatch names the first differing
+    line) and return it with its names."""
+    meta_path, csv_path = out_dir / "synth.json", out_dir / "examples.csv"
+    for path in (meta_path, csv_path):
+        if not path.is_file():
+            raise PromptSetError(str(path), None, None, "file not found")
+    meta = json.loads(meta_path.read_text())
+    try:
+        config = SynthConfig(**meta["config"])
+    except (TypeError, KeyError) as err:
+        raise PromptSetError(str(meta_path), None, "config", f"not a synthetic dataset config: {err}") from err
+    splits = generate(config)
+    expected = [(s, e) for s in SPLITS for e in splits.examples[s]]
+    with csv_path.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if len(rows) != len(expected):
+        raise PromptSetError(str(csv_path), None, None, f"{len(rows)} examples, the config generates {len(expected)}")
+    for line, (row, (split, e)) in enumerate(zip(rows, expected), start=2):
+        saved = Example(row["task"], row["head"], tuple(r for r in (row["r1"], row["r2"]) if r), row["target"],
+                        row["bridge"] or None)
+        if row["split"] != split or saved != e:
+            raise PromptSetError(str(csv_path), line, None,
+                                 f"example {dict(row)} differs from the generated {split} {e}")
+    check_splits(splits)
+    return splits, meta.get("names", {})

@@ -1,0 +1,272 @@
+"""LoRA identity fine-tuning: an untrained adapter (B = 0) is the base model exactly, disable_adapter gives the
+base model back after training (lens included), tiny runs reduce the loss, a killed run resumes bit-identically,
+adapters reload from safetensors, and the QLoRA path trains on a 4-bit model."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import TINY_CONFIGS, CharTokenizer, requires_smollm2
+
+pytest.importorskip("peft")
+
+from probes.finetune import (BASE, FinetuneConfig, accuracy, add_adapter, encode_texts, inner_model,  # noqa: E402
+                             load_base, model_state, save_adapter, target_loss, train_adapter)
+from probes.hooks import NativeHooks, pad_right  # noqa: E402
+from probes.lens import lens_batch, lens_queries  # noqa: E402
+from prompts.synthetic import SynthConfig, generate, make_names, render_items, save_splits  # noqa: E402
+
+DATA = SynthConfig(n_subjects=6, n_bridges=3, n_objects=4, n_r1=2, n_r2=2, seed=0)
+CONFIG = FinetuneConfig(rank=4, alpha=8, lr=5e-3, steps=8, batch_size=4, warmup=2, eval_every=2,
+                        checkpoint_every=4, eval_limit=8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny(seed: int = 0) -> torch.nn.Module:
+    """A tiny random Llama (vocabulary 128: the CharTokenizer's ids) with room for sentence-long inputs. Its output
+    head is scaled up: after the final norm, the default 0.02-std head allows only near-uniform predictions, and
+    LoRA (on the blocks, not the head) could not lower the loss."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS["llama"]()
+    config.max_position_embeddings = 256
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.lm_head.weight.data *= 25
+    return model.eval().requires_grad_(False)
+
+
+def _ids() -> tuple[torch.Tensor, torch.Tensor]:
+    return pad_right([[0, 5, 9, 33, 70, 12], [0, 44, 2]])
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    ids, mask = _ids()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits * mask[..., None]
+
+
+def _task():
+    splits = generate(DATA)
+    return splits, make_names(splits, seed=0)
+
+
+def test_untrained_adapter_is_the_base_model_exactly() -> None:
+    model = _tiny()
+    reference = copy.deepcopy(model)
+    peft_model = add_adapter(model, "identity", CONFIG, seed=0)
+    lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    lora_a = [p for n, p in peft_model.named_parameters() if "lora_A" in n]
+    assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)
+    assert all(torch.count_nonzero(p) > 0 for p in lora_a)  # a real, randomly initialized adapter
+    # B = 0 adds exact zeros to every adapted projection: logits equal plain HF bit for bit (tolerance 0)
+    assert torch.equal(_logits(peft_model), _logits(reference))
+
+
+def test_left_padded_loss_and_accuracy_equal_one_sequence_at_a_time() -> None:
+    model = _tiny()
+    tokenizer = CharTokenizer()
+    pairs = [("The town Ab is called", "Ab"), ("Xy was born in", "Qwerty"), ("The mayor of Q is", "Zed Ko")]
+    rows = encode_texts(tokenizer, pairs)
+    total, count, greedy = 0.0, 0, []
+    with torch.no_grad():
+        for ids, labels in rows:  # unpadded, full logits, plain HF
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+            picked = [(p - 1, t) for p, t in enumerate(labels) if t != -100]
+            total += sum(float(-logits[q].log_softmax(-1)[t]) for q, t in picked)
+            count += len(picked)
+            greedy.append(int(logits[labels.index(next(t for t in labels if t != -100)) - 1].argmax()))
+        batched = float(target_loss(model, rows, pad_id=0, device="cpu"))
+    assert batched == pytest.approx(total / count, abs=1e-5)
+    first_targets = [tokenizer(" " + t, add_special_tokens=False)["input_ids"][0] for _, t in pairs]
+    expected = sum(g == t for g, t in zip(greedy, first_targets)) / len(pairs)
+    assert accuracy(model, tokenizer, pairs, batch_size=2) == expected
+
+
+def test_disable_adapter_gives_the_base_model_back_after_training() -> None:
+    splits, names = _task()
+    tokenizer = CharTokenizer()
+    model = _tiny()
+    reference = copy.deepcopy(model)
+    peft_model = add_adapter(model, "identity", CONFIG, seed=0)
+    train_adapter(peft_model, "identity", tokenizer, splits, names, CONFIG, identity=True, seed=0)
+    assert (_logits(peft_model) - _logits(reference)).abs().max() > 1e-3  # training changed the adapted model
+    with model_state(peft_model, BASE):
+        assert torch.equal(_logits(peft_model), _logits(reference))
+        # the logit lens through our hooks on the inner model reads the base model too
+        queries = lens_queries(render_items(splits, names, ("ood_test",))[:2])
+        base_rows = lens_batch(NativeHooks(inner_model(peft_model), tokenizer), queries)
+    plain_rows = lens_batch(NativeHooks(reference, tokenizer), queries)
+    assert [(r["rank"], r["logit"]) for r in base_rows] == [(r["rank"], r["logit"]) for r in plain_rows]
+    adapted_rows = lens_batch(NativeHooks(inner_model(peft_model), tokenizer), queries)
+    assert [r["logit"] for r in adapted_rows] != [r["logit"] for r in plain_rows]
+
+
+def test_tiny_finetuning_reduces_loss_in_both_conditions() -> None:
+    splits, names = _task()
+    peft_model = _tiny()
+    for condition in ("no_identity", "identity"):
+        rows = []
+        peft_model = add_adapter(peft_model, condition, CONFIG, seed=0)
+        final = train_adapter(peft_model, condition, CharTokenizer(), splits, names, CONFIG,
+                              identity=condition == "identity", seed=0, on_eval=rows.append)
+        assert [r["step"] for r in rows] == [0, 2, 4, 6, 8]
+        assert rows[-1]["train_loss"] < 0.8 * rows[1]["train_loss"], condition
+        assert final == rows[-1] and all(0.0 <= final[k] <= 1.0 for k in ("one_hop_acc", "ood_two_hop_acc"))
+    assert set(peft_model.peft_config) == {"no_identity", "identity"}
+
+
+def test_killed_finetuning_resumes_bit_identical(tmp_path: Path) -> None:
+    splits, names = _task()
+    runs = {}
+    for name, interrupt in (("clean", None), ("killed", 6)):
+        rows = []
+        peft_model = add_adapter(_tiny(), "identity", CONFIG, seed=1)
+        kwargs = dict(identity=True, seed=1, checkpoint=tmp_path / f"{name}.pt", on_eval=rows.append)
+        if interrupt:
+            with pytest.raises(KeyboardInterrupt):  # killed after step 6; the last checkpoint is step 4
+                train_adapter(peft_model, "identity", CharTokenizer(), splits, names, CONFIG,
+                              interrupt_at=interrupt, **kwargs)
+            peft_model = add_adapter(_tiny(), "identity", CONFIG, seed=1)  # a fresh process
+        final = train_adapter(peft_model, "identity", CharTokenizer(), splits, names, CONFIG, **kwargs)
+        runs[name] = (peft_model, final, rows)
+    clean, killed = runs["clean"][0].state_dict(), runs["killed"][0].state_dict()
+    for key, value in clean.items():
+        assert torch.equal(value, killed[key]), key
+    assert runs["clean"][1] == runs["killed"][1]
+    by_step = {r["step"]: json.dumps(r) for r in runs["clean"][2]}
+    assert [r["step"] for r in runs["killed"][2]] == [0, 2, 4, 6, 6, 8]  # step 6 again after the resume
+    assert all(json.dumps(r) == by_step[r["step"]] for r in runs["killed"][2])
+
+
+def test_adapter_is_saved_as_safetensors_and_reloads(tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    splits, names = _task()
+    peft_model = add_adapter(_tiny(), "identity", CONFIG, seed=0)
+    train_adapter(peft_model, "identity", CharTokenizer(), splits, names, CONFIG, identity=True, seed=0)
+    files = save_splits(splits, tmp_path / "data", names)
+    path = save_adapter(peft_model, "identity", tmp_path / "adapters", files)
+    assert {p.name for p in path.iterdir()} >= {"adapter_model.safetensors", "adapter_config.json", "synth.json",
+                                                "examples.csv"}
+    assert json.loads((path / "adapter_config.json").read_text())["r"] == CONFIG.rank
+    reloaded = PeftModel.from_pretrained(_tiny(), str(path))
+    torch.testing.assert_close(_logits(reloaded), _logits(peft_model), rtol=0, atol=1e-6)
+
+
+def _tiny_dir(path: Path) -> Path:
+    """The tiny Llama saved as a checkpoint directory, with a character-level tokenizer in which a space and a
+    capital letter are one token (ids 0-25; the printable characters keep their codes), so the names of the
+    synthetic entities get distinct first tokens."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    model = _tiny()
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.save_pretrained(path)
+    capitals = [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    vocab = {chr(i): i for i in range(32, 128)} | {" " + c: i for i, c in enumerate(capitals)}
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[(" ", c) for c in capitals]))
+    PreTrainedTokenizerFast(tokenizer_object=raw).save_pretrained(path)
+    return path
+
+
+def test_finetune_command_writes_the_report_and_resumes_after_a_kill(tmp_path: Path, monkeypatch) -> None:
+    import pandas as pd
+
+    import probes.finetune
+    from probes.cli import main
+
+    model = str(_tiny_dir(tmp_path / "model"))
+    args = ["finetune", "--model", model, "--subjects", "6", "--bridges", "3", "--objects", "4", "--r1", "2",
+            "--r2", "2", "--rank", "4", "--alpha", "8", "--lr", "5e-3", "--steps", "4", "--batch-size", "4",
+            "--eval-every", "2", "--checkpoint-every", "2", "--probe-items", "4", "--patch-pairs", "1", "--memory"]
+    clean = tmp_path / "clean"
+    assert main([*args, "--out", str(clean)]) == 0
+    for name in ("metrics.csv", "results.csv", "lens_summary.csv", "lens_layers.csv", "learning_curves.png",
+                 "index.html", "data/synth.json", "data/prompts.jsonl", "adapters/identity/adapter_config.json",
+                 "adapters/identity/adapter_model.safetensors", "adapters/no_identity/synth.json",
+                 "memory/base/memory.csv", "memory/identity/memory.csv"):
+        assert (clean / name).stat().st_size > 0, name
+    assert not (clean / "checkpoints").exists()
+    adapter_config = json.loads((clean / "adapters" / "identity" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == model  # as given, not a cache path
+    assert not (clean / "adapters" / "README.md").exists()  # peft's model-card template is dropped
+    run = json.loads((clean / "run.json").read_text())
+    assert [r["condition"] for r in run["results"]] == ["no_identity", "identity"]
+    assert all({"seed", "ood_two_hop_acc", "id_two_hop_acc", "one_hop_acc"} <= set(r) for r in run["results"])
+    assert list(pd.read_csv(clean / "results.csv")["condition"]) == ["base", "no_identity", "identity"]
+    summary = pd.read_csv(clean / "lens_summary.csv")
+    assert set(zip(summary["state"], summary["split"])) == {(s, p) for s in ("base", "no_identity", "identity")
+                                                             for p in ("id_test", "ood_test")}
+    patched = summary.dropna(subset=["patching_logit_gap"])
+    for row in patched.itertuples():  # the gap column is the patching table's clean minus corrupted metric
+        table = pd.read_csv(clean / "patching" / row.state / row.split / "patching.csv")
+        gap = (table.groupby("clean_id")["clean_metric"].first() - table.groupby("clean_id")["corrupt_metric"].first())
+        assert row.patching_logit_gap == pytest.approx(gap.mean())
+    assert len(patched) > 0
+
+    real, calls = probes.finetune.train_adapter, []
+
+    def killed_in_second_condition(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw, interrupt_at=3 if len(calls) == 2 else None)
+
+    monkeypatch.setattr(probes.finetune, "train_adapter", killed_in_second_condition)
+    with pytest.raises(KeyboardInterrupt):  # the identity adapter is killed after step 3 (checkpoint: step 2)
+        main([*args, "--out", str(tmp_path / "killed")])
+    assert (tmp_path / "killed" / "checkpoints" / "identity.pt").is_file()
+    monkeypatch.setattr(probes.finetune, "train_adapter", real)
+    assert main([*args, "--out", str(tmp_path / "killed")]) == 0
+    for name in ("metrics.csv", "results.csv", "lens_summary.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "killed" / name), pd.read_csv(clean / name))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_qlora_path_trains_a_4bit_model(tmp_path: Path) -> None:
+    _tiny_dir(tmp_path)
+    base, tokenizer = load_base(str(tmp_path), quantize="4bit", device="cpu")
+    assert any("bitsandbytes" in type(m).__module__ for m in base.modules())
+    splits, names = _task()
+    peft_model = add_adapter(base, "identity", CONFIG, seed=0)
+    rows = []
+    train_adapter(peft_model, "identity", tokenizer, splits, names, CONFIG, identity=True, seed=0, on_eval=rows.append)
+    assert all(r["train_loss"] == r["train_loss"] for r in rows[1:])  # finite
+    assert any(torch.count_nonzero(p) > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.slow
+@requires_smollm2
+def test_smollm2_adapter_with_zero_b_equals_plain_model_and_disable_restores_it(smollm2) -> None:
+    from probes.models import load_model
+
+    plain, tokenizer = smollm2
+    model, _ = load_model("smollm2-135m")  # a separate copy: peft edits the model it wraps
+    peft_model = add_adapter(model, "identity", FinetuneConfig(rank=8), seed=0)
+    ids, mask = pad_right([tokenizer("The town Flythstead is called")["input_ids"], tokenizer("Hi")["input_ids"]])
+    with torch.no_grad():
+        reference = plain(input_ids=ids, attention_mask=mask).logits * mask[..., None]
+        untrained = peft_model(input_ids=ids, attention_mask=mask).logits * mask[..., None]
+    assert torch.equal(untrained, reference)  # tolerance 0: B = 0 adds exact zeros
+    splits = generate(DATA)
+    names = make_names(splits, seed=0, tokenizer=tokenizer)
+    config = FinetuneConfig(rank=8, steps=2, batch_size=2, eval_every=2, checkpoint_every=2, eval_limit=2)
+    train_adapter(peft_model, "identity", tokenizer, splits, names, config, identity=True, seed=0)
+    with torch.no_grad():
+        adapted = peft_model(input_ids=ids, attention_mask=mask).logits * mask[..., None]
+        with model_state(peft_model, BASE):
+            restored = peft_model(input_ids=ids, attention_mask=mask).logits * mask[..., None]
+    assert (adapted - reference).abs().max() > 1e-3
+    assert torch.equal(restored, reference)
