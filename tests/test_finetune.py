@@ -28,12 +28,7 @@ CONFIG = FinetuneConfig(rank=4, alpha=8, lr=5e-3, steps=8, batch_size=4, warmup=
                         checkpoint_every=4, eval_limit=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(seed: int = 0) -> torch.nn.Module:

@@ -62,13 +62,7 @@ def model_of(kind: str, seed: int = 0) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a second thread only fights other jobs for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_pair(length: int = 9, shared: int = 2, seed: int = 0) -> Pair:

@@ -23,12 +23,7 @@ def _config(model: str, **overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("model", ["gpt2", "emb_mlp"])
