@@ -19,7 +19,7 @@ Per (model, variant):
     python tests/benchmarks/bench_scale.py --device cuda --models smollm2-135m gemma3-270m /models/Llama-3.1-8B \\
         --variants float32 bfloat16 8bit 4bit --batch-sizes 1 8 32 128 --limit 64 --pairs 2 --out scale.json
     python tests/benchmarks/bench_scale.py --device cpu --models smollm2-135m --variants float32 8bit \\
-        --batch-sizes 1 8 --limit 4 --pairs 1 --out /tmp/scale-cpu.json               # a CPU check
+        --batch-sizes 1 8 --limit 4 --pairs 1 --out scale-cpu.json                    # a CPU check
 
 Writes ``--out`` (JSON: environment and every figure) and the same figures as a CSV beside it (one row per model,
 variant, probe and batch size).
