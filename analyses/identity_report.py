@@ -86,6 +86,16 @@ def _pm(mean: float | None, std: float | None, sign: bool = False) -> str:
     return text + (f" ± {std:.3f}" if std is not None and not pd.isna(std) else "")
 
 
+def seed_band(ax: plt.Axes, rows: pd.DataFrame, column: str) -> None:
+    """Per condition, ``column`` against the step: the mean over seeds as a line, the seeds' range as a band."""
+    for condition, part in rows.groupby("condition"):
+        stats = part.groupby("step")[column].agg(["mean", "min", "max"]).dropna()
+        if stats.empty:
+            continue
+        ax.plot(stats.index, stats["mean"], color=COLORS.get(condition), label=condition)
+        ax.fill_between(stats.index, stats["min"], stats["max"], color=COLORS.get(condition), alpha=0.15)
+
+
 def learning_curves(metrics: pd.DataFrame, keys: Sequence[str], path: Path, title: str,
                     columns: Sequence[str] = ("ood_two_hop_acc", "id_two_hop_acc", "one_hop_acc", "train_loss")) -> Path:
     """One row of panels per configuration, one panel per metric: the mean over seeds against the step for each
@@ -96,13 +106,7 @@ def learning_curves(metrics: pd.DataFrame, keys: Sequence[str], path: Path, titl
     for r, (values, group) in enumerate(groups):
         for c, column in enumerate(columns):
             ax = axes[r][c]
-            for condition, sub in group.groupby("condition"):
-                stats = sub.groupby("step")[column].agg(["mean", "min", "max"]).dropna()
-                if stats.empty:
-                    continue
-                color = COLORS.get(condition, None)
-                ax.plot(stats.index, stats["mean"], color=color, label=condition, lw=1.8)
-                ax.fill_between(stats.index, stats["min"], stats["max"], color=color, alpha=0.15)
+            seed_band(ax, group, column)
             if column == "train_loss":
                 ax.set_yscale("log")
             ax.set(xlabel="step", title=column if r == 0 else None)
@@ -134,10 +138,7 @@ def alignment_curves(alignment: pd.DataFrame, keys: Sequence[str], path: Path, t
     for r, (values, group) in enumerate(groups):
         for c, layer in enumerate(layers):
             ax = axes[r][c]
-            for condition, part in group[group["query_layer"] == layer].groupby("condition"):
-                stats = part.groupby("step")["top1"].agg(["mean", "min", "max"])
-                ax.plot(stats.index, stats["mean"], color=COLORS.get(condition), label=condition)
-                ax.fill_between(stats.index, stats["min"], stats["max"], color=COLORS.get(condition), alpha=0.15)
+            seed_band(ax, group[group["query_layer"] == layer], "top1")
             ax.set(ylim=(-0.02, 1.02), xlabel="step", title=f"query layer {layer}" if r == 0 else None)
             if c == 0:
                 ax.set_ylabel(_label(keys, values), fontsize=8)
@@ -177,10 +178,7 @@ def nuclear_norm_curves(weights: pd.DataFrame, keys: Sequence[str], path: Path, 
     groups = list(total.groupby(list(keys), sort=True)) if keys else [((), total)]
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.2), squeeze=False)
     for ax, (values, group) in zip(axes[0], groups):
-        for condition, part in group.groupby("condition"):
-            stats = part.groupby("step")["nuclear_norm"].agg(["mean", "min", "max"])
-            ax.plot(stats.index, stats["mean"], color=COLORS.get(condition), label=condition)
-            ax.fill_between(stats.index, stats["min"], stats["max"], color=COLORS.get(condition), alpha=0.15)
+        seed_band(ax, group, "nuclear_norm")
         ax.set(xlabel="step", ylabel="sum of nuclear norms", title=_label(keys, values))
         ax.legend(fontsize=7)
     fig.suptitle(title)
