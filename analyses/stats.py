@@ -1,0 +1,216 @@
+"""The statistics every report uses: intervals with their n, paired differences, exact tests, and a sign-flip
+test with the max statistic that controls the family-wise error over many columns.
+
+Rules (docs/statistics.md):
+- every interval comes with the n it rests on; below :data:`MIN_N` values no interval is given (NaN bounds and a
+  ``reason``), because a bootstrap or t interval from one or two values is not an interval;
+- means of continuous values: BCa bootstrap (:func:`scipy.stats.bootstrap`, :data:`N_RESAMPLES` resamples,
+  seeded) or a Student t interval (:func:`mean_interval`, ``method``); rates of 0/1 values: the exact
+  Clopper-Pearson interval (:func:`scipy.stats.binomtest`), which does not collapse to [0, 0] at 0 of n the way a
+  bootstrap does;
+- paired differences (bridge minus its control on the same item) drop items missing either value
+  (:func:`paired_difference`); exact tests: sign test (binomial), Fisher's exact test, and a paired sign-flip
+  permutation test;
+- many columns at once (layers x analyses x positions): :func:`maxt_signflip`, the single-step max-T sign-flip
+  test (Westfall & Young 1993): the same random signs for every column of an item keep the columns' dependence,
+  and each column's adjusted p-value is the share of resamples whose largest statistic over all columns reaches
+  that column's. It controls the family-wise error under the null that every column's paired differences are
+  symmetric about 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+MIN_N = 3
+CONFIDENCE = 0.95
+N_RESAMPLES = 9999
+SEED = 0
+TOO_FEW = f"n < {MIN_N}: no interval"
+Method = Literal["bca", "percentile", "t", "exact"]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An estimate with its interval and the number of values behind it; ``reason`` says why bounds are NaN."""
+
+    estimate: float
+    low: float
+    high: float
+    n: int
+    method: str
+    reason: str = ""
+
+    def as_dict(self, prefix: str = "") -> dict[str, float | int | str]:
+        names = {"estimate": "mean", "low": "ci_low", "high": "ci_high"}
+        return {f"{prefix}{names.get(k, k)}": v for k, v in asdict(self).items()}
+
+    def text(self, pct: bool = False, digits: int = 2) -> str:
+        """``0.12 [0.05, 0.20] (n = 40)``; without an interval, the reason."""
+        f = (lambda x: f"{100 * x:.0f}%") if pct else (lambda x: f"{x:.{digits}f}")
+        if np.isnan(self.estimate):
+            return f"n/a (n = {self.n})"
+        if np.isnan(self.low):
+            return f"{f(self.estimate)} (n = {self.n}; {self.reason})"
+        return f"{f(self.estimate)} [{f(self.low)}, {f(self.high)}] (n = {self.n})"
+
+
+def _clean(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=float).ravel()
+    return values[~np.isnan(values)]
+
+
+def mean_interval(values: Sequence[float] | np.ndarray, method: Method = "bca", confidence: float = CONFIDENCE,
+                  n_resamples: int = N_RESAMPLES, seed: int = SEED) -> Interval:
+    """Mean of the non-NaN ``values`` with a two-sided interval: ``bca`` / ``percentile`` bootstrap, ``t``
+    (Student), or ``exact`` (Clopper-Pearson; the values must be 0/1). NaN bounds below :data:`MIN_N` values;
+    a constant sample gets the degenerate interval [mean, mean] (a bootstrap cannot do better, and says so)."""
+    x = _clean(values)
+    n = len(x)
+    if n == 0:
+        return Interval(np.nan, np.nan, np.nan, 0, method, "no values")
+    estimate = float(x.mean())
+    if n < MIN_N:
+        return Interval(estimate, np.nan, np.nan, n, method, TOO_FEW)
+    if method == "exact":
+        if not np.isin(x, (0.0, 1.0)).all():
+            raise ValueError("exact intervals need 0/1 values")
+        return proportion_interval(int(x.sum()), n, confidence)
+    if np.ptp(x) == 0:
+        return Interval(estimate, estimate, estimate, n, method, "all values equal")
+    if method == "t":
+        low, high = stats.t.interval(confidence, n - 1, loc=estimate, scale=stats.sem(x))
+        return Interval(estimate, float(low), float(high), n, method)
+    result = stats.bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=n_resamples, method=method,
+                             vectorized=True, rng=np.random.default_rng(seed))
+    low, high = result.confidence_interval
+    return Interval(estimate, float(low), float(high), n, method)
+
+
+def proportion_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> Interval:
+    """A rate ``successes / n`` with its exact (Clopper-Pearson) interval; NaN bounds below :data:`MIN_N`."""
+    if n == 0:
+        return Interval(np.nan, np.nan, np.nan, 0, "exact", "no values")
+    if n < MIN_N:
+        return Interval(successes / n, np.nan, np.nan, n, "exact", TOO_FEW)
+    ci = stats.binomtest(int(successes), int(n)).proportion_ci(confidence, method="exact")
+    return Interval(successes / n, float(ci.low), float(ci.high), n, "exact")
+
+
+def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, method: Method = "bca",
+                      **kwargs: float) -> Interval:
+    """Mean of ``a - b`` over the pairs where both are present, with its interval (``method`` as
+    :func:`mean_interval`; ``exact`` is not defined for differences and falls back to ``bca``)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need the same shape, got {a.shape} and {b.shape}")
+    return mean_interval(a - b, "bca" if method == "exact" else method, **kwargs)
+
+
+def column_intervals(matrix: np.ndarray | pd.DataFrame, method: Method = "t", **kwargs: float) -> pd.DataFrame:
+    """:func:`mean_interval` of every column of an items x columns matrix (NaN = missing): a table with
+    ``mean``, ``ci_low``, ``ci_high``, ``n``, ``method``, ``reason``, one row per column."""
+    values = np.asarray(matrix, dtype=float)
+    if values.ndim == 1:
+        values = values[:, None]
+    rows = [mean_interval(values[:, j], method, **kwargs).as_dict() for j in range(values.shape[1])]
+    table = pd.DataFrame(rows, columns=["mean", "ci_low", "ci_high", "n", "method", "reason"])
+    if isinstance(matrix, pd.DataFrame):
+        table.index = matrix.columns
+    return table
+
+
+def group_intervals(grouped: pd.core.groupby.SeriesGroupBy, method: Method = "t", **kwargs: float) -> pd.DataFrame:
+    """:func:`mean_interval` per group of a grouped Series: the group keys as columns, then ``mean``, ``ci_low``,
+    ``ci_high``, ``n``, ``reason``."""
+    rows = []
+    for key, values in grouped:
+        key = key if isinstance(key, tuple) else (key,)
+        interval = mean_interval(values.to_numpy(), method, **kwargs)
+        rows.append((*key, interval.estimate, interval.low, interval.high, interval.n, interval.reason))
+    names = list(grouped.keys) if isinstance(grouped.keys, list) else [grouped.keys]
+    return pd.DataFrame(rows, columns=[*names, "mean", "ci_low", "ci_high", "n", "reason"])
+
+
+# --------------------------------------------------------------------------------------------------- tests
+
+
+def sign_test(differences: Sequence[float] | np.ndarray, alternative: str = "two-sided") -> tuple[float, int]:
+    """Exact sign test (binomial, p = 1/2) on the non-zero, non-NaN paired differences: ``(p, n used)``."""
+    x = _clean(differences)
+    x = x[x != 0]
+    if len(x) == 0:
+        return 1.0, 0
+    return float(stats.binomtest(int((x > 0).sum()), len(x), 0.5, alternative=alternative).pvalue), len(x)
+
+
+def fisher_test(successes_a: int, n_a: int, successes_b: int, n_b: int, alternative: str = "two-sided") -> float:
+    """Fisher's exact test of two independent rates ``successes / n``."""
+    table = [[successes_a, n_a - successes_a], [successes_b, n_b - successes_b]]
+    return float(stats.fisher_exact(table, alternative=alternative).pvalue)
+
+
+def signflip_test(differences: Sequence[float] | np.ndarray, alternative: str = "greater",
+                  n_resamples: int = N_RESAMPLES, seed: int = SEED) -> float:
+    """Paired permutation (sign-flip) test of mean difference 0 (:func:`scipy.stats.permutation_test`, exact when
+    ``2**n`` is at most ``n_resamples``)."""
+    x = _clean(differences)
+    if len(x) == 0:
+        return 1.0
+    result = stats.permutation_test((x,), np.mean, permutation_type="samples", alternative=alternative,
+                                    n_resamples=n_resamples, vectorized=True, rng=np.random.default_rng(seed))
+    return float(result.pvalue)
+
+
+def _t_from_sums(total: np.ndarray, squares: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """One-sample t statistics from per-column sums, sums of squares and counts; a column of equal non-zero values
+    gets +-inf, one with fewer than :data:`MIN_N` values or all zeros gets 0."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / n
+        var = np.maximum(squares - n * mean ** 2, 0.0) / (n - 1)
+        t = mean / np.sqrt(var / n)
+    t = np.where(var > 1e-12 * np.maximum(squares / n, 1e-300), t, np.sign(mean) * np.inf)
+    return np.where((n >= MIN_N) & (squares > 0), t, 0.0)
+
+
+def maxt_signflip(matrix: np.ndarray | pd.DataFrame, n_resamples: int = N_RESAMPLES, seed: int = SEED,
+                  alternative: Literal["greater", "two-sided"] = "greater", chunk: int = 500) -> pd.DataFrame:
+    """Single-step max-T sign-flip test over the columns of an items x columns matrix of paired differences
+    (NaN = the item has no value in that column). Per column: ``mean``, ``t`` (one-sample t statistic), ``n``,
+    ``p_adjusted`` (family-wise over all columns) and ``critical_t`` (the statistic a column needs to reach the
+    5% family-wise level). Each resample flips the sign of every item's row at once. Columns with fewer than
+    :data:`MIN_N` values get t = 0 and take part in nothing."""
+    values = np.asarray(matrix, dtype=float)
+    if values.ndim == 1:
+        values = values[:, None]
+    valid = ~np.isnan(values)
+    filled = np.where(valid, values, 0.0)
+    n, squares = valid.sum(0), (filled ** 2).sum(0)  # a sign flip changes neither
+    observed = _t_from_sums(filled.sum(0), squares, n)
+    score = observed if alternative == "greater" else np.abs(observed)
+    rng = np.random.default_rng(seed)
+    maxima = []
+    for start in range(0, n_resamples, chunk):
+        signs = rng.choice((-1.0, 1.0), size=(min(chunk, n_resamples - start), values.shape[0]))
+        t = _t_from_sums(signs @ filled, squares, n)
+        maxima.append((t if alternative == "greater" else np.abs(t)).max(axis=1))
+    maxima = np.concatenate(maxima)
+    # the observed data is one of the sign patterns: (1 + count) / (1 + resamples) keeps the test exact-valid
+    p = (1 + (maxima[None, :] >= score[:, None]).sum(1)) / (1 + len(maxima))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = filled.sum(0) / n
+    table = pd.DataFrame({"mean": mean, "t": observed, "n": n, "p_adjusted": np.where(n >= MIN_N, p, 1.0),
+                          "critical_t": float(np.quantile(maxima, 0.95))})
+    if isinstance(matrix, pd.DataFrame):
+        table.index = matrix.columns
+    return table
+
+
+def format_interval(mean: float, low: float, high: float, n: int, pct: bool = False, reason: str = "") -> str:
+    """The text of a table row's interval (as :meth:`Interval.text`)."""
+    return Interval(float(mean), float(low), float(high), int(n), "", reason or TOO_FEW).text(pct)
