@@ -127,7 +127,16 @@ def column_intervals(matrix: np.ndarray | pd.DataFrame, method: Method = "t", **
 
 def group_intervals(grouped: pd.core.groupby.SeriesGroupBy, method: Method = "t", **kwargs: float) -> pd.DataFrame:
     """:func:`mean_interval` per group of a grouped Series: the group keys as columns, then ``mean``, ``ci_low``,
-    ``ci_high``, ``n``, ``reason``."""
+    ``ci_high``, ``n``, ``reason`` (``t``: computed for all groups at once, the same numbers)."""
+    if method == "t":
+        table = pd.DataFrame({"mean": grouped.mean(), "sem": grouped.sem(), "n": grouped.count()})
+        half = stats.t.ppf(0.5 + kwargs.get("confidence", CONFIDENCE) / 2, table["n"] - 1) * table["sem"]
+        enough = table["n"] >= MIN_N
+        half = half.where(enough).where(table["sem"] > 0, 0.0).where(enough)
+        table["ci_low"], table["ci_high"] = table["mean"] - half, table["mean"] + half
+        table["reason"] = np.where(table["n"] == 0, "no values", np.where(enough, np.where(
+            table["sem"] > 0, "", "all values equal"), TOO_FEW))
+        return table.drop(columns="sem").reset_index()
     rows = []
     for key, values in grouped:
         key = key if isinstance(key, tuple) else (key,)

@@ -130,3 +130,21 @@ def test_maxt_columns_with_too_few_values_take_no_part():
     table = stats.maxt_signflip(m, n_resamples=499)
     assert table.loc[1, "p_adjusted"] == 1.0 and table.loc[1, "n"] == 2
     assert table.loc[0, "p_adjusted"] < 0.01
+
+
+def test_grouped_t_intervals_equal_one_at_a_time():
+    import pandas as pd
+
+    rng = np.random.default_rng(2)
+    frame = pd.DataFrame({"g": rng.integers(0, 6, 80), "v": rng.normal(size=80)})
+    frame.loc[frame["g"] == 5, "v"] = 1.0  # constant group
+    frame = pd.concat([frame, pd.DataFrame({"g": [9, 9], "v": [0.0, 1.0]})])  # two values: no interval
+    table = stats.group_intervals(frame.groupby("g")["v"], "t").set_index("g")
+    for g, values in frame.groupby("g")["v"]:
+        one = stats.mean_interval(values.to_numpy(), "t")
+        assert table.loc[g, "n"] == one.n and table.loc[g, "mean"] == pytest.approx(one.estimate)
+        assert table.loc[g, "reason"] == one.reason
+        if np.isnan(one.low):
+            assert np.isnan(table.loc[g, "ci_low"])
+        else:
+            assert (table.loc[g, "ci_low"], table.loc[g, "ci_high"]) == (pytest.approx(one.low), pytest.approx(one.high))

@@ -7,11 +7,14 @@ from pathlib import Path
 
 import torch
 
-from probes.cli.common import EPILOG, load_items, model_args, model_options, prompt_args, prompt_settings
+from probes.checks import check_context_length
+from probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, prompt_args,
+                               prompt_settings, rundir_args)
 from probes.hooks import SITES
 from probes.patching import HEAD
-from probes.pipeline import Timer, item_pairs, run_patching, run_record
-from probes.results import atomic_write_json
+from probes.pipeline import ModelOptions, Timer, item_pairs, run_patching, run_record
+from probes.rundir import RunDirectory, prompt_identity, run_directory
+from prompts.schema import PromptItem
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,39 +42,54 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "at every layer from the patched one on, after each patch (read in the same sweep; "
                             "exact patching only)")
     patch.add_argument("--seed", type=int, default=0, help="random seed recorded in run.json (default 0)")
+    rundir_args(patch)
     patch.set_defaults(handler=patch_job)
 
 
 def patch_job(args: argparse.Namespace) -> Path:
-    """Load, build pairs, sweep (resumable), write patching outputs and run.json."""
-    from analyses.patching_report import write_patching_outputs
-
+    """Check the options and prompts, lock the output directory (:mod:`probes.rundir`), load, build pairs, sweep
+    (resumable), write patching outputs and run.json."""
     torch.manual_seed(args.seed)
     sites = [s.strip() for s in args.site.split(",") if s.strip()]
     unknown = [s for s in sites if s not in (*SITES, HEAD)]
     if unknown or not sites:
         raise ValueError(f"unknown site {unknown[0] if unknown else ''!r}; choose from {', '.join((*SITES, HEAD))}")
+    check_options(args)
     items = load_items(args)
     corrupt = load_items(args, args.corrupt_prompts) if args.corrupt_prompts else None
     options = model_options(args)
+    probe = {"corrupt_prompts": prompt_identity(args.corrupt_prompts), "sites": sites, "method": args.method,
+             "direction": args.direction, "skip_unequal": args.skip_unequal, "bridge_rank": args.bridge_rank}
+    with run_directory(args.out, fingerprint(args, "patch", **probe), overwrite=args.overwrite,
+                       recompute=args.recompute) as run:
+        return _patch_run(args, items, corrupt, sites, options, run)
+
+
+def _patch_run(args: argparse.Namespace, items: list[PromptItem], corrupt: list[PromptItem] | None,
+               sites: list[str], options: ModelOptions, run: RunDirectory) -> Path:
+    from analyses.patching_report import write_patching_outputs
+
     timer = Timer()
     with timer.section("load_model_s"):
         hooked = options.load()
+    check_context_length(hooked.model, hooked.tokenizer, items + (corrupt or []))
     pairs, skipped = item_pairs(items, hooked.tokenizer, corrupt, skip_unequal=args.skip_unequal)
     pairs = pairs[: args.limit] if args.limit else pairs
-    settings = {**prompt_settings(args), "corrupt_prompts": args.corrupt_prompts, "sites": sites,
+    corrupt_paths = [str(Path(p).resolve()) for p in args.corrupt_prompts] if args.corrupt_prompts else None
+    settings = {**prompt_settings(args), "corrupt_prompts": corrupt_paths, "sites": sites,
                 "method": args.method, "direction": args.direction, "bridge_rank": args.bridge_rank, "seed": args.seed}
     with timer.section("patching_s"):
         done = run_patching(hooked, pairs, args.out, sites=sites, method=args.method, direction=args.direction,
-                            bridge_rank=args.bridge_rank,
-                            settings={**settings, "model": args.model, "dtype": args.dtype, "backend": args.backend})
+                            bridge_rank=args.bridge_rank, settings=run.fingerprint)
     if done.frame is None:  # another process of a data-parallel run: rank 0 writes the outputs
         return args.out
     timer.timings["sweep_s"] = done.sweep_s
     with timer.section("report_s"):
-        write_patching_outputs(done.frame, args.out, f"{args.method} patching ({args.direction}), {args.model}")
+        write_patching_outputs(done.frame, args.out, f"{args.method} patching ({args.direction}), {args.model}",
+                               direction=args.direction)
     record = run_record("patch", hooked, options, settings, timer, {
         "n_pairs": len(pairs), "skipped_pairs": skipped, "forward_equivalents": done.forward_equivalents})
-    atomic_write_json(args.out / "run.json", record)
-    print(f"wrote {args.out}/patching.csv ({len(pairs)} pairs, sweeps {done.sweep_s:.1f} s)")
+    summary = f"wrote {args.out}/patching.csv ({len(pairs)} pairs, sweeps {done.sweep_s:.1f} s)"
+    run.finish(record, summary)
+    print(summary)
     return args.out
