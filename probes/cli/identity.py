@@ -1,41 +1,18 @@
 """``bridgeprobe synth`` (synthetic two-hop knowledge), ``bridgeprobe reproduce`` (from-scratch identity-bridge
-runs) and ``bridgeprobe finetune`` (LoRA identity fine-tuning of a pretrained model, probed before and after)."""
+runs) and ``bridgeprobe finetune`` (LoRA identity fine-tuning of a pretrained model, probed before and after): the
+flags, turned into the configs :mod:`probes.identity` runs."""
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import shutil
-import time
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-import torch
-from tqdm.auto import tqdm
-
 from probes.cli.common import EPILOG, model_args, model_options
+from probes.identity import FINETUNE_DATA, REPRODUCE_PRESETS, finetune, reproduce, write_synth
 from probes.models import DEFAULT_MODEL
-from probes.pipeline import Timer, versions
-from probes.results import IncrementalCSV, atomic_write, atomic_write_csv, atomic_write_json
-from prompts.synthetic import SynthConfig, generate, make_names, render_items, save_splits, training_texts
-
-# Named configurations. `cpu` is the checked-in reproduction (about 15 minutes on 2 CPU cores for 3 seeds x 2
-# conditions); `gpu` a larger one for GPU hosts; `tiny` a seconds-long smoke run.
-REPRODUCE_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "cpu": {"data": dict(n_subjects=100, n_bridges=20, n_objects=20, n_r1=4, n_r2=4),
-            "train": dict(model="gpt2", n_layer=2, d_model=64, n_head=4, d_mlp=256, steps=2000, batch_size=128,
-                          lr=1e-3, eval_every=100, checkpoint_every=500, identity_repeat=10)},
-    "gpu": {"data": dict(n_subjects=2000, n_bridges=200, n_objects=200, n_r1=6, n_r2=6),
-            "train": dict(model="gpt2", n_layer=4, d_model=256, n_head=8, d_mlp=1024, steps=20000, batch_size=1024,
-                          lr=5e-4, eval_every=500, checkpoint_every=2000, identity_repeat=10, eval_limit=2000)},
-    "tiny": {"data": dict(n_subjects=16, n_bridges=6, n_objects=6, n_r1=2, n_r2=2),
-             "train": dict(model="gpt2", n_layer=2, d_model=32, n_head=2, d_mlp=64, steps=40, batch_size=16,
-                           lr=3e-3, warmup=5, eval_every=10, checkpoint_every=20)},
-}
-FINETUNE_DATA = dict(n_subjects=16, n_bridges=8, n_objects=16, n_r1=3, n_r2=3, ood_pair_fraction=0.25)
+from prompts.synthetic import SynthConfig
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -164,8 +141,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     finetune.set_defaults(handler=finetune_job)
 
 
-# ------------------------------------------------------------------------------------------------------ synth
-
 
 def synth_job(args: argparse.Namespace) -> Path:
     """Generate, check and save the data, its natural-language prompt set and training sentences."""
@@ -176,32 +151,10 @@ def synth_job(args: argparse.Namespace) -> Path:
         from probes.models import resolve
 
         tokenizer = AutoTokenizer.from_pretrained(resolve(args.tokenizer_model))
-    splits = generate(_data_config(args, {}, args.seed))
-    names = make_names(splits, seed=args.seed, tokenizer=tokenizer)
-    save_splits(splits, args.out, names)
-    _write_text_sets(splits, names, args.out, tokenizer)
+    splits = write_synth(_data_config(args, {}, args.seed), args.out, tokenizer)
     sizes = ", ".join(f"{k} {v}" for k, v in splits.summary()["sizes"].items())
     print(f"wrote {args.out}/ ({sizes}; OOD pairs {splits.ood_pairs})")
     return args.out
-
-
-def _write_text_sets(splits: Any, names: dict[str, str], out: Path, tokenizer: Any) -> list[Any]:
-    """DIR/prompts.jsonl (ID and OOD two-hop test items) and DIR/train.jsonl (training sentences by split)."""
-    items = render_items(splits, names, ("id_test", "ood_test"), tokenizer=tokenizer)
-    atomic_write(out / "prompts.jsonl", "".join(json.dumps(i.to_dict()) + "\n" for i in items))
-    lines = []
-    for split in ("one_hop", "two_hop_train", "identity"):
-        examples = splits.examples[split]
-        for example, (prompt, target) in zip(examples, training_texts(splits, examples, names)):
-            lines.append(json.dumps({"split": split, "task": example.task, "prompt": prompt, "target": target}))
-    atomic_write(out / "train.jsonl", "\n".join(lines) + "\n")
-    return items
-
-
-# -------------------------------------------------------------------------------------------------- reproduce
-
-RUN_KEYS = ("run", "model", "init_scale", "weight_decay", "identity_repeat", "condition", "seed")
-GRID_KEYS = ("init_scale", "weight_decay", "identity_repeat")
 
 
 def _train_config(args: argparse.Namespace, preset: dict[str, Any]) -> Any:
@@ -219,349 +172,25 @@ def _train_config(args: argparse.Namespace, preset: dict[str, Any]) -> Any:
 
 
 def reproduce_job(args: argparse.Namespace) -> Path:
-    """Train the grid (resumable), then write the tables, plots, page and run.json."""
-    from probes.scratch import ALIGNMENT_COLUMNS, CONDITIONS, METRIC_COLUMNS, WEIGHT_COLUMNS, train, weight_stats
-
+    """The preset and flags as a training config, data configs per seed and the grid, run by
+    :func:`probes.identity.reproduce`."""
     preset = REPRODUCE_PRESETS[args.preset]
     base = _train_config(args, preset["train"])
     grid = list(itertools.product(args.init_scales or [base.init_scale], args.weight_decays or [base.weight_decay],
                                   args.identity_repeats or [base.identity_repeat]))
     data = {seed: _data_config(args, preset["data"], seed) for seed in args.seeds}
-    settings = {"preset": args.preset, "train": asdict(base), "data": asdict(data[args.seeds[0]]),
-                "seeds": args.seeds, "grid": [dict(zip(GRID_KEYS, g)) for g in grid], "conditions": list(CONDITIONS)}
-    out: Path = args.out
-    if _finished(out, settings):
-        print(f"{out} holds a finished run with these settings; rebuilding its report")
-        return _reproduce_report(out)
-    timer = Timer()
-    stores = {
-        "metrics": IncrementalCSV(out, "metrics", (*RUN_KEYS, *METRIC_COLUMNS), settings),
-        "alignment": IncrementalCSV(out, "alignment", (*RUN_KEYS, "step", *ALIGNMENT_COLUMNS), settings),
-        "weights": IncrementalCSV(out, "weights", (*RUN_KEYS, "step", *WEIGHT_COLUMNS), settings),
-        "spectrum": IncrementalCSV(out, "spectrum", (*RUN_KEYS, "weight", "index", "singular_value"), settings),
-    }
-    done = {name: store.done(["run", "step"] if name != "spectrum" else ["run"]) for name, store in stores.items()}
-    splits = {}
-    for seed, config in data.items():
-        splits[seed] = generate(config)
-        save_splits(splits[seed], out / "data" / f"seed{seed}")
-    runs = [(g, seed, condition) for g in grid for seed in args.seeds for condition in CONDITIONS]
-    results, run_seconds = [], {}
-    bar = tqdm(total=len(runs) * base.steps, desc="reproduce", unit="step")
-    with timer.section("train_s"):
-        for index, ((init_scale, weight_decay, repeat), seed, condition) in enumerate(runs):
-            config = replace(base, init_scale=init_scale, weight_decay=weight_decay, identity_repeat=repeat)
-            name = f"{config.model}_init{init_scale:g}_wd{weight_decay:g}_rep{repeat}_{condition}_seed{seed}"
-            keys = {"run": name, "model": config.model, "init_scale": init_scale, "weight_decay": weight_decay,
-                    "identity_repeat": repeat, "condition": condition, "seed": seed}
-            bar.set_postfix_str(name)
-            started = time.perf_counter()
-
-            def on_eval(row: dict, align: list[dict], weights: list[dict], keys: dict = keys) -> None:
-                step = (keys["run"], str(row["step"]))
-                if step not in done["metrics"]:
-                    stores["metrics"].append([{**keys, **row}])
-                if step not in done["alignment"]:
-                    stores["alignment"].append([{**keys, "step": row["step"], **a} for a in align])
-                if step not in done["weights"]:
-                    stores["weights"].append([{**keys, "step": row["step"], **w} for w in weights])
-
-            offset = index * base.steps
-            model, result = train(splits[seed], config, identity=condition == "identity", seed=seed,
-                                  checkpoint=out / "checkpoints" / f"{name}.pt", on_eval=on_eval, device=args.device,
-                                  progress=lambda step, offset=offset: bar.update(offset + step - bar.n))
-            bar.update(offset + config.steps - bar.n)
-            if (name,) not in done["spectrum"]:
-                stores["spectrum"].append([{**keys, **s} for s in weight_stats(model)[1]])
-            run_seconds[name] = round(time.perf_counter() - started, 2)
-            results.append({**{k: v for k, v in keys.items() if k != "run"},
-                            **{k: result.final[k] for k in ("ood_two_hop_acc", "id_two_hop_acc", "one_hop_acc",
-                                                            "identity_acc", "train_two_hop_acc")},
-                            "resumed_from": result.resumed_from})
-    bar.close()
-    for name, store in stores.items():
-        store.finish(sort_by=["run", "step"] if name != "spectrum" else ["run", "weight", "index"])
-    record = {"command": "reproduce", "settings": settings, "versions": versions(),
-              "threads": torch.get_num_threads(), "seed": args.seeds, "timings": timer.timings,
-              "run_seconds": run_seconds, "results": results}
-    atomic_write_csv(out / "results.csv", pd.DataFrame(results))
-    atomic_write_json(out / "run.json", record)
-    if not args.keep_checkpoints:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    return _reproduce_report(out)
-
-
-def _finished(out: Path, settings: dict[str, Any]) -> bool:
-    """Whether ``out`` holds a finished run with these settings (another finished run there is an error)."""
-    if not (out / "run.json").is_file() or (out / "metrics.partial.csv").exists():
-        return False
-    previous = json.loads((out / "run.json").read_text()).get("settings")
-    if previous != json.loads(json.dumps(settings)):
-        raise ValueError(f"{out} holds a finished run with other settings; use another --out or delete it")
-    return True
-
-
-def _reproduce_report(out: Path) -> Path:
-    from analyses import identity_report as report
-
-    record = json.loads((out / "run.json").read_text())
-    metrics = pd.read_csv(out / "metrics.csv")
-    alignment = pd.read_csv(out / "alignment.csv")
-    results = pd.read_csv(out / "results.csv").merge(
-        report.final_alignment(alignment, ["model", *GRID_KEYS]), on=["model", *GRID_KEYS, "condition", "seed"])
-    keys = [k for k in GRID_KEYS if results[k].nunique() > 1]
-    shown = (*report.ACCURACIES, "alignment_top1")
-    table = report.comparison_table(results, keys, shown)
-    atomic_write_csv(out / "comparison.csv", table)
-    atomic_write(out / "comparison.md", report.markdown_table(table, keys, shown))
-    settings = record["settings"]
-    title = f"Identity bridge from scratch: {settings['train']['model']}"
-    spectrum = pd.read_csv(out / "spectrum.csv")
-    figures = {
-        "curves": report.learning_curves(metrics, keys, out / "learning_curves.png", title),
-        "alignment": report.alignment_curves(alignment, keys, out / "alignment.png",
-                                             "Nearest bridge state is the right one (bridge layer 0)"),
-        "spectrum": report.spectrum_plot(spectrum, keys, out / "spectrum.png", "Final singular values (normalized)",
-                                         weights=[w for w in dict.fromkeys(spectrum["weight"])
-                                                  if any(k in w for k in ("wte", "embed", "c_fc", "mlp.0"))]),
-        "nuclear": report.nuclear_norm_curves(pd.read_csv(out / "weights.csv"), keys, out / "nuclear_norm.png",
-                                              "Nuclear norm of the weights over training"),
-    }
-    data, train = settings["data"], settings["train"]
-    facts = {
-        "model": f"{train['model']} ({train['n_layer']} layers, d={train['d_model']}, "
-                 f"{'tied' if train['tie_embeddings'] else 'untied'} embeddings)",
-        "data": f"|E1|={data['n_subjects']}, |E2|={data['n_bridges']}, |E3|={data['n_objects']}, "
-                f"|R1|={data['n_r1']}, |R2|={data['n_r2']}, OOD pair fraction {data['ood_pair_fraction']}, "
-                f"two-hop training {'on' if data['two_hop_training'] else 'off'} "
-                f"(fraction {data['two_hop_train_fraction']})",
-        "training": f"{train['steps']} steps x {train['batch_size']}, AdamW lr {train['lr']}",
-        "seeds": ", ".join(map(str, settings["seeds"])),
-        "timings (s)": ", ".join(f"{k} {v}" for k, v in record["timings"].items()) + f" ({record['threads']} threads)",
-        "versions": ", ".join(f"{k} {v}" for k, v in record["versions"].items()),
-    }
-    intro = ("Accuracies are greedy over the whole vocabulary at the last position, at the end of training. "
-             "OOD two-hop queries compose relation pairs (r1, r2) never composed in training; ID two-hop queries are "
-             "unseen queries of composed pairs. Mid-layer alignment: share of (e1, r1) queries whose middle-layer "
-             "hidden state is nearest (centred cosine) to the embedding-layer state of their own bridge (chance "
-             "1/|E2|). Δ: identity minus no_identity for the same seed (mean ± std over seeds; in parentheses, seeds "
-             "where identity is higher).")
-    sections = [
-        ("With vs without identity", report.comparison_html(table, keys, shown), []),
-        ("Learning curves", "<p>Mean over seeds; the band spans the seeds.</p>", [figures["curves"]]),
-        ("Alignment of the hop-1 state with the bridge",
-         "<p>Share of (e1, r1) queries whose hidden state (at each query layer, last position) is closest, by centred "
-         "cosine, to the state of its own bridge e2 read as an input token (layer 0); chance is 1/|E2|. "
-         "alignment.csv has every layer pair, the mean cosines with the right and the other bridges.</p>",
-         [figures["alignment"]]),
-        ("Weight spectra", "<p>Singular values of the final embedding and MLP input weights, each normalized by its "
-                           "largest, and the nuclear norm of all weight matrices over training; weights.csv has every "
-                           "matrix's nuclear and Frobenius norm and effective rank at each evaluation.</p>",
-         [figures["spectrum"], figures["nuclear"]]),
-    ]
-    report.write_page(out / "index.html", title, intro, facts, sections)
-    print(report.markdown_table(table, keys, shown))
-    print(f"wrote {out}/index.html")
-    return out
-
-
-# --------------------------------------------------------------------------------------------------- finetune
-
-
-def _select_items(items: list[Any], split: str, n: int) -> list[Any]:
-    """The first ``n`` items of a split, taking each item's pair partner along so patching has pairs."""
-    by_id = {i.id: i for i in items}
-    chosen: dict[str, Any] = {}
-    for item in items:
-        if len(chosen) >= n:
-            break
-        if item.id.startswith(f"synth-{split.replace('_', '-')}-") and item.id not in chosen:
-            chosen[item.id] = item
-            if item.pair in by_id:
-                chosen[item.pair] = by_id[item.pair]
-    return list(chosen.values())
+    return reproduce(args.out, base, data, grid, preset=args.preset, device=args.device,
+                     keep_checkpoints=args.keep_checkpoints)
 
 
 def finetune_job(args: argparse.Namespace) -> Path:
-    """Train each condition's adapter (resumable), evaluate base and adapters, run the probes, write the report."""
-    from accelerate import Accelerator
+    """The flags as model options, data and LoRA configs, run by :func:`probes.identity.finetune`."""
+    from probes.finetune import FinetuneConfig
 
-    from probes.finetune import (BASE, FinetuneConfig, accuracy, add_adapter, eval_pairs, inner_model, load_base,
-                                 model_state, save_adapter, train_adapter)
-    from probes.hooks import NativeHooks
-    from probes.pipeline import item_pairs, run_lens, run_patching, run_record
-
-    options = model_options(args)
-    if options.backend != "native":
-        raise ValueError("finetune hooks the adapted model with the native backend; drop --backend")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    if accelerator.num_processes > 1 and len(args.conditions) > 1:
-        raise ValueError("with several processes, train one condition per launch (--conditions identity)")
-    timer = Timer()
-    out: Path = args.out
-    with timer.section("load_model_s"):
-        base, tokenizer = load_base(args.model, quantize=args.quantize, dtype=args.dtype, device=args.device,
-                                    device_map=args.device_map)
-    splits = generate(_data_config(args, FINETUNE_DATA, args.seed))
-    names = make_names(splits, seed=args.seed, tokenizer=tokenizer)
-    data_files = save_splits(splits, out / "data", names)
-    items = _write_text_sets(splits, names, out / "data", tokenizer)
-    data_files += [out / "data" / "prompts.jsonl", out / "data" / "train.jsonl"]
     config = FinetuneConfig(rank=args.rank, alpha=args.alpha, target_modules=args.target_modules, lr=args.lr,
                             weight_decay=args.weight_decay, steps=args.steps, batch_size=args.batch_size,
                             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                             identity_repeat=args.identity_repeat)
-    settings = {"model": args.model, "quantize": args.quantize, "dtype": args.dtype, "finetune": asdict(config),
-                "data": asdict(splits.config), "conditions": args.conditions, "seed": args.seed,
-                "probe_items": args.probe_items, "patch_pairs": args.patch_pairs, "memory": args.memory}
-    from probes.finetune import METRIC_COLUMNS
-
-    if _finished(out, settings):
-        print(f"{out} holds a finished run with these settings; rebuilding its report")
-        return _finetune_report(out)
-    store = IncrementalCSV(out, "metrics", ("condition", "seed", *METRIC_COLUMNS), settings)
-    done = store.done(["condition", "step"])
-    peft_model, results = base, []
-    bar = tqdm(total=len(args.conditions) * config.steps, desc="finetune", unit="step",
-               disable=not accelerator.is_main_process)
-    with timer.section("train_s"):
-        for index, condition in enumerate(args.conditions):
-            peft_model = add_adapter(peft_model, condition, config, args.seed)
-            bar.set_postfix_str(condition)
-
-            def on_eval(row: dict, condition: str = condition) -> None:
-                if (condition, str(row["step"])) not in done:
-                    store.append([{"condition": condition, "seed": args.seed, **row}])
-
-            started = time.perf_counter()
-            final = train_adapter(peft_model, condition, tokenizer, splits, names, config,
-                                  identity=condition == "identity", seed=args.seed,
-                                  checkpoint=out / "checkpoints" / f"{condition}.pt", on_eval=on_eval,
-                                  progress=lambda step, offset=index * config.steps: bar.update(offset + step - bar.n),
-                                  accelerator=accelerator)
-            timer.timings[f"train_{condition}_s"] = round(time.perf_counter() - started, 2)
-            results.append({"condition": condition, "seed": args.seed,
-                            **{k: final[k] for k in ("ood_two_hop_acc", "id_two_hop_acc", "one_hop_acc",
-                                                     "identity_acc", "train_two_hop_acc")}})
-            if accelerator.is_main_process:
-                save_adapter(peft_model, condition, out / "adapters", data_files, base_model=args.model)
-    bar.close()
-    if not accelerator.is_main_process:
-        return out
-    with timer.section("base_eval_s"), model_state(peft_model, BASE):
-        base_scores = {f"{name}_acc": accuracy(peft_model, tokenizer, pairs)
-                       for name, pairs in eval_pairs(splits, names, config.eval_limit, args.seed).items()}
-    hooked = NativeHooks(inner_model(peft_model), tokenizer)
-    probe_items = {split: _select_items(items, split, args.probe_items) for split in ("id_test", "ood_test")}
-    states = [BASE, *args.conditions]
-    for state in states:
-        with model_state(peft_model, state):
-            for split, chosen in probe_items.items():
-                if not chosen:
-                    continue
-                with timer.section(f"lens_{state}_{split}_s"):
-                    run_lens(hooked, chosen, out / "lens" / state / split,
-                             settings={**settings, "state": state, "split": split})
-                # items without an equal-length partner have no pair; item_pairs refuses a set with none at all
-                has_pairs = args.patch_pairs and any(item.pair for item in chosen)
-                pairs = item_pairs(chosen, tokenizer, skip_unequal=True)[0] if has_pairs else []
-                if pairs:
-                    with timer.section(f"patching_{state}_{split}_s"):
-                        run_patching(hooked, pairs[: args.patch_pairs], out / "patching" / state / split,
-                                     sites=["resid_pre"], method="exact", direction="denoise",
-                                     settings={**settings, "state": state, "split": split})
-            if args.memory:
-                from probes.memory import MemoryConfig, run_memory
-
-                with timer.section(f"memory_{state}_s"):
-                    run_memory(hooked, [i for chosen in probe_items.values() for i in chosen], out / "memory" / state,
-                               MemoryConfig(analyses=("decoding", "alignment"), seed=args.seed),
-                               settings={**settings, "state": state})
-    record = run_record("finetune", hooked, options, settings, timer, {
-        "results": results, "base": base_scores, "n_probe_items": {k: len(v) for k, v in probe_items.items()},
-        "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
-        "threads": torch.get_num_threads(),
-    })
-    atomic_write_csv(out / "results.csv", pd.DataFrame(
-        [{"condition": BASE, "seed": args.seed, **base_scores}] + results))
-    store.finish(sort_by=["condition", "step"])  # last: a crash before here resumes with every row kept
-    atomic_write_json(out / "run.json", record)
-    if not args.keep_checkpoints:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    return _finetune_report(out)
-
-
-def _state_tables(out: Path, kind: str) -> list[pd.DataFrame]:
-    """``out/<kind>/<state>/<split>/<kind>.csv`` tables, each with ``state`` and ``split`` columns."""
-    tables = []
-    for path in sorted(out.glob(f"{kind}/*/*/{kind}.csv")):
-        frame = pd.read_csv(path, dtype={"prompt_id": str, "clean_id": str, "corrupt_id": str})
-        tables.append(frame.assign(state=path.parent.parent.name, split=path.parent.name))
-    return tables
-
-
-def _finetune_report(out: Path) -> Path:
-    """The finetune page and tables, from the files of a finished run (no model needed)."""
-    from analyses import identity_report as report
-    from analyses.aggregate import per_layer
-    from analyses.patching_report import by_layer
-    from probes.finetune import two_hop_stats
-
-    record = json.loads((out / "run.json").read_text())
-    results = pd.read_csv(out / "results.csv")
-    metrics = pd.read_csv(out / "metrics.csv")
-    lens_tables, patch_tables = _state_tables(out, "lens"), _state_tables(out, "patching")
-    figures = [report.learning_curves(metrics, [], out / "learning_curves.png", f"LoRA fine-tuning, {record['model']}",
-                                      columns=("ood_two_hop_acc", "id_two_hop_acc", "one_hop_acc", "identity_acc",
-                                               "train_loss"))]
-    probes_rows, sections = [], []
-    if lens_tables:
-        layers = pd.concat([per_layer(t).assign(state=t["state"].iloc[0], split=t["split"].iloc[0])
-                            for t in lens_tables])
-        atomic_write_csv(out / "lens_layers.csv", layers)
-        figures.append(report.lens_layer_plot(layers, out / "lens_layers.png", "Logit lens: base vs adapted"))
-        probes_rows = [{"state": t["state"].iloc[0], "split": t["split"].iloc[0], **two_hop_stats(t)}
-                       for t in lens_tables]
-        gaps = {(t["state"].iloc[0], t["split"].iloc[0]): (t.groupby("clean_id")["clean_metric"].first()
-                                                         - t.groupby("clean_id")["corrupt_metric"].first()).mean()
-                for t in patch_tables}
-        for row in probes_rows:
-            row["patching_logit_gap"] = gaps.get((row["state"], row["split"]), float("nan"))
-        atomic_write_csv(out / "lens_summary.csv", pd.DataFrame(probes_rows))
-    if patch_tables:
-        patch_layers = pd.concat([by_layer(t).assign(state=t["state"].iloc[0], split=t["split"].iloc[0])
-                                  for t in patch_tables])
-        atomic_write_csv(out / "patching_layers.csv", patch_layers)
-        for split, part in patch_layers.groupby("split"):
-            figures.append(report.patching_layer_plot(part[part["site"] == "resid_pre"], out / f"patching_{split}.png",
-                                                      f"Exact resid_pre patching, {split} pairs"))
-    settings = record["settings"]
-    facts = {
-        "model": f"{record['model']} ({record['model_class']}, {record['n_layers']} layers)",
-        "LoRA": f"rank {settings['finetune']['rank']}, alpha {settings['finetune']['alpha']}, "
-                f"{settings['finetune']['target_modules']}, {record['trainable_parameters']} trainable parameters",
-        "training": f"{settings['finetune']['steps']} steps x {settings['finetune']['batch_size']} sentences, "
-                    f"AdamW lr {settings['finetune']['lr']}, seed {settings['seed']}",
-        "data": ", ".join(f"{k}={v}" for k, v in settings["data"].items()),
-        "timings (s)": ", ".join(f"{k} {v}" for k, v in record["timings"].items()) + f" ({record['threads']} threads)",
-        "versions": ", ".join(f"{k} {v}" for k, v in record["versions"].items()),
-    }
-    sections.append(("Accuracy: base vs adapters", "<p>Greedy first token of the target, final step. "
-                     "OOD: relation pairs never composed in training.</p>" + report.html_table(results), []))
-    sections.append(("Learning curves", "", [figures[0]]))
-    if probes_rows:
-        sections.append(("Logit lens and patching before / after",
-                         "<p>Per model state and split: two-hop and one-hop accuracy at the last layer, and where the "
-                         "bridge is readable on the two-hop prompt (best layer by top-10 rate). Patching: exact "
-                         "resid_pre denoising between counterfactual pairs (another bridge and answer), recovery at "
-                         "the last token per layer; patching_logit_gap is the mean clean minus corrupted logit "
-                         "difference that the recovery is normalized by: where it is near zero or negative (a model "
-                         "that does not tell the two answers apart, like the base model, which does not know the "
-                         "facts) the normalized recovery is noise.</p>" + report.html_table(pd.DataFrame(probes_rows)),
-                         figures[1:]))
-    report.write_page(out / "index.html", f"Identity fine-tuning: {record['model']}",
-                      "LoRA adapters trained on made-up two-hop facts with and without identity supervision, and "
-                      "the base model, from one PeftModel.", facts, sections)
-    print(results.to_string(index=False))
-    print(f"wrote {out}/index.html")
-    return out
+    return finetune(args.out, model_options(args), _data_config(args, FINETUNE_DATA, args.seed), config,
+                    conditions=args.conditions, probe_items=args.probe_items, patch_pairs=args.patch_pairs,
+                    memory=args.memory, keep_checkpoints=args.keep_checkpoints)
