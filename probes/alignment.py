@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from probes.hooks import HookedModel
+from probes.states import read_states
 
 TEMPLATES = ("Let me tell you about {}", "Here is a short note on {}", "Yesterday we talked about {}",
              "Q: What do you know about {}")
@@ -45,8 +46,6 @@ BATCH = 32
 @torch.no_grad()
 def read_at(hooked: HookedModel, prompts: Sequence[tuple[Sequence[int], int]], batch_size: int = BATCH) -> Tensor:
     """``resid_post`` of every block at one position per prompt: ``[N, L, d]`` (float32, CPU), batched by length."""
-    from probes.memory import read_states
-
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][0]))
     out: list[Tensor | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):

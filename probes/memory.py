@@ -57,9 +57,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from probes import distributed
-from probes.hooks import HookedModel, pad_right
+from probes.alignment import alignment_rows
+from probes.hooks import HookedModel
 from probes.lens import target_token_ids
 from probes.results import atomic_write_json
+from probes.states import read_states
 from probes.variants import Measure, Variant, run_variants
 from prompts.schema import PromptItem
 
@@ -202,21 +204,6 @@ def patch_states(hooked: HookedModel, receiving_ids: Sequence[int], position: in
     run = run_variants(hooked, receiving_ids, variants, candidate_measure(tokens), method=method)
     values = run.values.cpu().split([len(own) for own in cells])
     return [TokenScores(v, tokens) for v in values], TokenScores(run.baseline.cpu(), tokens)
-
-
-@torch.no_grad()
-def read_states(hooked: HookedModel, prompts: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[Tensor, Tensor]:
-    """One batched forward of ``prompts`` (token ids, positions to read): ``resid_post`` of every block at those
-    positions (``[B, K, L, d]``, shorter position lists repeat their last entry) and the final logits at each
-    prompt's last token (``[B, vocab]``)."""
-    width = max(len(p) for _, p in prompts)
-    ids, mask = pad_right([list(i) for i, _ in prompts])
-    positions = torch.tensor([list(p) + [p[-1]] * (width - len(p)) + [len(i) - 1] for i, p in prompts])
-    layers = range(hooked.n_layers)
-    out = hooked.run(ids, mask, read=[("resid_post", l) for l in layers], positions=positions, logits=False)
-    states = torch.stack([out.acts[("resid_post", l)] for l in layers], dim=2)  # [B, K + 1, L, d]
-    logits = hooked.readout(states[:, -1, -1]).float()
-    return states[:, :width].cpu(), logits.cpu()
 
 
 def rank_of(logits: Tensor, token: int) -> int:
@@ -589,8 +576,6 @@ def run_memory(hooked: HookedModel, items: Sequence[PromptItem], out_dir: Path, 
     ones are :func:`select_items` of ``config.n_items``), resuming an interrupted run. Data-parallel
     (:mod:`probes.distributed`): the processes share the chunks of items; rank 0 runs the alignment and writes
     the file."""
-    from probes.alignment import alignment_rows
-
     started = time.perf_counter()
     tokenizer, n_layers = hooked.tokenizer, hooked.n_layers
     encoded = {item.id: encode(tokenizer, item) for item in items}
