@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,9 +95,16 @@ def convert_gguf(gguf: Path) -> Path:
     target = cache_dir() / "converted" / _sha256(gguf)
     if (target / "config.json").is_file():
         return target
+    with gguf.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise ModelLoadError(f"{gguf} is not a GGUF file (no GGUF header); download it again")
     log.info("converting %s to safetensors (once; cached in %s)", gguf, target)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (struct.error, ValueError, EOFError, KeyError, IndexError) as err:
+        raise ModelLoadError(f"{gguf} cannot be read ({type(err).__name__}: {err}); the file is cut short, damaged "
+                             "or of an architecture transformers cannot convert: download it again") from err
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -114,6 +123,29 @@ def convert_gguf(gguf: Path) -> Path:
         if not (target / "config.json").is_file():  # another process may have won the race
             raise
     return target
+
+
+def check_checkpoint(directory: Path) -> None:
+    """Stop with a clear error before loading when ``directory`` is not a whole checkpoint: no config.json, or a
+    safetensors file whose size differs from what its header describes (cut short or damaged). Reads only the
+    headers."""
+    if not (directory / "config.json").is_file():
+        what = "is empty" if not any(directory.iterdir()) else "has no config.json"
+        raise ModelLoadError(f"{directory} {what}: not a model checkpoint directory (save one with save_pretrained)")
+    for path in sorted(directory.glob("*.safetensors")):
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            try:
+                header = json.loads(fh.read(length)) if 0 <= length <= size - 8 else None
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+                end = None
+        if end is None or 8 + length + end != size:
+            expected = "" if end is None else f" ({size} bytes; its header describes {8 + length + end})"
+            raise ModelLoadError(f"{path} is cut short or damaged{expected}: copy or download it again"
+                                 f"{' (or delete ' + str(directory) + ' to convert the GGUF again)' if (directory / 'SOURCE').is_file() else ''}")
 
 
 def resolve(spec: str) -> Path | str:
@@ -174,6 +206,8 @@ def load_model(
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     source = resolve(spec)
+    if isinstance(source, Path):
+        check_checkpoint(source)
     torch_dtype = DTYPES[dtype]
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if offline:

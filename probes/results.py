@@ -59,19 +59,37 @@ class IncrementalCSV:
         self.columns = list(columns)
         out_dir.mkdir(parents=True, exist_ok=True)
         settings = json.loads(json.dumps(settings, default=str))
+        buffer = io.StringIO()
+        csv.writer(buffer).writerow(self.columns)
+        header = buffer.getvalue()
         if self.partial.exists():
-            previous = json.loads(self.settings_file.read_text()) if self.settings_file.exists() else None
+            try:
+                previous = json.loads(self.settings_file.read_text()) if self.settings_file.exists() else None
+            except ValueError:
+                previous = None
             if previous != settings:
-                raise ResumeMismatch(
-                    f"{self.partial} is an interrupted run with other settings; use another --out or delete it"
-                )
+                raise ResumeMismatch(f"{self.partial} is an interrupted run with other settings (or its "
+                                     f"{self.settings_file.name} is missing); rerun with --overwrite to start over")
+            offset = self._committed(header)
             with self.partial.open("r+b") as fh:
-                fh.truncate(int(self.offset_file.read_text()))
+                fh.truncate(offset)
+            if offset == 0:  # nothing usable was committed: start the file again
+                self._write(header, mode="w")
         else:
             atomic_write_json(self.settings_file, settings)
-            buffer = io.StringIO()
-            csv.writer(buffer).writerow(self.columns)
-            self._write(buffer.getvalue(), mode="w")
+            self._write(header, mode="w")
+
+    def _committed(self, header: str) -> int:
+        """Where the committed rows of the partial file end; 0 when the file cannot be resumed safely (no or a
+        damaged offset record, a header that is missing or lists other columns): its rows are then recomputed."""
+        data = self.partial.read_bytes()
+        try:
+            offset = int(self.offset_file.read_text())
+        except (OSError, ValueError):
+            offset = -1
+        if not data.startswith(header.encode("utf-8")) or not len(header) <= offset <= len(data):
+            return 0
+        return offset
 
     def done(self, key_columns: Sequence[str]) -> set[tuple[str, ...]]:
         """Keys (as strings) of the rows already written."""

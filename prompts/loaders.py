@@ -8,7 +8,10 @@ over the row's columns (``"hop2": "{r2_template} is"``); presets may also use a 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import string
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -51,28 +54,77 @@ def bundled_path(name: str) -> Path:
     return Path(str(resources.files("prompts") / "data" / BUNDLED[name]))
 
 
-def _records(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
-    """(line number, record) for each row of a JSONL or CSV file."""
-    source = str(path)
-    if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            for row in reader:
-                yield reader.line_num, dict(row)
+def _text(path: Path) -> str:
+    """The file as text: UTF-8, with or without a byte-order mark; anything else is an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise PromptSetError(str(path), line, None, f"not UTF-8 text (byte 0x{data[err.start]:02x} at column "
+                                                    f"{column}); save the file as UTF-8") from None
+
+
+@contextmanager
+def _csv_field_limit(limit: int) -> Iterator[None]:
+    """Let the csv module read fields up to ``limit`` characters (its default stops at 131,072)."""
+    previous = csv.field_size_limit()
+    csv.field_size_limit(max(previous, limit))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _json_values(text: str, source: str) -> Iterator[tuple[int, object]]:
+    """(line number, value) for each JSON value in ``text``: one per line (JSONL), pretty-printed objects one
+    after another, or the elements of a single top-level array."""
+    decoder = json.JSONDecoder()
+    position, values = 0, []
+    while True:
+        while position < len(text) and text[position] in " \t\r\n":
+            position += 1
+        if position == len(text):
+            break
+        try:
+            value, end = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as err:
+            raise PromptSetError(source, err.lineno, None, f"not valid JSON: {err.msg} (column {err.colno})") from None
+        values.append((text.count("\n", 0, position) + 1, value, position))
+        position = end
+    if len(values) == 1 and isinstance(values[0][1], list):  # a JSON array of records: find each one's line
+        _, array, start = values[0]
+        position = start + 1
+        for element in array:
+            while text[position] in " \t\r\n,":
+                position += 1
+            yield text.count("\n", 0, position) + 1, element
+            position = decoder.raw_decode(text, position)[1]
         return
-    if path.suffix not in (".jsonl", ".json"):
-        raise PromptSetError(source, None, None, "prompt files must be .jsonl or .csv")
-    with path.open(encoding="utf-8") as fh:
-        for number, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
+    for line, value, _ in values:
+        yield line, value
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
+    """(line number, record) for each row of a JSONL, JSON or CSV file."""
+    source = str(path)
+    if path.suffix not in (".jsonl", ".json", ".csv"):
+        raise PromptSetError(source, None, None, "prompt files must be .jsonl, .json or .csv")
+    text = _text(path)
+    if path.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        with _csv_field_limit(2**31 - 1):
             try:
-                record = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise PromptSetError(source, number, None, f"not valid JSON: {err.msg}") from err
-            if not isinstance(record, dict):
-                raise PromptSetError(source, number, None, "each line must be a JSON object")
-            yield number, record
+                for row in reader:
+                    yield reader.line_num, dict(row)
+            except csv.Error as err:
+                raise PromptSetError(source, reader.line_num, None, f"not valid CSV: {err}") from None
+        return
+    for number, record in _json_values(text, source):
+        if not isinstance(record, dict):
+            raise PromptSetError(source, number, None, "each record must be a JSON object")
+        yield number, record
 
 
 def _apply_mapping(row: dict[str, object], mapping: Mapping[str, Mapper], source: str, line: int) -> dict[str, object]:
@@ -82,6 +134,8 @@ def _apply_mapping(row: dict[str, object], mapping: Mapping[str, Mapper], source
             mapped[field] = mapper(row) if callable(mapper) else _fill(mapper, row)  # type: ignore[arg-type]
         except (KeyError, IndexError) as err:
             raise PromptSetError(source, line, field, f"mapping {mapper!r} needs column {err} missing from the row") from err
+        except (ValueError, AttributeError) as err:
+            raise PromptSetError(source, line, field, f"mapping {mapper!r} is not a valid format string: {err}") from err
     return mapped
 
 
@@ -129,6 +183,12 @@ def parse_columns(specs: Sequence[str]) -> dict[str, str]:
         field, sep, value = spec.partition("=")
         if not sep or not field or not value:
             raise ValueError(f"column mapping {spec!r} must look like field=column")
+        if "{" in value or "}" in value:
+            try:
+                list(string.Formatter().parse(value))
+            except ValueError as err:
+                raise ValueError(f"--columns {field.strip()}: {value!r} is not a valid format string ({err}); "
+                                 "write columns as {column} and literal braces as {{ }}") from None
         mapping[field.strip()] = value
     return mapping
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from probes.cli import fidelity, identity, lens, memory, patch
 from probes.cli.common import EPILOG
 from probes.models import ModelLoadError
 from probes.results import ResumeMismatch
+from probes.rundir import RunComplete, RunDirError
 from prompts.schema import PromptSetError
 
 COMMANDS = (lens, patch, fidelity, memory, identity)
@@ -25,10 +26,18 @@ DESCRIPTION = """Probe where a language model keeps the bridge entity of two-hop
 report under reports/. `bridgeprobe COMMAND --help` explains each command."""
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (exit 2), pointing at --help instead of printing the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bridgeprobe", description=DESCRIPTION,
+    parser = Parser(prog="bridgeprobe", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is being loaded")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
         module.register(sub)
@@ -40,10 +49,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         args.handler(args)
-    except (PromptSetError, ModelLoadError, ResumeMismatch, ValueError) as err:
-        if args.verbose:
+    except RunComplete as done:  # the output directory already holds this run, finished
+        print(done)
+        return 0
+    except (PromptSetError, ModelLoadError, ResumeMismatch, RunDirError, ValueError, OSError) as err:
+        # user errors (bad option, file or directory; OSError: a file we cannot read or write): one line, exit 2.
+        # Anything else is a bug and keeps its traceback (exit 1).
+        if args.verbose or args.debug:
             raise
-        print(f"bridgeprobe: error: {err}", file=sys.stderr)
+        message = str(err) if not isinstance(err, OSError) or not err.filename else \
+            f"{err.filename}: {err.strerror or err}"
+        print(f"bridgeprobe: error: {message}", file=sys.stderr)
         return 2
     return 0
 

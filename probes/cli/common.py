@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from probes.models import DTYPES, EMBEDDED
 from probes.pipeline import BACKENDS, ModelOptions
@@ -40,16 +42,102 @@ def prompt_args(parser: argparse.ArgumentParser, default: str | None) -> None:
     group.add_argument("--preset", choices=sorted(PRESETS), help="column mapping for a known external format")
     group.add_argument("--columns", nargs="+", metavar="FIELD=COLUMN",
                        help="column mapping for CSV/JSONL in another format: field=column or field='{col} text'")
-    group.add_argument("--limit", type=int, help="use only the first N items (patch: the first N pairs)")
+    group.add_argument("--limit", type=positive_int, help="use only the first N items (patch: the first N pairs)")
 
 
 def run_args(parser: argparse.ArgumentParser) -> None:
     """The --batch-size, --all-positions and --seed flags of the lens jobs."""
-    parser.add_argument("--batch-size", type=int,
+    parser.add_argument("--batch-size", type=positive_int,
                         help="queries per forward pass (default: as many as fit in half the free GPU memory, halved "
                              "on out-of-memory; 16 on the CPU)")
     parser.add_argument("--all-positions", action="store_true", help="also read out every prompt position")
     parser.add_argument("--seed", type=int, default=0, help="random seed recorded in run.json (default 0)")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def rundir_args(parser: argparse.ArgumentParser) -> None:
+    """--overwrite and --recompute: what a rerun into a used output directory does (docs/runs.md)."""
+    group = parser.add_argument_group("reruns (an unfinished run with the same settings always resumes)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="empty the output directory first when it holds another run (default: stop, naming "
+                            "the settings that differ)")
+    group.add_argument("--recompute", action="store_true",
+                       help="run again even when the directory holds this run finished (default: print its "
+                            "summary and stop)")
+
+
+def fingerprint(args: argparse.Namespace, command: str, **options: Any) -> dict[str, Any]:
+    """Everything that determines a job's numbers (:mod:`probes.rundir`): the model's identity and loading
+    options, the prompt files' content, the prompt selection, the job's own ``options``, seed and versions."""
+    from probes.rundir import model_identity, prompt_identity
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    found: dict[str, Any] = {"command": command}
+    if getattr(args, "model", None):
+        found.update(model=model_identity(args.model), dtype=args.dtype, quantize=args.quantize, device=args.device,
+                     device_map=args.device_map, max_memory=args.max_memory, backend=args.backend,
+                     trust_remote_code=args.trust_remote_code)
+    if getattr(args, "prompts", None):
+        found.update(prompts=prompt_identity(list(args.prompts)), preset=args.preset, columns=args.columns,
+                     limit=args.limit, sample=getattr(args, "sample", None))
+    found.update(options=options, seed=getattr(args, "seed", None),
+                 versions={name: version(name) for name in ("bridgeprobe", "torch", "transformers")})
+    return found
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Option checks that argparse cannot do, before anything is loaded: the device exists, --max-memory is a
+    JSON object of device -> size."""
+    import torch
+
+    device = getattr(args, "device", None)
+    if device:
+        try:
+            parsed = torch.device(device)
+        except RuntimeError as err:
+            raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, mps): {err}") from None
+        if parsed.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise ValueError(f"--device {device}: this torch build or host has no CUDA GPU; use --device cpu")
+            if parsed.index is not None and parsed.index >= count:
+                raise ValueError(f"--device {device}: there are only {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+        elif parsed.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"--device {device}: MPS is not available on this host; use --device cpu")
+    if getattr(args, "max_memory", None):
+        parse_max_memory(args.max_memory)
+
+
+def parse_max_memory(text: str) -> dict[int | str, str | int]:
+    """--max-memory: a JSON object of device (GPU index, "cpu", "disk") -> size ("20GiB" or bytes)."""
+    shape = 'a JSON object of device -> size, e.g. \'{"0": "20GiB", "cpu": "60GiB"}\''
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--max-memory must be {shape}: {err}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"--max-memory must be {shape}, got {text}")
+    for key, value in raw.items():
+        if not (str(key).isdigit() or key in ("cpu", "disk", "mps")):
+            raise ValueError(f"--max-memory: device {key!r} must be a GPU index, \"cpu\" or \"disk\"")
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise ValueError(f"--max-memory: size of {key!r} must be a string like \"20GiB\" or a byte count")
+    return {int(k) if str(k).isdigit() else k: v for k, v in raw.items()}
 
 
 def load_items(args: argparse.Namespace, paths: Sequence[str] | None = None, limit: int | None = None) -> list[PromptItem]:
@@ -60,22 +148,19 @@ def load_items(args: argparse.Namespace, paths: Sequence[str] | None = None, lim
 
 def prompt_settings(args: argparse.Namespace) -> dict:
     """The prompt flags as recorded in run.json (enough to reload the same items)."""
-    return {"prompts": [str(p) for p in args.prompts], "preset": args.preset, "columns": args.columns,
-            "limit": args.limit}
+    from prompts.loaders import BUNDLED
+
+    prompts = [p if p in BUNDLED else str(Path(p).resolve()) for p in map(str, args.prompts)]
+    return {"prompts": prompts, "preset": args.preset, "columns": args.columns, "limit": args.limit}
 
 
 def model_options(args: argparse.Namespace) -> ModelOptions:
     """The model flags as :class:`~probes.pipeline.ModelOptions`."""
-    max_memory = None
-    if args.max_memory:
-        try:
-            raw = json.loads(args.max_memory)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--max-memory must be a JSON object: {err}") from err
-        max_memory = {int(k) if str(k).isdigit() else k: v for k, v in raw.items()}
+    max_memory = parse_max_memory(args.max_memory) if args.max_memory else None
+    offline = args.offline or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     return ModelOptions(
         model=args.model, backend=args.backend, dtype=args.dtype, device=args.device, device_map=args.device_map,
-        max_memory=max_memory, quantize=args.quantize, offline=args.offline,
+        max_memory=max_memory, quantize=args.quantize, offline=offline,
         trust_remote_code=args.trust_remote_code,
     )
 

@@ -11,12 +11,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from probes.cli.common import EPILOG, load_items, model_args, model_options, prompt_args, prompt_settings
+from probes.checks import check_context_length
+from probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, positive_int,
+                               prompt_args, prompt_settings, rundir_args)
 from probes.fidelity import COLUMNS, compare_lens, compare_patching, summary
 from probes.hooks import SITES
 from probes.models import DTYPES
 from probes.pipeline import ModelOptions, Timer, item_pairs, run_lens, run_patching, run_record
 from probes.results import atomic_write_csv, atomic_write_json
+from probes.rundir import RunDirectory, run_directory
+from prompts.schema import PromptItem
 
 VARIANTS = ("8bit", "4bit", *sorted(DTYPES))
 
@@ -41,8 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                           help="pairs for the patching comparison (default 4; 0 skips it)")
     fidelity.add_argument("--site", default="resid_pre",
                           help=f"comma-separated patching sites among {', '.join(SITES)} (default resid_pre)")
-    fidelity.add_argument("--batch-size", type=int, help="lens queries per forward pass (default: from free memory)")
+    fidelity.add_argument("--batch-size", type=positive_int, help="lens queries per forward pass (default: from free memory)")
     fidelity.add_argument("--seed", type=int, default=0, help="random seed recorded in run.json (default 0)")
+    rundir_args(fidelity)
     fidelity.set_defaults(handler=fidelity_job)
 
 
@@ -54,12 +59,23 @@ def fidelity_job(args: argparse.Namespace) -> Path:
     sites = [s.strip() for s in args.site.split(",") if s.strip()]
     if not sites or any(s not in SITES for s in sites):
         raise ValueError(f"--site must be among {', '.join(SITES)}, got {args.site!r}")
+    if args.patch_pairs < 0:
+        raise ValueError(f"--patch-pairs must be 0 (skip) or more, got {args.patch_pairs}")
+    check_options(args)
     reference = model_options(args)
     if args.dtype in args.compare:
         raise ValueError(f"--compare {args.dtype} is the reference dtype itself")
     items = load_items(args, limit=args.limit)
     if args.patch_pairs and not any(item.pair for item in items):
         raise ValueError("no item has a 'pair' partner for the patching comparison; pass --patch-pairs 0")
+    probe = {"compare": args.compare, "patch_pairs": args.patch_pairs, "sites": sites, "batch_size": args.batch_size}
+    with run_directory(args.out, fingerprint(args, "fidelity", **probe), overwrite=args.overwrite,
+                       recompute=args.recompute) as run:
+        return _fidelity_run(args, items, sites, reference, run)
+
+
+def _fidelity_run(args: argparse.Namespace, items: list[PromptItem], sites: list[str], reference: ModelOptions,
+                  run: RunDirectory) -> Path:
     settings = {**prompt_settings(args), "reference": args.dtype, "compare": args.compare,
                 "patch_pairs": args.patch_pairs, "sites": sites, "batch_size": args.batch_size, "seed": args.seed}
     logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Once())  # its int8 matmul warns every call
@@ -75,17 +91,18 @@ def fidelity_job(args: argparse.Namespace) -> Path:
             torch.cuda.reset_peak_memory_stats()
         with timer.section(f"{label}_load_s"):
             hooked = options.load()
+        check_context_length(hooked.model, hooked.tokenizer, items)
         loads[label] = {"dtype": options.dtype, "quantize": options.quantize,
                         "weight_bytes": int(hooked.model.get_memory_footprint())}
-        tag = {"model": args.model, "variant": label, "backend": args.backend}
+        tag = {**run.fingerprint, "variant": label}
         with timer.section(f"{label}_lens_s"):
-            lens = run_lens(hooked, items, args.out / label, batch_size=args.batch_size, settings={**settings, **tag})
+            lens = run_lens(hooked, items, args.out / label, batch_size=args.batch_size, settings=tag)
         patching = None
         if args.patch_pairs:
             pairs, _ = item_pairs(items, hooked.tokenizer, skip_unequal=True)
             with timer.section(f"{label}_patching_s"):
                 patching = run_patching(hooked, pairs[: args.patch_pairs], args.out / label, sites=sites,
-                                        method="exact", direction="denoise", settings={**settings, **tag}).frame
+                                        method="exact", direction="denoise", settings=tag).frame
         if torch.cuda.is_available():
             loads[label]["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
         runs[label] = (lens.frame, patching)
@@ -103,7 +120,7 @@ def fidelity_job(args: argparse.Namespace) -> Path:
     overall = summary(table)
     atomic_write_json(args.out / "fidelity.json", {"reference": args.dtype, "variants": overall})
     record = run_record("fidelity", hooked, reference, settings, timer, {"variants": loads})
-    atomic_write_json(args.out / "run.json", record)
+    lines = []
     for label, probes in overall.items():
         lens = probes["lens"]
         line = (f"{label} vs {args.dtype}: lens rank Spearman {lens['rank_spearman']:.4f}, max |d logprob| "
@@ -112,8 +129,10 @@ def fidelity_job(args: argparse.Namespace) -> Path:
             patch = probes["patching"]
             line += (f"; patching Pearson {patch['value_pearson']:.4f}, max |d value| "
                      f"{patch['value_max_abs_diff']:.3g}, top cell agreement {patch['top_cell_agreement']:.1%}")
-        print(line)
-    print(f"wrote {args.out}/fidelity.csv")
+        lines.append(line)
+    lines.append(f"wrote {args.out}/fidelity.csv")
+    run.finish(record, "\n".join(lines))
+    print("\n".join(lines))
     return args.out
 
 

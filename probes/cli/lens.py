@@ -9,14 +9,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from probes.cli.common import (EPILOG, default_out, load_items, model_args, model_options, prompt_args,
-                               prompt_settings, run_args)
+from probes.checks import check_context_length
+from probes.cli.common import (EPILOG, check_options, default_out, fingerprint, load_items, model_args,
+                               model_options, prompt_args, prompt_settings, run_args, rundir_args)
 from probes.cli.memory import (memory_config, memory_flags, memory_report_section, read_memory_csv,  # memory section
                                run_memory_section)
 from probes.hooks import HookedModel
 from probes.models import DEFAULT_MODEL
-from probes.pipeline import PatchingRun, Timer, item_pairs, run_lens, run_patching, run_record
-from probes.results import atomic_write_json
+from probes.pipeline import ModelOptions, PatchingRun, Timer, item_pairs, run_lens, run_patching, run_record
+from probes.rundir import RunDirError, RunDirectory, check_rows, run_directory
 from prompts.loaders import load_prompts, parse_columns
 from prompts.schema import PromptItem
 
@@ -34,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     lens.add_argument("--out", required=True, type=Path, help="output directory")
     lens.add_argument("--report", action="store_true", help="also write the tables, plots and HTML report")
     run_args(lens)
+    rundir_args(lens)
     lens.set_defaults(handler=lambda args: lens_job(args, report=args.report))
 
     run = sub.add_parser("run", help="main job: lens + report on the embedded default model (no arguments needed)",
@@ -47,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--patch-pairs", type=int, default=32,
                      help="pairs for the report's attribution-patching section (default 32; 0 skips it)")
     run_args(run)
+    rundir_args(run)
     # memory section: defaults sized to keep `run` within a few minutes on 2 CPU cores (`bridgeprobe memory`: all)
     memory_flags(run, "memory-", items=RUN_MEMORY_ITEMS, map_items=RUN_MEMORY_MAP_ITEMS, stride=RUN_MEMORY_STRIDE)
     run.set_defaults(handler=lambda args: lens_job(args, report=True))
@@ -59,25 +62,38 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def lens_job(args: argparse.Namespace, report: bool) -> Path:
-    """Load, run the lens (resumable) and write run.json, plus the report when asked."""
+    """Check the options and prompts, lock the output directory (:mod:`probes.rundir`), load, run the lens
+    (resumable) and write run.json, plus the report when asked."""
     torch.manual_seed(args.seed)
     out: Path = args.out or default_out(args.model)
+    check_options(args)
     items = load_items(args, limit=args.limit)
     options = model_options(args)
+    probe = {"batch_size": args.batch_size, "all_positions": args.all_positions, "report": report}
+    if args.command == "run":
+        probe.update(patch_pairs=args.patch_pairs, memory=memory_config(args, "memory-").settings()
+                     if args.memory_items != 0 else None)
+    with run_directory(out, fingerprint(args, args.command, **probe), overwrite=args.overwrite,
+                       recompute=args.recompute) as run:
+        return _lens_run(args, report, out, items, options, run)
+
+
+def _lens_run(args: argparse.Namespace, report: bool, out: Path, items: list[PromptItem], options: ModelOptions,
+              run: RunDirectory) -> Path:
     timer = Timer()
     with timer.section("load_model_s"):
         hooked: HookedModel = options.load()
+    check_context_length(hooked.model, hooked.tokenizer, items)
     settings = {**prompt_settings(args), "n_items": len(items), "batch_size": args.batch_size, "seed": args.seed}
     with timer.section("lens_s"):
         lens = run_lens(hooked, items, out, batch_size=args.batch_size, all_positions=args.all_positions,
-                        settings={**settings, "model": args.model, "dtype": args.dtype, "backend": args.backend})
+                        settings=run.fingerprint)
     attribution = None
     if report and getattr(args, "patch_pairs", 0):
-        attribution = _attribution_run(hooked, items, out, args, timer)
+        attribution = _attribution_run(hooked, items, out, args, timer, run.fingerprint)
     memory = None  # memory section
     if report and getattr(args, "memory_items", 0) != 0:
-        memory = run_memory_section(hooked, items, out, memory_config(args, "memory-"),
-                                    {**settings, "model": args.model, "dtype": args.dtype}, timer)
+        memory = run_memory_section(hooked, items, out, memory_config(args, "memory-"), run.fingerprint, timer)
     if lens.frame is None:  # another process of a data-parallel run: rank 0 writes the outputs
         return out
     frame = lens.frame
@@ -89,6 +105,7 @@ def lens_job(args: argparse.Namespace, report: bool) -> Path:
     if memory is not None:
         extra["memory"] = memory.info
     record = run_record(args.command, hooked, options, settings, timer, extra)
+    lines = []
     if report:
         from analyses.report import write_lens_report
 
@@ -98,24 +115,24 @@ def lens_job(args: argparse.Namespace, report: bool) -> Path:
         with timer.section("report_s"):
             summary = write_lens_report(frame, items, out, record, sections)
         acc, bridge = summary["accuracy"], summary["bridge"]
-        print(f"{args.model}: two-hop accuracy {acc['two_hop']:.1%} (hop1 {acc['hop1']}, hop2 {acc['hop2']}); "
-              f"bridge in top 10 at some layer for {bridge['top10_any_layer']:.1%} of prompts, best layer "
-              f"{bridge['best_layer_by_top10_rate']} ({bridge['best_top10_rate']:.1%})")
-    atomic_write_json(out / "run.json", record)
-    print(f"wrote {out}/" + ("index.html" if report else "lens.csv"))
+        lines.append(f"{args.model}: two-hop accuracy {acc['two_hop']:.1%} (hop1 {acc['hop1']}, hop2 {acc['hop2']}); "
+                     f"bridge in top 10 at some layer for {bridge['top10_any_layer']:.1%} of prompts, best layer "
+                     f"{bridge['best_layer_by_top10_rate']} ({bridge['best_top10_rate']:.1%})")
+    lines.append(f"wrote {out}/" + ("index.html" if report else "lens.csv"))
+    run.finish(record, "\n".join(lines))
+    print("\n".join(lines))
     return out
 
 
 def _attribution_run(hooked: HookedModel, items: list[PromptItem], out: Path, args: argparse.Namespace,
-                     timer: Timer) -> tuple[PatchingRun, dict]:
+                     timer: Timer, settings: dict) -> tuple[PatchingRun, dict]:
     """Attribution patching of resid_pre / attn_out / mlp_out on the first --patch-pairs pairs, for the report;
     also its entry in run.json."""
     pairs, skipped = item_pairs(items, hooked.tokenizer, skip_unequal=True)
     pairs = pairs[: args.patch_pairs]
     with timer.section("attribution_s"):
         done = run_patching(hooked, pairs, out, sites=["resid_pre", "attn_out", "mlp_out"], method="attribution",
-                            direction="denoise", name="attribution",
-                            settings={"pairs": args.patch_pairs, "model": args.model})
+                            direction="denoise", name="attribution", settings=settings)
     return done, {"n_pairs": len(pairs), "skipped_pairs": len(skipped), "sweep_s": done.sweep_s}
 
 
@@ -137,7 +154,15 @@ def report_job(out: Path) -> None:
     from analyses.report import write_lens_report
 
     if not (out / "lens.csv").is_file() or not (out / "run.json").is_file():
-        raise ValueError(f"{out} has no finished run (lens.csv and run.json)")
+        raise RunDirError(f"{out} has no finished run (lens.csv and run.json)")
+    with RunDirectory.locked(out):
+        _report(out)
+
+
+def _report(out: Path) -> None:
+    from analyses.report import write_lens_report
+
+    check_rows(out, "lens.csv")
     record = json.loads((out / "run.json").read_text())
     settings = record["settings"]
     columns = parse_columns(settings["columns"]) if settings.get("columns") else None

@@ -10,11 +10,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from probes.cli.common import EPILOG, load_items, model_args, model_options, prompt_args, prompt_settings
+from probes.checks import check_context_length
+from probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, positive_int,
+                               prompt_args, prompt_settings, rundir_args)
 from probes.hooks import HookedModel
 from probes.memory import ANALYSES, MemoryConfig, MemoryRun, run_memory
-from probes.pipeline import Timer, run_record
-from probes.results import atomic_write_json
+from probes.pipeline import ModelOptions, Timer, run_record
+from probes.rundir import RunDirError, RunDirectory, check_rows, run_directory
 from probes.variants import METHODS
 from prompts.schema import PromptItem
 
@@ -51,13 +53,13 @@ def memory_flags(parser: argparse.ArgumentParser, prefix: str = "", *, items: in
                        help="of those, this many (round-robin again) get the cross-patch maps and the decoding, the "
                             "costly analyses; back-patching and the alignment use all analysed items "
                             f"(default: {'all' if map_items is None else map_items})")
-    group.add_argument(f"--{prefix}stride", type=int, default=stride,
+    group.add_argument(f"--{prefix}stride", type=positive_int, default=stride,
                        help=f"layer stride of the source x target maps; the diagonal is always complete (default {stride})")
     group.add_argument(f"--{prefix}analyses", default=",".join(ANALYSES),
                        help=f"comma-separated subset of {','.join(ANALYSES)} (default: all)")
     group.add_argument(f"--{prefix}decode-layer", type=int,
                        help="fixed target layer of the decoding (default: n_layers // 8)")
-    group.add_argument(f"--{prefix}batch-items", type=int, default=8,
+    group.add_argument(f"--{prefix}batch-items", type=positive_int, default=8,
                        help="items per decoding call (they share the identity prompt; default 8)")
 
 
@@ -83,6 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "where verified; default)")
     memory.add_argument("--seed", type=int, default=0,
                         help="seed of the control choices and the CKA jackknife groups (default 0)")
+    rundir_args(memory)
     memory.set_defaults(handler=memory_job)
 
     report = sub.add_parser("memory-report", help="rebuild the memory tables, plots and summary from DIR/memory.csv",
@@ -118,28 +121,37 @@ def memory_report_section(frame: pd.DataFrame, out: Path, record: dict) -> tuple
 
 
 def memory_job(args: argparse.Namespace) -> Path:
-    """Load, run the memory analyses, write run.json, then the tables, plots and summary."""
+    """Check the options and prompts, lock the output directory (:mod:`probes.rundir`), load, run the memory
+    analyses (resumable), then write the tables, plots, summary and run.json."""
     torch.manual_seed(args.seed)
     config = memory_config(args)
+    check_options(args)
     items = load_items(args, limit=args.limit)
     options = model_options(args)
+    with run_directory(args.out, fingerprint(args, "memory", **config.settings()), overwrite=args.overwrite,
+                       recompute=args.recompute) as run:
+        return _memory_run(args, config, items, options, run)
+
+
+def _memory_run(args: argparse.Namespace, config: MemoryConfig, items: list[PromptItem], options: ModelOptions,
+                run: RunDirectory) -> Path:
     timer = Timer()
     with timer.section("load_model_s"):
         hooked = options.load()
+    check_context_length(hooked.model, hooked.tokenizer, items)
     settings = {**prompt_settings(args), "n_items": len(items), **config.settings()}
-    done = run_memory_section(hooked, items, args.out, config,
-                              {**settings, "model": args.model, "dtype": args.dtype, "backend": args.backend}, timer)
+    done = run_memory_section(hooked, items, args.out, config, run.fingerprint, timer)
     if done.frame is None:  # another process of a data-parallel run: rank 0 writes the outputs
         return args.out
     record = run_record("memory", hooked, options, settings, timer, {"memory": done.info})
-    atomic_write_json(args.out / "run.json", record)  # before the report: the rows and timings are safe
     from analyses.memory_report import write_memory_outputs
 
     with timer.section("report_s"):
         summary = write_memory_outputs(done.frame, args.out, record)
-    atomic_write_json(args.out / "run.json", record)
-    print(summary["statement"])
-    print(f"wrote {args.out}/memory.csv ({done.info['n_items']} items, memory analyses {timer.timings['memory_s']:.0f} s)")
+    lines = [summary["statement"], f"wrote {args.out}/memory.csv ({done.info['n_items']} items, memory analyses "
+                                   f"{timer.timings['memory_s']:.0f} s)"]
+    run.finish(record, "\n".join(lines))
+    print("\n".join(lines))
     return args.out
 
 
@@ -148,8 +160,10 @@ def memory_report_job(out: Path) -> None:
     from analyses.memory_report import write_memory_outputs
 
     if not (out / "memory.csv").is_file() or not (out / "run.json").is_file():
-        raise ValueError(f"{out} has no finished memory run (memory.csv and run.json)")
-    record = json.loads((out / "run.json").read_text())
-    summary = write_memory_outputs(read_memory_csv(out), out, record)
+        raise RunDirError(f"{out} has no finished memory run (memory.csv and run.json)")
+    with RunDirectory.locked(out):
+        check_rows(out, "memory.csv")
+        record = json.loads((out / "run.json").read_text())
+        summary = write_memory_outputs(read_memory_csv(out), out, record)
     print(summary["statement"])
     print(f"wrote {out}/memory_summary.json")
