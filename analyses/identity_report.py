@@ -9,7 +9,6 @@ e.g. init scale and weight decay), its ``condition`` (``identity`` / ``no_identi
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,7 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analyses.plots import save_figure  # noqa: E402
-from analyses.report import _CSS, _img, _table  # noqa: E402
+from analyses.page import Figure, Section, render, table as page_table  # noqa: E402
 from probes.results import atomic_write  # noqa: E402
 
 CONDITIONS = ("no_identity", "identity")
@@ -220,15 +219,8 @@ def write_page(path: Path, title: str, intro: str, facts: dict[str, str],
                sections: Sequence[tuple[str, str, Sequence[Path]]]) -> Path:
     """A self-contained HTML page: a title, an introduction, a key/value table and sections of (title, HTML,
     figures)."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1><p>{intro}</p>",
-             "<table class='kv'>" + "".join(
-                 f"<tr><td>{html.escape(k)}</td><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
-                 for k, v in facts.items()) + "</table>"]
-    for heading, text, figures in sections:
-        parts.append(f"<h2>{html.escape(heading)}</h2>{text}" + "".join(_img(f, heading) for f in figures))
-    parts.append("</body></html>")
-    atomic_write(path, "\n".join(parts))
+    atomic_write(path, render(title, [Section(heading, "", text, [Figure(f) for f in figures])
+                                      for heading, text, figures in sections], intro=intro, facts=facts))
     return path
 
 
@@ -241,9 +233,9 @@ def comparison_html(table: pd.DataFrame, keys: Sequence[str], metrics: Sequence[
                            **{f"{NAMES[m]} Δ": f"{_pm(row.get(f'{m} delta mean'), row.get(f'{m} delta std'), sign=True)} "
                                               f"({row.get(f'{m} identity higher', '')})" for m in metrics}}
                           for row in table.to_dict("records")])
-    return _table(shown)
+    return page_table(shown)
 
 
 def html_table(frame: pd.DataFrame) -> str:
     """A table for the page, in the style of the lens report."""
-    return _table(frame)
+    return page_table(frame)

@@ -38,7 +38,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analyses.plots import save_figure  # noqa: E402
+from analyses.page import Figure, Section, doc_to_html, key_values, render  # noqa: E402
+from analyses.plots import legend_below, save_figure  # noqa: E402
 from probes.results import atomic_write, atomic_write_csv, atomic_write_json  # noqa: E402
 
 N_BOOT = 1000
@@ -467,49 +468,59 @@ def crosspatch_heatmaps(cells: pd.DataFrame, path: Path, title: str) -> Path:
 
 def _band(ax: plt.Axes, summary: dict[str, Any]) -> None:
     if summary.get("band"):
-        ax.axvspan(summary["band"][0] - 0.5, summary["band"][1] + 0.5, color="gold", alpha=0.2, label="band")
+        ax.axvspan(summary["band"][0] - 0.5, summary["band"][1] + 0.5, color="gold", alpha=0.2)
     if summary.get("answer_rise_layer") is not None:
-        ax.axvline(summary["answer_rise_layer"], color="tab:red", ls=":", lw=1, label="answer rises (median)")
+        ax.axvline(summary["answer_rise_layer"], color="tab:red", ls=":", lw=1)
+
+
+# Colours: blue = the latent state at the last token, purple = at e1's last token, green = the explicit bridge,
+# grey = the control (random item's state, partner's bridge, chance), orange = the logit lens, black = a difference.
+LAYER_PANELS = [
+    ("Cross-patching (source = target layer)", "normalized effect", [
+        ("crosspatch", "main_last", "A's state (last token)", "tab:blue", "-"),
+        ("crosspatch", "random_last", "random item's state (control)", "tab:gray", "-"),
+        ("crosspatch", "specific_last", "bridge-specific (A - random)", "black", "-"),
+        ("crosspatch", "specific_e1_last", "bridge-specific, e1's last token", "tab:purple", "--"),
+        ("crosspatch", "specific_transfer_minus_answer_last",
+         "other relation: toward bridge - toward answer, A - random", "tab:brown", ":"),
+    ]),
+    ("Decoding at the last token (bridge in top 10)", "fraction of prompts", [
+        ("decoding", f"latent_last_fixed_bridge_top{TOP_K}", "decoded (fixed target layer)", "tab:blue", "-"),
+        ("decoding", f"latent_last_same_bridge_top{TOP_K}", "decoded (same layer)", "tab:blue", "--"),
+        ("decoding", f"latent_last_fixed_partner_top{TOP_K}", "chance: partner's bridge decoded", "tab:gray", "-"),
+        ("lens", f"latent_last_bridge_top{TOP_K}", "logit lens on the same state", "tab:orange", "-"),
+    ]),
+    ("Decoding at e1 and of the explicit bridge", "fraction of prompts", [
+        ("decoding", f"latent_e1_last_fixed_bridge_top{TOP_K}", "decoded, latent at e1's last token", "tab:purple", "-"),
+        ("decoding", f"latent_e1_last_fixed_partner_top{TOP_K}", "chance at e1's last token", "tab:gray", ":"),
+        ("decoding", f"explicit_bridge_fixed_bridge_top{TOP_K}", "decoded, explicit bridge", "tab:green", "-"),
+        ("lens", f"explicit_bridge_bridge_top{TOP_K}", "logit lens, explicit bridge", "tab:orange", ":"),
+    ]),
+    ("Alignment of latent and explicit states", "similarity", [
+        ("alignment", "cosine_centered_matched", "centered cosine, same item", "tab:blue", "-"),
+        ("alignment", "cosine_centered_mismatched", "centered cosine, partner (control)", "tab:gray", "-"),
+        ("alignment", "cka_matched", "linear CKA, matched", "tab:blue", "--"),
+        ("alignment", "cka_mismatched", "linear CKA, partners (control)", "tab:gray", "--"),
+        ("alignment", "cosine_centered_gap_e1_last", "centered cosine gap (same - partner) at e1", "tab:purple", ":"),
+    ]),
+    ("Linear probe for the bridge", "accuracy", [
+        ("alignment", "probe_latent", "trained on explicit, tested on latent", "tab:blue", "-"),
+        ("alignment", "probe_latent_templates", "trained on templates, tested on latent", "tab:blue", ":"),
+        ("alignment", "probe_latent_e1_last", "trained on explicit, tested on latent at e1", "tab:purple", "-"),
+        ("alignment", "probe_explicit_heldout", "trained on templates, tested on hop2 (held out)", "tab:green", "-"),
+    ]),
+]
 
 
 def layer_curves(table: pd.DataFrame, summary: dict[str, Any], path: Path, title: str) -> Path:
-    """Per-layer curves with 95% CIs: cross-patching on the diagonal, decoding beside the logit lens, alignment
-    (cosine, CKA) and the probe."""
-    panels = [
-        ("Cross-patching (source = target layer)", "normalized effect", [
-            ("crosspatch", "main_last", "A's state (last token)", "tab:blue", "-"),
-            ("crosspatch", "random_last", "random item's state", "tab:gray", "-"),
-            ("crosspatch", "specific_last", "bridge-specific (A - random)", "black", "-"),
-            ("crosspatch", "specific_e1_last", "bridge-specific, e1's last token", "tab:green", "--"),
-            ("crosspatch", "specific_transfer_minus_answer_last",
-             "other relation: toward bridge - toward answer, A - random", "tab:purple", ":"),
-        ]),
-        ("Decoding vs logit lens (bridge in top 10)", "fraction of prompts", [
-            ("decoding", f"latent_last_fixed_bridge_top{TOP_K}", "decoded, latent (fixed target layer)", "tab:blue", "-"),
-            ("decoding", f"latent_last_same_bridge_top{TOP_K}", "decoded, latent (same layer)", "tab:blue", "--"),
-            ("decoding", f"latent_last_fixed_partner_top{TOP_K}", "chance: partner's bridge decoded", "tab:gray", "-"),
-            ("decoding", f"latent_e1_last_fixed_bridge_top{TOP_K}", "decoded, latent at e1's last token", "tab:purple", "-"),
-            ("decoding", f"latent_e1_last_fixed_partner_top{TOP_K}", "chance at e1's last token", "tab:purple", ":"),
-            ("lens", f"latent_last_bridge_top{TOP_K}", "logit lens, latent", "tab:orange", "-"),
-            ("decoding", f"explicit_bridge_fixed_bridge_top{TOP_K}", "decoded, explicit bridge", "tab:green", "-"),
-            ("lens", f"explicit_bridge_bridge_top{TOP_K}", "logit lens, explicit bridge", "tab:green", ":"),
-        ]),
-        ("Alignment of latent and explicit states", "similarity", [
-            ("alignment", "cosine_centered_matched", "centered cosine, same item", "tab:blue", "-"),
-            ("alignment", "cosine_centered_mismatched", "centered cosine, partner (other bridge)", "tab:gray", "-"),
-            ("alignment", "cka_matched", "linear CKA, matched", "tab:blue", "--"),
-            ("alignment", "cka_mismatched", "linear CKA, partners", "tab:gray", "--"),
-            ("alignment", "cosine_centered_gap_e1_last", "centered cosine gap (same - partner) at e1", "tab:purple", ":"),
-        ]),
-        ("Linear probe for the bridge", "accuracy", [
-            ("alignment", "probe_latent", "trained on explicit, tested on latent", "tab:blue", "-"),
-            ("alignment", "probe_latent_templates", "trained on templates, tested on latent", "tab:blue", ":"),
-            ("alignment", "probe_latent_e1_last", "trained on explicit, tested on latent at e1", "tab:purple", "-"),
-            ("alignment", "probe_explicit_heldout", "trained on templates, tested on hop2 (held out)", "tab:green", "-"),
-        ]),
-    ]
-    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
-    for ax, (name, ylabel, lines) in zip(axes.flat, panels):
+    """Per-layer curves with 95% CIs (at most five per panel, legends under the panels): cross-patching on the
+    diagonal, decoding beside the logit lens, alignment (cosine, CKA) and the probe; the last panel explains the
+    shading, the band and the answer's rise."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    fig, axes = plt.subplots(3, 2, figsize=(14, 14))
+    for ax, (name, ylabel, lines) in zip(axes.flat, LAYER_PANELS):
         for analysis, curve, label, color, style in lines:
             rows = _get(table, analysis, curve)
             if rows.empty:
@@ -522,7 +533,13 @@ def layer_curves(table: pd.DataFrame, summary: dict[str, Any], path: Path, title
         _band(ax, summary)
         ax.axhline(0, color="grey", lw=0.5)
         ax.set(xlabel="layer", ylabel=ylabel, title=name)
-        ax.legend(fontsize=7)
+        legend_below(ax, ncol=1)
+    key = axes.flat[-1]
+    key.axis("off")
+    key.legend(handles=[Patch(color="tab:blue", alpha=0.15, label="shaded: 95% CI of the curve of the same colour"),
+                        Patch(color="gold", alpha=0.2, label="the band (all three kinds of evidence agree)"),
+                        Line2D([], [], color="tab:red", ls=":", label="layer where the answer rises (median)")],
+               loc="center", fontsize=10, frameon=False, title="Key", title_fontsize=10)
     fig.suptitle(title)
     return save_figure(fig, path)
 
@@ -571,31 +588,50 @@ def write_memory_outputs(frame: pd.DataFrame, out_dir: Path, run: dict[str, Any]
                                           f"Back-patching later into earlier layers, {model}"))
     summary["figures"] = [f.name for f in figures]
     atomic_write_json(out_dir / "memory_summary.json", summary)
-    title, text, pngs = memory_section(summary, figures)
-    from analyses.report import _CSS, _img  # one way to embed figures and style a page
-
-    atomic_write(out_dir / "memory.html", f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-                                          f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}, "
-                                          f"{html.escape(model)}</h1><p>{text}</p>"
-                                          + "".join(_img(f, title) for f in pngs) + "</body></html>")
+    section = memory_section(summary, figures)
+    atomic_write(out_dir / "memory.html", render(f"{section.title}, {model}", [section]))
     return summary
 
 
-def memory_section(summary: dict[str, Any], figures: list[Path]) -> tuple[str, str, list[Path]]:
-    """The report section (title, HTML text, figures)."""
+EVIDENCE_NAMES = {
+    "layer": "layer", "crosspatch_specific_effect": "cross-patch, bridge-specific effect (A - random)",
+    "crosspatch_main_value": "cross-patch effect of A's state", "crosspatch_random_value": "cross-patch effect of a "
+    "random item's state (control)", "answer_top1_main": "A's answer becomes top 1, A's state",
+    "answer_top1_random": "A's answer becomes top 1, random state (control)",
+    "other_relation_specific_transfer_minus_answer": "other relation: toward bridge - toward answer (A - random)",
+    "decoded_top10": "decoded in the top 10", "decoded_top10_chance": "decoded in the top 10, partner's bridge "
+    "(chance)", "lens_top10": "logit lens top 10", "probe_latent_accuracy": "probe accuracy on the latent state",
+    "probe_chance_majority": "probe chance (majority bridge)", "cosine_centered_gap": "centered cosine gap (same "
+    "item - partner)", "cka_matched": "linear CKA, matched", "cka_mismatched": "linear CKA, partners (control)",
+    "crosspatch": "cross-patching", "decoding": "decoding", "alignment": "probe",
+    "crosspatch_some_target": "cross-patching into another target layer (source->target)",
+}
+CAPTIONS = {
+    "memory_layers.png": "Per-layer curves, each a mean over prompts with its 95% bootstrap CI (shaded, same "
+                         "colour); the gold span marks the band where all three kinds of evidence agree, the red "
+                         "dotted line the layer where the answer rises. Blue: the latent state at the last token; "
+                         "purple: at e1's last token; green: the explicit bridge; grey: controls and chance.",
+    "memory_crosspatch.png": "Source layer (two-hop prompt) × target layer (partner's hop2 prompt): the effect of "
+                             "A's state, of a random item's state (the control), and their difference; top row at "
+                             "the last token, bottom row at e1's last token. 1 = as if A's bridge were written out.",
+    "memory_backpatch.png": "Back-patching a later layer's state into an earlier layer of the same prompt: the "
+                            "fraction of composition failures fixed (left) and of correct prompts broken (right).",
+}
+
+
+def memory_section(summary: dict[str, Any], figures: list[Path]) -> Section:
+    """The report section: the statement as its findings, the evidence per position, the criteria."""
     fixes = summary.get("backpatch") or {}
     settings = summary.get("settings", {})
     tables = ""
     for position, part in summary["positions"].items():
-        evidence = part.get("evidence_at_peak") or {}
-        rows = "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
-                       for k, v in evidence.items())
-        kinds = ", ".join(f"{k}: {v}" for k, v in part["layers_by_evidence"].items())
-        tables += (f"<p>Latent state at {POSITIONS[position]}: layers where each kind of evidence holds: "
-                   f"{html.escape(kinds)}.</p>" + (f"<table class='kv'>{rows}</table>" if rows else ""))
-    text = (
-        f"<b>{html.escape(summary['statement'])}</b></p><p>"
-        f"{summary['n_items']} items ({summary['n_map_items']} with the cross-patch maps and the decoding; "
+        evidence = {EVIDENCE_NAMES.get(k, k): v for k, v in (part.get("evidence_at_peak") or {}).items()}
+        kinds = {EVIDENCE_NAMES.get(k, k): v for k, v in part["layers_by_evidence"].items()}
+        tables += (f"<h3>Latent state at {POSITIONS[position]}</h3><p>Layers where each kind of evidence holds:</p>"
+                   + key_values(kinds)
+                   + (f"<p>Evidence at layer {evidence['layer']}:</p>" + key_values(evidence) if evidence else ""))
+    body = (
+        f"<p>{summary['n_items']} items ({summary['n_map_items']} with the cross-patch maps and the decoding; "
         f"{summary['n_crosspatch_eligible']} of those where writing the bridge out moves the partner's prompt by "
         f"at least {MIN_GAP:g} logit). Identity prompt for the decoding: <code>"
         f"{html.escape(repr(settings.get('identity_prompt', '')))}</code>, fixed target layer "
@@ -608,6 +644,8 @@ def memory_section(summary: dict[str, Any], figures: list[Path]) -> tuple[str, s
         "(every row), memory_cells.csv, memory_layers.csv, memory_backpatch.csv, memory_summary.json. "
         "<code>bridgeprobe memory</code> runs the analysis on every item (<code>--map-items</code>, "
         "<code>--stride</code> set its cost).</p>" + tables
-        + f"<p>Criteria: {html.escape(summary['criteria'])}"
+        + "<h3>Criteria</h3>" + doc_to_html("The band of the shared memory is " + summary["criteria"],
+                                            {"MIN_EFFECT": MIN_EFFECT, "MIN_GAP": MIN_GAP, "N_BOOT": N_BOOT})
     )
-    return "Shared latent memory", text, figures
+    return Section("Shared latent memory", summary["statement"], body,
+                   [Figure(f, CAPTIONS.get(Path(f).name, "")) for f in figures])

@@ -2,38 +2,23 @@
 
 from __future__ import annotations
 
-import base64
-import html
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
+from markupsafe import Markup
 
 from analyses import plots
-from analyses.aggregate import per_layer, per_prompt, summarize
+from analyses.aggregate import TOP_K, per_layer, per_prompt, summarize
+from analyses.page import Figure, Section, count, doc_to_html, interval, key_values, num, pct, render, seconds, table
 from probes.results import atomic_write, atomic_write_csv, atomic_write_json
 from prompts.schema import PromptItem
 
 
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _table(frame: pd.DataFrame, floatfmt: str = "{:.3g}") -> str:
-    return frame.to_html(index=False, float_format=lambda x: floatfmt.format(x), border=0, na_rep="")
-
-
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-img{max-width:100%}table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;text-align:right}
-tr:nth-child(even){background:#f4f4f4}code,pre{background:#f4f4f4;padding:2px 4px}pre{white-space:pre-wrap}
-.kv td:first-child{text-align:left;font-weight:600}"""
-
-
 def write_lens_report(frame: pd.DataFrame, items: Sequence[PromptItem], out_dir: Path, run: dict[str, Any],
-                      sections: Sequence[tuple[str, str, Sequence[Path]]] = ()) -> dict[str, Any]:
+                      sections: Sequence[Section] = ()) -> dict[str, Any]:
     """Aggregate ``frame`` (lens.csv rows of ``items``) into ``out_dir`` and return the summary. ``sections``
-    (title, HTML text, PNG figures) are added to the page after the lens sections."""
+    (attribution, memory) are added to the page after the lens sections."""
     layers = per_layer(frame)
     texts = pd.DataFrame([{"prompt_id": i.id, "two_hop": i.two_hop, "bridge": i.bridge, "answer": i.answer,
                            "composition": i.composition} for i in items])
@@ -48,59 +33,164 @@ def write_lens_report(frame: pd.DataFrame, items: Sequence[PromptItem], out_dir:
         plots.group_curves(frame, prompts, out_dir / "ranks_by_group.png", f"Two-hop prompt by outcome, {name}"),
         plots.bridge_heatmap(frame, prompts, out_dir / "bridge_heatmap.png", f"Bridge rank per prompt, {name}"),
     ]
-    extra = "".join(f"<h2>{html.escape(title)}</h2><p>{text}</p>" + "".join(_img(f, title) for f in pngs)
-                    for title, text, pngs in sections)
-    atomic_write(out_dir / "index.html", _html(summary, layers, prompts, frame, figures, run, extra))
+    atomic_write(out_dir / "index.html", _html(summary, layers, prompts, frame, figures, run, sections))
     return summary
 
 
 def _html(summary: dict[str, Any], layers: pd.DataFrame, prompts: pd.DataFrame, frame: pd.DataFrame,
-          figures: list[Path], run: dict[str, Any], extra: str) -> str:
-    acc = summary["accuracy"]
-    bridge = summary["bridge"]
+          figures: list[Path], run: dict[str, Any], sections: Sequence[Section]) -> str:
+    acc, bridge = summary["accuracy"], summary["bridge"]
     facts = {
         "model": f'{run["model"]} ({run["model_class"]}, {run["n_layers"]} layers)',
-        "prompts": f'{summary["n_prompts"]} ({", ".join(run["settings"]["prompts"])})',
-        "accuracy (first token, greedy)": f'two-hop {acc["two_hop"]}, hop 1 {acc["hop1"]}, hop 2 {acc["hop2"]}',
-        "bridge in top 10 at some layer": f'{bridge["top10_any_layer"]:.1%} of two-hop prompts',
-        "bridge top 1 at some layer": f'{bridge["top1_any_layer"]:.1%}',
-        "best layer for the bridge": f'{bridge["best_layer_by_top10_rate"]} (top-10 rate {bridge["best_top10_rate"]:.1%})',
-        "median bridge peak / answer rise layer": f'{bridge["median_peak_layer"]} / {summary["answer"]["median_rise_layer"]}',
-        "timings (s)": ", ".join(f"{k} {v}" for k, v in run["timings"].items()),
-        "versions": ", ".join(f"{k} {v}" for k, v in run["versions"].items()),
+        "prompts": f'{count(summary["n_prompts"])} ({", ".join(map(str, run["settings"]["prompts"]))})',
+        "accuracy (first token, greedy)": (f'two-hop {interval(acc, "two_hop")}, hop 1 {interval(acc, "hop1")}, '
+                                           f'hop 2 {interval(acc, "hop2")}'),
+        f"bridge in top {TOP_K} at some layer": f'{interval(bridge, "top10_any_layer")} of two-hop prompts',
+        "bridge top 1 at some layer": interval(bridge, "top1_any_layer"),
+        "best layer for the bridge": (f'{bridge["best_layer_by_top10_rate"]} (top-{TOP_K} rate '
+                                      f'{interval(bridge, "best_top10_rate")}; a maximum over layers)'),
+        **_control_facts(summary),
+        "median bridge peak / answer rise layer": (f'{num(bridge["median_peak_layer"], 1)} / '
+                                                   f'{num(summary["answer"]["median_rise_layer"], 1)}'),
+        "time": Markup(key_values({k.removesuffix("_s").replace("_", " "): seconds(v)
+                            for k, v in run.get("timings", {}).items() if isinstance(v, (int, float))})),
+        "versions": ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items()),
     }
-    groups = pd.DataFrame([{"group": g, **v} for g, v in summary["groups"].items()])
-    examples = _examples(frame, prompts)
-    two_hop_layers = layers[layers["prompt_kind"] == "two_hop"].pivot(
+    groups = pd.DataFrame([{"group": g, "n": v["n"], "median_bridge_peak_layer": v["median_bridge_peak_layer"],
+                            "median_answer_rise_layer": v["median_answer_rise_layer"],
+                            "bridge_top10_any_layer": interval(v, "bridge_top10_any_layer"),
+                            "bridge_top1_any_layer": interval(v, "bridge_top1_any_layer")}
+                           for g, v in summary["groups"].items()])
+    rank_caption = (f"Left: median rank of each target's first token over prompts, per layer (log scale, 0 = top "
+                    f"token, up is better); the shaded band is the interquartile range over prompts (25th–75th "
+                    f"percentile) of the two-hop prompt's curves. Right: the fraction of prompts whose target is in "
+                    f"the top {TOP_K}. Dotted: the one-hop control prompts. Colours: blue = bridge, red = answer, "
+                    f"grey = matched control entity (where the run has one).")
+    lens = Section(
+        "Where the bridge is readable (logit lens)", _lens_findings(summary, layers),
+        f"<p>Each block's output is read through the model's final norm and unembedding and scored on the bridge "
+        f"entity (hop 1's result) and the answer. Ranks are 0-based over the vocabulary; correctness is the model's "
+        f"own greedy first token.</p>",
+        [Figure(figures[0], rank_caption)])
+    by_group = Section(
+        "By outcome", _group_findings(summary),
+        table(groups, {"n": count, "median_bridge_peak_layer": lambda x: num(x, 1),
+                       "median_answer_rise_layer": lambda x: num(x, 1)}) if len(groups) else "",
+        [Figure(figures[1], "Median rank per layer on the two-hop prompt, one panel per outcome group (n prompts "
+                            "in each title): blue = bridge, red = answer.")])
+    heatmap = Section(
+        "Prompts × layers", "",
+        "", [Figure(figures[2], "The bridge's rank on each two-hop prompt (rows) at each layer (columns); bright = "
+                                "readable. Rows are grouped by outcome (white lines separate the groups, labelled on "
+                                "the left with their size), then ordered by the layer where the bridge peaks.")])
+    examples = Section(
+        "Where the bridge surfaces best", _examples_note(prompts),
+        table(_examples(frame, prompts), {"bridge_best_rank": count, "bridge_peak_layer": count,
+                                           "control_best_rank": count, "contrast_peak_layer": count,
+                                           "answer_final_rank": count}))
+    two_hop = layers[layers["prompt_kind"] == "two_hop"].pivot(
         index="layer", columns="target", values=["median_rank", "top1_rate", "top10_rate"])
-    two_hop_layers.columns = [f"{target} {stat}" for stat, target in two_hop_layers.columns]
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>bridgeprobe: {html.escape(run['model'])}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>Where is the bridge entity? {html.escape(run['model'])}</h1>",
-        "<p>Logit lens on two-hop prompts: each block's output read through the final norm and unembedding, "
-        "scored on the bridge entity (hop 1's result) and the answer. Ranks are 0-based over the vocabulary; "
-        "correctness is the model's own greedy first token.</p>",
-        "<table class='kv'>" + "".join(
-            f"<tr><td>{html.escape(k)}</td><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
-            for k, v in facts.items()) + "</table>",
-        "<h2>Per layer</h2>", _img(figures[0], "median rank and top-10 rate by layer"),
-        "<h2>By outcome</h2>", _img(figures[1], "rank by layer split by outcome group"),
-        _table(groups, "{:.3g}") if len(groups) else "",
-        "<h2>Prompts x layers</h2>", _img(figures[2], "bridge rank heatmap"),
-        "<h2>Where the bridge surfaces best</h2>", _table(examples, "{:.3g}"),
-        "<h2>Per-layer table (two-hop prompt)</h2>", two_hop_layers.reset_index().to_html(
-            index=False, border=0, float_format=lambda x: f"{x:.3g}"),
-        extra,
-        "<h2>Definitions</h2>", f"<pre>{html.escape(summary['definitions'])}</pre>",
-        "<p>Files beside this page: lens.csv (every row), layers.csv, prompts.csv, summary.json, run.json.</p>",
-        "</body></html>",
-    ]
-    return "\n".join(parts)
+    two_hop.columns = [f"{target} {stat.replace('_', ' ')}" for stat, target in two_hop.columns]
+    per_layer_table = Section(
+        "Per-layer table (two-hop prompt)", "",
+        table(two_hop.reset_index(), {c: (count if "rank" in c else pct) for c in two_hop.columns} | {"layer": str}))
+    definitions = Section("Definitions", "", f'<div class="definitions">{doc_to_html(summary["definitions"], {"TOP_K": TOP_K})}</div>')
+    return render(f"Where is the bridge entity? {run['model']}",
+                  [lens, by_group, heatmap, examples, per_layer_table, *sections, definitions],
+                  facts=facts,
+                  footer="Files beside this page: lens.csv (every row), layers.csv, prompts.csv, summary.json, "
+                         "run.json.")
+
+
+def _lens_findings(summary: dict[str, Any], layers: pd.DataFrame) -> str:
+    """The lens result in words, from the summary's numbers (with intervals and the control where present)."""
+    acc, bridge, n_layers = summary["accuracy"], summary["bridge"], summary["n_layers"]
+    ranks = bridge["median_rank_by_layer"]
+    mid = n_layers // 2
+    best = bridge["best_layer_by_top10_rate"]
+    text = (f"On {count(summary['n_prompts'])} two-hop prompts the model answers {interval(acc, 'two_hop')} "
+            f"correctly (hop 1 alone {pct(acc['hop1'])}, hop 2 alone {pct(acc['hop2'])}). Through the logit lens "
+            f"the bridge entity is in the top {TOP_K} at some layer for {interval(bridge, 'top10_any_layer')} of the "
+            f"prompts (top 1: {pct(bridge['top1_any_layer'])}); it is most often in the top {TOP_K} at layer {best} "
+            f"of 0–{n_layers - 1} ({interval(bridge, 'best_top10_rate')}). Its median rank goes from "
+            f"{count(ranks[0])} at layer 0 to {count(ranks[mid])} at layer {mid} and {count(ranks[-1])} at the last "
+            f"layer.")
+    control = layers[(layers["prompt_kind"] == "two_hop") & (layers["target"] == "control")]
+    if len(control):
+        at_best = control[control["layer"] == best]
+        if len(at_best):
+            text += (f" A matched control entity (another item's bridge, scored the same way) is in the top {TOP_K} "
+                     f"at layer {best} for {pct(at_best['top10_rate'].iloc[0])} of the prompts.")
+    else:
+        text += " This run has no matched control entity (its lens.csv has no control rows)."
+    rise, peak = summary["answer"]["median_rise_layer"], bridge["median_peak_layer"]
+    if rise is None:
+        text += f" The answer does not stay in the top {TOP_K} up to the last layer for most prompts."
+    elif peak is not None:
+        order = "before" if peak < rise else "after" if peak > rise else "at"
+        text += (f" Per prompt, the bridge peaks (median layer {num(peak, 1)}) {order} the layer from which the "
+                 f"answer stays in the top {TOP_K} (median {num(rise, 1)}).")
+    return text
+
+
+def _group_findings(summary: dict[str, Any]) -> str:
+    groups = summary["groups"]
+    failed, correct = groups.get("hops_ok_composition_failed"), groups.get("correct")
+    if not failed or not correct:
+        return ""
+    return (f"Of the {count(failed['n'])} prompts answered wrongly although both one-hop prompts are right, the "
+            f"bridge is top 1 at some layer in {pct(failed['bridge_top1_any_layer'])} (correct prompts: "
+            f"{pct(correct['bridge_top1_any_layer'])} of {count(correct['n'])}); in the top {TOP_K} in "
+            f"{pct(failed['bridge_top10_any_layer'])} vs {pct(correct['bridge_top10_any_layer'])}.")
+
+
+def _control_facts(summary: dict[str, Any]) -> dict[str, str]:
+    """The headline rows on the matched control, the paired difference and the unambiguous prompts."""
+    control, diff, sub = summary["control"], summary["bridge_minus_control"], summary.get("unambiguous", {})
+    if not control.get("measured"):
+        return {"matched control": control["note"]}
+
+    def signed(x: Any) -> str:
+        return pct(x) if x is None or x != x else f"{100 * x:+.1f}%"
+
+    facts = {
+        f"control in top {TOP_K} at some layer": (f'{interval(control, "top10_any_layer")} (at the bridge\'s best '
+                                                  f'layer: {interval(control, "top10_rate_at_bridge_best_layer")})'),
+        f"bridge − control, top {TOP_K} at some layer": (f'{interval(diff, "top10_any_layer", signed)}, sign test '
+                                                         f'p = {diff["top10_any_layer_sign_test_p"]:.3g}'),
+        "best layer, bridge − control": (f'{diff["best_layer"]} ({interval(diff, "best_layer_top10_difference", signed)}; '
+                                         f'{diff["best_layer_note"]})'),
+    }
+    if sub.get("n_prompts"):
+        facts["unambiguous prompts (no target flags)"] = (
+            f'n = {sub["n_prompts"]} ({sub["n_flagged"]} flagged): bridge {interval(sub["bridge"], "top10_any_layer")}, '
+            f'bridge − control {interval(sub["bridge_minus_control"], "top10_any_layer", signed)}'
+            if sub["bridge_minus_control"].get("measured") else f'n = {sub["n_prompts"]}')
+    else:
+        facts["unambiguous prompts (no target flags)"] = sub.get("note", "none")
+    return facts
+
+
+def _examples_note(prompts: pd.DataFrame) -> str:
+    """What the "surfaces best" table ranks by and what it leaves out."""
+    left_out = int(prompts["bridge_is_output"].sum())
+    how = ("ranked by how far the bridge is ahead of its matched control (contrast: log10(control rank + 1) - "
+           "log10(bridge rank + 1) at the layer where it is largest)" if "contrast_at_peak" in prompts else
+           "ranked by the bridge's best rank (no control measured: a best rank has no chance level here)")
+    return (f"Prompts {how}; {left_out} prompt{'s' if left_out != 1 else ''} whose bridge is the model's own output "
+            f"at the last layer left out.")
 
 
 def _examples(frame: pd.DataFrame, prompts: pd.DataFrame, n: int = 12) -> pd.DataFrame:
-    """The prompts whose bridge reaches the best rank, with the two-hop text and outcome."""
-    best = prompts.sort_values(["bridge_best_rank", "bridge_peak_layer"]).head(n)
-    return best[["prompt_id", "two_hop", "bridge", "answer", "group", "bridge_best_rank", "bridge_peak_layer",
-                 "answer_final_rank"]]
+    """The prompts where the bridge is most ahead of its matched control (``contrast_at_peak``, the log-rank
+    contrast; without a control, the bridge's best rank), leaving out prompts whose bridge is the model's own output
+    at the last layer; flags shown."""
+    latent = prompts[~prompts["bridge_is_output"]]
+    if "contrast_at_peak" in prompts:
+        best = latent.sort_values(["contrast_at_peak", "contrast_peak_layer"], ascending=[False, True]).head(n)
+        columns = ["contrast_at_peak", "contrast_peak_layer", "bridge_best_rank", "control_best_rank"]
+    else:
+        best = latent.sort_values(["bridge_best_rank", "bridge_peak_layer"]).head(n)
+        columns = ["bridge_best_rank", "bridge_peak_layer"]
+    flags = ["bridge_flags"] if "bridge_flags" in prompts else []
+    return best[["prompt_id", "two_hop", "bridge", "answer", "group", *columns, "answer_final_rank", *flags]]

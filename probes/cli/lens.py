@@ -107,6 +107,7 @@ def _lens_run(args: argparse.Namespace, report: bool, out: Path, items: list[Pro
     record = run_record(args.command, hooked, options, settings, timer, extra)
     lines = []
     if report:
+        from analyses.patching_report import attribution_section
         from analyses.report import write_lens_report
 
         sections = [attribution_section(attribution[0].frame, out, args.model)] if attribution is not None else []
@@ -136,21 +137,9 @@ def _attribution_run(hooked: HookedModel, items: list[PromptItem], out: Path, ar
     return done, {"n_pairs": len(pairs), "skipped_pairs": len(skipped), "sweep_s": done.sweep_s}
 
 
-def attribution_section(frame: pd.DataFrame, out: Path, model: str) -> tuple[str, str, list[Path]]:
-    """Write the attribution tables and plots and return the report section (title, HTML text, figures)."""
-    from analyses.patching_report import write_patching_outputs
-
-    figures = write_patching_outputs(frame, out, f"Attribution patching, {model}", prefix="attribution")
-    text = (f"First-order (attribution) estimate of how much each site carries of the logit difference between "
-            f"an item's answer and its counterfactual partner's, on {frame['clean_id'].nunique()} pairs "
-            "(denoising: clean activations into the corrupted run; 1 = the site alone restores the clean answer). "
-            "Per-layer means with 95% CIs over pairs; attribution.csv has every cell, attribution_layers.csv the "
-            "curves. Attribution is a screen: confirm with <code>bridgeprobe patch --method exact</code>.")
-    return "Per-layer attribution", text, figures
-
-
 def report_job(out: Path) -> None:
     """Regenerate the report of a finished run from its lens.csv and run.json."""
+    from analyses.patching_report import attribution_section
     from analyses.report import write_lens_report
 
     if not (out / "lens.csv").is_file() or not (out / "run.json").is_file():

@@ -1,0 +1,156 @@
+"""HTML pages of the reports: jinja2 templates (``analyses/templates/``), numbers formatted for people, and the
+docstring definitions rendered through ``markdown``.
+
+Every report page is a :class:`Section` list rendered into ``page.html``: a section opens with its findings in
+plain words, then its HTML body and its figures (embedded as data URIs, each with a caption), so a page is one
+self-contained file.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jinja2
+import markdown
+import pandas as pd
+from markupsafe import Markup
+
+_ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+                          autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
+
+
+@dataclass
+class Figure:
+    path: Path
+    caption: str = ""
+
+
+@dataclass
+class Section:
+    """A part of a page: ``findings`` is plain text (escaped), ``body`` trusted HTML, ``figures`` PNGs."""
+
+    title: str
+    findings: str = ""
+    body: str = ""
+    figures: list[Figure] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def count(value: Any) -> str:
+    """An integer with thousands separators (ranks, counts): 6160 -> '6,160'."""
+    return "–" if _missing(value) else f"{int(round(float(value))):,}"
+
+
+def pct(value: Any, digits: int = 1) -> str:
+    """A rate as a percentage: 0.215 -> '21.5%'."""
+    return "–" if _missing(value) else f"{100 * float(value):.{digits}f}%"
+
+
+def num(value: Any, digits: int = 2) -> str:
+    """A real number with a fixed number of decimals."""
+    return "–" if _missing(value) else f"{float(value):.{digits}f}"
+
+
+def seconds(value: Any) -> str:
+    """A duration: '48 s', '3.2 min', '1.5 h'."""
+    if _missing(value):
+        return "–"
+    value = float(value)
+    if value < 100:
+        return f"{value:.1f} s" if value < 10 else f"{value:.0f} s"
+    return f"{value / 60:.1f} min" if value < 5400 else f"{value / 3600:.1f} h"
+
+
+def interval(values: Mapping[str, Any], key: str, fmt: Callable[[Any], str] = pct) -> str:
+    """``values[key]`` with its interval when the summary has one (``KEY_ci_low``/``KEY_ci_high``, or ``KEY`` a
+    dict with ``mean``/``ci_low``/``ci_high``/``n``); the bare value otherwise."""
+    value = values.get(key)
+    if isinstance(value, Mapping):
+        low, high, n, value = value.get("ci_low"), value.get("ci_high"), value.get("n"), value.get("mean")
+    else:
+        low, high, n = values.get(f"{key}_ci_low"), values.get(f"{key}_ci_high"), values.get(f"{key}_n")
+    text = fmt(value)
+    if not _missing(low) and not _missing(high):
+        text += f" [{fmt(low)}, {fmt(high)}]"
+    if not _missing(n):
+        text += f" (n = {count(n)})"
+    return text
+
+
+def ordinal_range(layers: Sequence[int]) -> str:
+    """Layers as runs: [1, 2, 3, 7] -> '1–3, 7'."""
+    layers = sorted(int(x) for x in layers)
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in runs) or "none"
+
+
+# ------------------------------------------------------------------------------------------------ HTML parts
+
+_ROLE = re.compile(r":(?:func|data|mod|class|meth|attr|obj):`~?([^`]+)`")
+_LITERAL = re.compile(r"``([^`]+)``")
+
+
+def doc_to_html(text: str, constants: Mapping[str, Any] | None = None) -> str:
+    """Docstring text (reST-style roles and literals, ``-`` bullet lists) as HTML; a literal naming one of
+    ``constants`` shows the value, e.g. ``TOP_K`` -> ``10`` (TOP_K)."""
+    constants = constants or {}
+
+    def literal(match: re.Match) -> str:
+        name = match.group(1).split(".")[-1]
+        return f"{constants[name]} (`{name}`)" if name in constants else f"`{match.group(1)}`"
+
+    text = _ROLE.sub(literal, text)
+    text = _LITERAL.sub(literal, text)
+    text = re.sub(r"(?m)^(?!\s*- )(.+:)\n(\s*- )", r"\1\n\n\2", text)  # markdown needs a blank line before a list
+    return markdown.markdown(text)
+
+
+def image(path: Path, alt: str) -> Markup:
+    """A PNG embedded as a data URI."""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return Markup('<img alt="{}" src="data:image/png;base64,{}">').format(alt, Markup(data))
+
+
+def table(frame: pd.DataFrame, formats: Mapping[str, Callable[[Any], str]] | None = None,
+          default: Callable[[Any], str] | None = None) -> str:
+    """A DataFrame as an HTML table; ``formats`` per column (e.g. :func:`count` for ranks, :func:`pct` for
+    rates), ``default`` for the other numeric columns (3 significant digits)."""
+    formats = formats or {}
+    default = default or (lambda x: "–" if _missing(x) else f"{x:.3g}")
+    shown = frame.copy()
+    for column in shown.columns:
+        if column in formats:
+            shown[column] = shown[column].map(formats[column])
+        elif pd.api.types.is_float_dtype(shown[column]):
+            shown[column] = shown[column].map(default)
+        elif pd.api.types.is_integer_dtype(shown[column]):
+            shown[column] = shown[column].map(count)
+    return shown.to_html(index=False, border=0, na_rep="", classes="data")
+
+
+def key_values(facts: Mapping[str, Any]) -> str:
+    """A two-column table of labels and values (HTML; values that are :class:`~markupsafe.Markup` stay HTML)."""
+    return _ENV.get_template("key_values.html").render(facts=facts)
+
+
+def render(title: str, sections: Sequence[Section], intro: str = "", facts: Mapping[str, Any] | None = None,
+           footer: str = "") -> str:
+    """The whole page."""
+    return _ENV.get_template("page.html").render(title=title, intro=intro, facts=facts or {}, sections=sections,
+                                                 footer=footer, image=image)
