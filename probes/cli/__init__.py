@@ -1,8 +1,9 @@
 """``bridgeprobe``: probe where a language model keeps the bridge entity of two-hop questions.
 
 `bridgeprobe run` (no arguments) is the main job: the embedded SmolLM2-135M on the bundled prompt set, writing
-a report under reports/. Each subcommand lives in its own module here and registers its parser with
-``register(subparsers)``, setting ``handler`` to the function that runs it.
+a report under runs/ (git-ignored; the checked-in examples under reports/ come from reports/rebuild.sh). Each
+subcommand lives in its own module here and registers its parser with ``register(subparsers)``, setting
+``handler`` to the function that runs it.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from prompts.schema import PromptSetError
 COMMANDS = (lens, patch, fidelity, memory, identity)
 DESCRIPTION = """Probe where a language model keeps the bridge entity of two-hop questions.
 
-`bridgeprobe run` (no arguments) is the main job: the embedded SmolLM2-135M on the bundled prompt set, writing a
-report under reports/. `bridgeprobe COMMAND --help` explains each command."""
+`bridgeprobe run` (no arguments) is the main job: logit lens, attribution patching and a shared-memory section on
+the embedded SmolLM2-135M and the bundled prompt set, with a report under runs/MODEL/ (git-ignored).
+`bridgeprobe COMMAND --help` explains each command."""
 
 
 class Parser(argparse.ArgumentParser):

@@ -165,6 +165,9 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
     )
 
 
+RUNS = Path("runs")  # default output root, git-ignored: a run never writes over the checked-in reports/
+
+
 def default_out(model: str) -> Path:
-    """``reports/<model name>``: where the main job writes its report."""
-    return Path("reports") / Path(model.rstrip("/")).name.removesuffix(".gguf")
+    """``runs/<model name>``: where the main job writes its report by default."""
+    return RUNS / Path(model.rstrip("/")).name.removesuffix(".gguf")

@@ -9,7 +9,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from probes.cli.common import EPILOG, model_args, model_options
+from probes.cli.common import EPILOG, RUNS, model_args, model_options
 from probes.identity import FINETUNE_DATA, REPRODUCE_PRESETS, finetune, reproduce, write_synth
 from probes.models import DEFAULT_MODEL
 from prompts.synthetic import SynthConfig
@@ -91,8 +91,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         train.add_argument(flag, type=kind, help=text)
     train.add_argument("--untied", action="store_true", help="separate unembedding (default: tied to the embedding)")
     _data_args(reproduce)
-    reproduce.add_argument("--out", type=Path, default=Path("reports/identity/reproduce"),
-                           help="output directory (default reports/identity/reproduce)")
+    reproduce.add_argument("--out", type=Path, default=RUNS / "identity" / "reproduce",
+                           help="output directory (default runs/identity/reproduce)")
     reproduce.add_argument("--device", default="cpu", help="cpu (default) or cuda on a GPU host")
     reproduce.add_argument("--keep-checkpoints", action="store_true", help="keep DIR/checkpoints after the runs finish")
     reproduce.set_defaults(handler=reproduce_job)
@@ -135,8 +135,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                           help="also run the shared-memory analyses (probes.memory: decoding and alignment) on the "
                                "probe items of each model state -> DIR/memory/<state>/memory.csv")
     finetune.add_argument("--seed", type=int, default=0, help="data, name and LoRA-init seed (default 0)")
-    finetune.add_argument("--out", type=Path, default=Path("reports/identity/finetune"),
-                          help="output directory (default reports/identity/finetune)")
+    finetune.add_argument("--out", type=Path, default=RUNS / "identity" / "finetune",
+                          help="output directory (default runs/identity/finetune)")
     finetune.add_argument("--keep-checkpoints", action="store_true", help="keep DIR/checkpoints after training")
     finetune.set_defaults(handler=finetune_job)
 

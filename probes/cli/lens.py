@@ -38,14 +38,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     rundir_args(lens)
     lens.set_defaults(handler=lambda args: lens_job(args, report=args.report))
 
-    run = sub.add_parser("run", help="main job: lens + report on the embedded default model (no arguments needed)",
+    run = sub.add_parser("run", help="main job: logit lens, attribution patching and a shared-memory section, "
+                                     "with the report, on the embedded default model -> runs/MODEL/",
                          description="The main job: run every probe on a model and prompt set and write a report "
                                      "(CSV, summary.json, PNG plots, index.html). Defaults: the embedded "
-                                     f"{DEFAULT_MODEL} on the bundled curated set, into reports/MODEL.",
+                                     f"{DEFAULT_MODEL} on the bundled curated set, into runs/MODEL (git-ignored).",
                          epilog=EPILOG)
     model_args(run, DEFAULT_MODEL)
     prompt_args(run, "curated")
-    run.add_argument("--out", type=Path, help="output directory (default: reports/<model name>)")
+    run.add_argument("--out", type=Path, help="output directory (default: runs/<model name>)")
     run.add_argument("--patch-pairs", type=int, default=32,
                      help="pairs for the report's attribution-patching section (default 32; 0 skips it)")
     run_args(run)

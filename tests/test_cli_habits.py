@@ -1,0 +1,77 @@
+"""CLI habits (issue 15): default outputs land in the git-ignored runs/, never over the checked-in reports/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from probes.cli import build_parser, main
+from probes.cli.common import default_out
+from prompts.schema import PromptItem
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_model_dir(path: Path) -> Path:
+    """A random 2-layer Llama saved as a checkpoint directory with a character-level tokenizer (every printable
+    ASCII character one token, a space and a capital letter one token)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    config.architectures = ["LlamaForCausalLM"]
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    capitals = [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    vocab = {chr(i): i for i in range(32, 128)} | {" " + c: i for i, c in enumerate(capitals)}
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[(" ", c) for c in capitals]))
+    PreTrainedTokenizerFast(tokenizer_object=raw).save_pretrained(path)
+    return path
+
+
+def prompt_items(per_composition: int = 4) -> list[PromptItem]:
+    """Items of three compositions, listed one composition after the other, each item paired with its neighbour."""
+    items = []
+    for r1, r2, text in (("born_in", "capital", "The capital of the land where {} was born is"),
+                         ("works_in", "mayor", "The mayor of the town where {} works is"),
+                         ("lives_in", "river", "The river of the town where {} lives is")):
+        for k in range(per_composition):
+            partner = k + 1 if k % 2 == 0 else k - 1
+            items.append(PromptItem(f"{r1}-{k}", text.format(f"Person {chr(65 + k)}"), f"Place {chr(70 + k)}",
+                                    f"Answer {chr(75 + k)}", r1=r1, r2=r2, pair=f"{r1}-{partner}"))
+    return items
+
+
+@pytest.fixture
+def prompt_file(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(i.to_dict()) + "\n" for i in prompt_items()))
+    return path
+
+
+def test_default_outputs_are_under_runs_and_runs_is_ignored() -> None:
+    assert default_out("smollm2-135m") == Path("runs/smollm2-135m")
+    assert default_out("/models/Llama-3.1-8B/") == Path("runs/Llama-3.1-8B")
+    assert default_out("weights/model.gguf") == Path("runs/model")
+    parser = build_parser()
+    for command in ("reproduce", "finetune"):
+        out = parser.parse_args([command]).out
+        assert out.parts[0] == "runs", (command, out)
+    assert "runs/" in (REPO / ".gitignore").read_text().split()
+
+
+def test_main_job_without_out_writes_under_runs_of_the_working_directory(tmp_path: Path, prompt_file: Path,
+                                                                          monkeypatch, one_thread) -> None:
+    model = tiny_model_dir(tmp_path / "tiny")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["run", "--model", str(model), "--prompts", str(prompt_file), "--patch-pairs", "0",
+                 "--memory-items", "0", "--limit", "3"]) == 0
+    assert (work / "runs" / "tiny" / "lens.csv").is_file() and (work / "runs" / "tiny" / "index.html").is_file()
+    assert sorted(p.name for p in work.iterdir()) == ["runs"]  # nothing else, and no reports/ directory
