@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analyses.plots import save_figure  # noqa: E402
+from analyses.stats import mean_interval, sign_test  # noqa: E402
 from analyses.page import Figure, Section, render, table as page_table  # noqa: E402
 from probes.results import atomic_write  # noqa: E402
 
@@ -39,7 +40,8 @@ def comparison_table(results: pd.DataFrame, keys: Sequence[str],
                      metrics: Sequence[str] = ACCURACIES) -> pd.DataFrame:
     """One row per configuration: for each metric, mean and standard deviation over seeds without and with
     identity, the paired difference (identity minus no_identity, same seed) and in how many seeds identity is
-    higher. ``results``: one row per run with ``keys``, ``condition``, ``seed`` and the ``metrics``."""
+    higher; the difference's 95% t interval over seeds (none below 3 seeds) and an exact sign test. ``results``:
+    one row per run with ``keys``, ``condition``, ``seed`` and the ``metrics``."""
     rows = []
     groups = results.groupby(list(keys), sort=True) if keys else [((), results)]
     for values, group in groups:
@@ -56,7 +58,11 @@ def comparison_table(results: pd.DataFrame, keys: Sequence[str],
                 delta = (wide[(metric, "identity")] - wide[(metric, "no_identity")]).dropna()
                 row[f"{metric} delta mean"] = float(delta.mean())
                 row[f"{metric} delta std"] = float(delta.std(ddof=1)) if len(delta) > 1 else np.nan
+                interval = mean_interval(delta.to_numpy(), "t")  # paired over seeds; none below 3 seeds
+                row[f"{metric} delta ci_low"], row[f"{metric} delta ci_high"] = interval.low, interval.high
+                row[f"{metric} delta n"] = interval.n
                 row[f"{metric} identity higher"] = f"{int((delta > 0).sum())}/{len(delta)}"
+                row[f"{metric} sign test p"] = sign_test(delta.to_numpy())[0]
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -72,10 +78,20 @@ def markdown_table(table: pd.DataFrame, keys: Sequence[str], metrics: Sequence[s
         for metric in metrics:
             for condition in CONDITIONS:
                 cells.append(_pm(row[f"{metric} {condition} mean"], row[f"{metric} {condition} std"]))
-            cells.append(f"{_pm(row.get(f'{metric} delta mean'), row.get(f'{metric} delta std'), sign=True)} "
-                         f"({row.get(f'{metric} identity higher', '')})")
+            cells.append(f"{_delta(row, metric)} ({row.get(f'{metric} identity higher', '')})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _delta(row: dict[str, Any], metric: str) -> str:
+    """The paired difference identity - no_identity over seeds with its 95% t interval, or why there is none."""
+    mean = row.get(f"{metric} delta mean")
+    if mean is None or pd.isna(mean):
+        return "–"
+    low, high, n = row.get(f"{metric} delta ci_low"), row.get(f"{metric} delta ci_high"), row.get(f"{metric} delta n")
+    if low is None or pd.isna(low):
+        return f"{mean:+.3f} (n = {n} seeds: no interval below 3)"
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n = {n})"
 
 
 def _pm(mean: float | None, std: float | None, sign: bool = False) -> str:
@@ -230,8 +246,8 @@ def comparison_html(table: pd.DataFrame, keys: Sequence[str], metrics: Sequence[
     shown = pd.DataFrame([{**{k: row[k] for k in keys}, "seeds": row["seeds"],
                            **{f"{NAMES[m]} {c}": _pm(row[f"{m} {c} mean"], row[f"{m} {c} std"])
                               for m in metrics for c in CONDITIONS},
-                           **{f"{NAMES[m]} Δ": f"{_pm(row.get(f'{m} delta mean'), row.get(f'{m} delta std'), sign=True)} "
-                                              f"({row.get(f'{m} identity higher', '')})" for m in metrics}}
+                           **{f"{NAMES[m]} Δ": f"{_delta(row, m)} ({row.get(f'{m} identity higher', '')})"
+                              for m in metrics}}
                           for row in table.to_dict("records")])
     return page_table(shown)
 

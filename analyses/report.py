@@ -135,13 +135,16 @@ def _lens_findings(summary: dict[str, Any], layers: pd.DataFrame) -> str:
 
 def _group_findings(summary: dict[str, Any]) -> str:
     groups = summary["groups"]
+    sizes = ", ".join(f"{g.replace('_', ' ')} {count(v['n'])}" for g, v in groups.items())
     failed, correct = groups.get("hops_ok_composition_failed"), groups.get("correct")
     if not failed or not correct:
-        return ""
-    return (f"Of the {count(failed['n'])} prompts answered wrongly although both one-hop prompts are right, the "
-            f"bridge is top 1 at some layer in {pct(failed['bridge_top1_any_layer'])} (correct prompts: "
-            f"{pct(correct['bridge_top1_any_layer'])} of {count(correct['n'])}); in the top {TOP_K} in "
-            f"{pct(failed['bridge_top10_any_layer'])} vs {pct(correct['bridge_top10_any_layer'])}.")
+        return (f"Prompts per outcome group: {sizes}. Comparing the composition failures with the correct prompts "
+                f"needs both groups.")
+    return (f"Prompts per outcome group: {sizes}. Of the {count(failed['n'])} prompts answered wrongly although both "
+            f"one-hop prompts are right, the bridge is top 1 at some layer in "
+            f"{interval(failed, 'bridge_top1_any_layer')} (correct prompts: "
+            f"{interval(correct, 'bridge_top1_any_layer')}); in the top {TOP_K} in "
+            f"{interval(failed, 'bridge_top10_any_layer')} vs {interval(correct, 'bridge_top10_any_layer')}.")
 
 
 def _control_facts(summary: dict[str, Any]) -> dict[str, str]:
@@ -158,7 +161,8 @@ def _control_facts(summary: dict[str, Any]) -> dict[str, str]:
                                                   f'layer: {interval(control, "top10_rate_at_bridge_best_layer")})'),
         f"bridge − control, top {TOP_K} at some layer": (f'{interval(diff, "top10_any_layer", signed)}, sign test '
                                                          f'p = {diff["top10_any_layer_sign_test_p"]:.3g}'),
-        "best layer, bridge − control": (f'{diff["best_layer"]} ({interval(diff, "best_layer_top10_difference", signed)}; '
+        "best layer, bridge − control": (diff["best_layer_note"] if diff["best_layer"] is None else
+                                         f'{diff["best_layer"]} ({interval(diff, "best_layer_top10_difference", signed)}; '
                                          f'{diff["best_layer_note"]})'),
     }
     if sub.get("n_prompts"):

@@ -102,6 +102,19 @@ def proportion_interval(successes: int, n: int, confidence: float = CONFIDENCE) 
     return Interval(successes / n, float(ci.low), float(ci.high), n, "exact")
 
 
+def proportion_intervals(successes: np.ndarray | pd.Series, n: np.ndarray | pd.Series,
+                         confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
+    """Clopper-Pearson bounds for many rates at once (the beta quantiles :func:`proportion_interval` uses);
+    NaN where ``n`` is below :data:`MIN_N`."""
+    k, n = np.asarray(successes, dtype=float), np.asarray(n, dtype=float)
+    alpha = 1 - confidence
+    with np.errstate(invalid="ignore", divide="ignore"):
+        low = np.where(k > 0, stats.beta.ppf(alpha / 2, k, n - k + 1), 0.0)
+        high = np.where(k < n, stats.beta.ppf(1 - alpha / 2, k + 1, n - k), 1.0)
+    few = n < MIN_N
+    return np.where(few, np.nan, low), np.where(few, np.nan, high)
+
+
 def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, method: Method = "bca",
                       **kwargs: float) -> Interval:
     """Mean of ``a - b`` over the pairs where both are present, with its interval (``method`` as

@@ -71,3 +71,74 @@ def test_no_interval_below_three_pairs() -> None:
     frame = frame[frame.clean_id.isin(["p0", "p1"])]
     layers = by_layer(frame)
     assert layers["ci_low_last"].isna().all() and (layers["n_last"] == 2).all()
+
+
+# ------------------------------------------------------------------------------------------- lens headlines
+
+
+def _lens_frame(n: int = 40, layers: int = 6, control: bool = True, flags: bool = True) -> pd.DataFrame:
+    """Two-hop lens rows with known ranks: the bridge is in the top 10 at layer 3 for prompts 0-23, its control
+    for prompts 0-5; prompts 0-3 answer with the bridge (rank 0 at the last layer); prompts 30-39 are flagged."""
+    rows = []
+    for p in range(n):
+        for layer in range(layers):
+            ranks = {"bridge": 3 if layer == 3 and p < 24 else 500, "answer": 0 if p % 2 else 50,
+                     "control": 4 if layer == 3 and p < 6 else 800}
+            if p < 4 and layer == layers - 1:
+                ranks["bridge"] = 0
+            for target, rank in ranks.items():
+                if target == "control" and not control:
+                    continue
+                row = {"prompt_id": f"q{p:02d}", "prompt_kind": "two_hop", "target": target, "layer": layer,
+                       "position": 4, "n_prompt_tokens": 5, "rank": rank, "prob": 1 / (rank + 2)}
+                if flags:
+                    row["target_flags"] = "short_token" if p >= 30 and target == "bridge" else ""
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _summary(frame: pd.DataFrame) -> dict:
+    from analyses.aggregate import per_layer, per_prompt, summarize
+
+    return summarize(frame, per_layer(frame), per_prompt(frame))
+
+
+def test_headlines_stand_beside_their_matched_control_with_paired_intervals() -> None:
+    summary = _summary(_lens_frame())
+    bridge, control, diff = summary["bridge"], summary["control"], summary["bridge_minus_control"]
+    assert bridge["top10_any_layer"] == pytest.approx(24 / 40) and bridge["top10_any_layer_n"] == 40
+    ci = sps.binomtest(24, 40).proportion_ci(method="exact")
+    assert (bridge["top10_any_layer_ci_low"], bridge["top10_any_layer_ci_high"]) == (
+        pytest.approx(ci.low, abs=1e-4), pytest.approx(ci.high, abs=1e-4))
+    assert control["measured"] and control["top10_any_layer"] == pytest.approx(6 / 40)
+    assert control["top10_rate_at_bridge_best_layer"] == pytest.approx(6 / 40)
+    assert diff["top10_any_layer"] == pytest.approx(18 / 40) and diff["top10_any_layer_n"] == 40
+    assert 0 < diff["top10_any_layer_ci_low"] < 18 / 40 < diff["top10_any_layer_ci_high"]
+    assert diff["top10_any_layer_sign_test_p"] == pytest.approx(sps.binomtest(18, 18).pvalue, rel=1e-3)
+    # the prompts that answer with the bridge (0-3) are left out of the contrast: best layer 3 over 36 prompts
+    assert bridge["n_bridge_is_output"] == 4
+    assert diff["best_layer"] == 3 and diff["best_layer_top10_difference_n"] == 36
+    assert diff["best_layer_top10_difference"] == pytest.approx((20 - 2) / 36)
+    assert "4 left out" in diff["best_layer_note"] and "biased upward" in diff["best_layer_note"]
+
+
+def test_unambiguous_subset_repeats_the_headlines() -> None:
+    summary = _summary(_lens_frame())
+    sub = summary["unambiguous"]
+    assert sub["n_prompts"] == 30 and sub["n_flagged"] == 10
+    assert sub["bridge"]["top10_any_layer"] == pytest.approx(24 / 30) and sub["bridge"]["top10_any_layer_n"] == 30
+    assert sub["bridge_minus_control"]["top10_any_layer"] == pytest.approx(18 / 30)
+
+
+def test_old_lens_csv_without_control_or_flags_says_so() -> None:
+    summary = _summary(_lens_frame(control=False, flags=False))
+    assert summary["bridge"]["top10_any_layer"] == pytest.approx(24 / 40)
+    assert not summary["control"]["measured"] and "no control measured" in summary["control"]["note"]
+    assert "no target flags" in summary["unambiguous"]["note"]
+
+
+def test_fewer_than_three_prompts_get_no_interval() -> None:
+    frame = _lens_frame(n=2)
+    summary = _summary(frame)
+    assert summary["bridge"]["top10_any_layer_ci_low"] is None and summary["bridge"]["top10_any_layer_n"] == 2
+    assert "n < 3" in summary["bridge"]["top10_any_layer_reason"]

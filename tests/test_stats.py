@@ -148,3 +148,12 @@ def test_grouped_t_intervals_equal_one_at_a_time():
             assert np.isnan(table.loc[g, "ci_low"])
         else:
             assert (table.loc[g, "ci_low"], table.loc[g, "ci_high"]) == (pytest.approx(one.low), pytest.approx(one.high))
+
+
+def test_vectorized_proportion_intervals_equal_binomtest():
+    k, n = np.array([0, 3, 12, 60, 1]), np.array([120, 10, 120, 60, 2])
+    low, high = stats.proportion_intervals(k, n)
+    for i in range(4):
+        one = stats.proportion_interval(int(k[i]), int(n[i]))
+        assert (low[i], high[i]) == (pytest.approx(one.low), pytest.approx(one.high))
+    assert np.isnan(low[4]) and np.isnan(high[4])
