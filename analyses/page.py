@@ -133,15 +133,18 @@ def table(frame: pd.DataFrame, formats: Mapping[str, Callable[[Any], str]] | Non
     rates), ``default`` for the other numeric columns (3 significant digits)."""
     formats = formats or {}
     default = default or (lambda x: "–" if _missing(x) else f"{x:.3g}")
-    shown = frame.copy()
+    shown, numeric = frame.copy(), []
     for column in shown.columns:
+        numeric.append(column in formats or pd.api.types.is_numeric_dtype(shown[column]))
         if column in formats:
             shown[column] = shown[column].map(formats[column])
         elif pd.api.types.is_float_dtype(shown[column]):
             shown[column] = shown[column].map(default)
         elif pd.api.types.is_integer_dtype(shown[column]):
             shown[column] = shown[column].map(count)
-    return shown.to_html(index=False, border=0, na_rep="", classes="data")
+    shown = shown.astype(object).where(shown.notna(), "")
+    return _ENV.get_template("table.html").render(columns=[str(c).replace("_", " ") for c in shown.columns],
+                                                  rows=shown.itertuples(index=False), numeric=numeric)
 
 
 def key_values(facts: Mapping[str, Any]) -> str:

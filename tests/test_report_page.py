@@ -1,0 +1,137 @@
+"""The HTML report page, built from real (tiny-model) lens, attribution and memory runs: no raw docstring markup,
+numbers written for people, every section opening with its findings; and, in a real headless browser where one is
+installed (Chromium/Chrome; skipped otherwise), every image loads, no raw markup is visible, and a screenshot is
+saved (to $BRIDGEPROBE_SCREENSHOT when set)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import tiny_model
+from test_memory import ITEMS, WordTokenizer
+from analyses.memory_report import memory_section, write_memory_outputs
+from analyses.patching_report import attribution_section
+from analyses.report import write_lens_report
+from probes.hooks import NativeHooks
+from probes.lens import lens_batch, lens_queries
+from probes.memory import MemoryConfig, run_memory
+from probes.pipeline import item_pairs, run_patching
+
+RAW_MARKUP = (":func:`", ":data:`", ":mod:`", ":class:`", ":meth:`", "``")
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+
+
+def _browser() -> str | None:
+    return next((path for path in map(shutil.which, BROWSERS) if path), None)
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """index.html of a tiny Llama run with the attribution and memory sections."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("page")
+    hooked = NativeHooks(tiny_model("llama"), WordTokenizer())
+    lens = pd.DataFrame(lens_batch(hooked, lens_queries(ITEMS)))
+    pairs, _ = item_pairs(ITEMS, hooked.tokenizer, skip_unequal=True)
+    patching = run_patching(hooked, pairs, out, sites=["resid_pre", "attn_out", "mlp_out"], method="attribution",
+                            direction="denoise", name="attribution", settings={"model": "tiny"})
+    run = {"model": "tiny-llama", "model_class": type(hooked.model).__name__, "n_layers": hooked.n_layers,
+           "settings": {"prompts": ["test set"]}, "timings": {"load_model_s": 0.4, "lens_s": 312.5},
+           "versions": {"torch": torch.__version__}}
+    memory = run_memory(hooked, ITEMS, out, MemoryConfig(batch_items=3, backpatch_groups=("correct", "hop_failed")),
+                        settings={"model": "tiny"}).frame
+    summary = write_memory_outputs(memory, out, run)
+    sections = [attribution_section(patching.frame, out, run["model"]),
+                memory_section(summary, [out / name for name in summary["figures"]])]
+    write_lens_report(lens, ITEMS, out, run, sections)
+    return out / "index.html"
+
+
+class _Text(HTMLParser):
+    """The visible text of a page, and its sections as (title, first paragraph's class)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text: list[str] = []
+        self.sections: list[list[str]] = []
+        self._skip = 0
+        self._in_h2 = False
+        self._after_h2 = False
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag in ("style", "script"):
+            self._skip += 1
+        if tag == "h2":
+            self._in_h2 = True
+            self.sections.append(["", ""])
+        elif self._after_h2 and tag == "p":
+            self.sections[-1][1] = dict(attrs).get("class") or ""
+            self._after_h2 = False
+        elif self._after_h2 and tag in ("table", "figure", "div", "img"):
+            self._after_h2 = False
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("style", "script"):
+            self._skip -= 1
+        if tag == "h2":
+            self._in_h2, self._after_h2 = False, True
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self.text.append(data)
+        if self._in_h2:
+            self.sections[-1][0] += data
+
+
+def test_page_reads_like_a_page(page: Path) -> None:
+    html = page.read_text()
+    parsed = _Text()
+    parsed.feed(html)
+    text = "".join(parsed.text)
+    assert not [m for m in RAW_MARKUP if m in text]
+    assert not re.search(r"\d\.\d+e[+-]\d", text), "numbers in scientific notation"
+    assert "{'" not in text and "_s':" not in text, "a raw dictionary"
+    assert "TOP_K" in text and "10 (TOP_K)" in text  # the constant named with its value
+    assert re.search(r"<div class=\"definitions\">\s*<ul>\s*<li>", html), "the definitions are a list"
+    titles = dict(parsed.sections)
+    for title in ("Where the bridge is readable (logit lens)", "By outcome", "Per-layer attribution",
+                  "Shared latent memory"):
+        assert titles.get(title) == "findings", (title, titles)
+    findings = re.search(r'<p class="findings">(.*?)</p>', html, re.S).group(1)
+    assert f"On {len(ITEMS)} two-hop prompts" in findings
+    assert "312 s" in html or "5.2 min" in html  # timings as durations
+
+
+@pytest.mark.skipif(_browser() is None, reason="no headless Chromium/Chrome on this machine (apt-get install chromium)")
+def test_page_in_a_headless_browser(page: Path, tmp_path: Path) -> None:
+    """Chromium loads the page; a script run after load counts broken images and raw markup in the visible text;
+    then a screenshot of the page."""
+    check = ("<script>window.addEventListener('load', () => {"
+             "const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length;"
+             f"const marks = {list(RAW_MARKUP)!r}.filter(m => document.body.innerText.includes(m));"
+             "document.body.setAttribute('data-images', document.images.length);"
+             "document.body.setAttribute('data-broken', broken);"
+             "document.body.setAttribute('data-markup', marks.join('|'));});</script>")
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", check + "</body>"))
+    browser = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run([*browser, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    attributes = dict(re.findall(r'data-(\w+)="([^"]*)"', body))
+    assert int(attributes["images"]) >= 5, attributes
+    assert attributes["broken"] == "0", attributes
+    assert attributes["markup"] == "", attributes
+    shot = Path(os.environ.get("BRIDGEPROBE_SCREENSHOT", tmp_path / "page.png"))
+    subprocess.run([*browser, "--window-size=1200,6000", f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
