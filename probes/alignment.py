@@ -16,10 +16,14 @@ counts them): one such state among hundreds otherwise decides the CKA alone.
 - ``probe_*``: a multinomial logistic regression (standardized features, L2, L-BFGS) that classifies the bridge
   entity. ``probe_explicit_heldout`` is trained on the explicit states of neutral templates naming each bridge
   (:data:`TEMPLATES`) and tested on the hop2 prompts' explicit states (held-out contexts); ``probe_latent`` is
-  trained on templates and hop2 prompts (every explicit state) and tested on the latent states;
-  ``probe_latent_templates`` is the first probe tested on the latent states. Per item, 1 if correct. The
-  templates are there because the hop2 prompts alone give one to four contexts per bridge. Chance:
-  ``chance_majority`` (the most frequent bridge among the items) and ``chance_uniform`` (1 / classes).
+  trained on templates and the hop2 prompts of the *other* relations: for a test item with relations ``r1``,
+  ``r2``, no hop2 prompt of ``r1`` or ``r2`` is in its probe's training set (one probe per relation set), so
+  the probe cannot read the relation's template instead of the bridge; ``probe_latent_templates`` is the first
+  probe tested on the latent states. Per item, 1 if correct; ``*_partner``: 1 if the probe names the partner's
+  bridge instead (the matched control of the band test: under "the state does not tell the two bridges apart"
+  own and partner are named equally often; NaN where the partner's bridge is not a class). The templates are
+  there because the hop2 prompts alone give one to four contexts per bridge. Chance: ``chance_majority`` (the
+  most frequent bridge among the items) and ``chance_uniform`` (1 / classes).
 """
 
 from __future__ import annotations
@@ -165,6 +169,11 @@ def alignment_rows(hooked: HookedModel, plans: Sequence[Any], encoded: dict[str,
     y_templates = torch.tensor([lab for *_, lab in template_prompts])
     hop2_in_classes = torch.tensor([i for i, e in enumerate(hop2_list) if e.item.bridge in label])
     y_hop2 = torch.tensor([label[hop2_list[i].item.bridge] for i in hop2_in_classes.tolist()])
+    y_partner = np.array([label.get(partners[e.item.id].item.bridge, -1) if e.item.id in partners else -1
+                          for e in items])
+    relations = [frozenset(r for r in (e.item.r1, e.item.r2) if r) for e in items]
+    groups = sorted(set(relations), key=sorted)
+    hop2_relation = [e.item.r2 for e in hop2_list]  # the relation each explicit (hop2) prompt is written in
     counts = np.bincount(y_items.numpy(), minlength=len(classes))
     rows += [_dataset_row("n_classes", len(classes)), _dataset_row("chance_uniform", 1 / len(classes)),
              _dataset_row("chance_majority", counts.max() / counts.sum()),
@@ -178,9 +187,12 @@ def alignment_rows(hooked: HookedModel, plans: Sequence[Any], encoded: dict[str,
         train = ok_templates[:, layer]
         by_templates = LinearProbe(templates[train, layer], y_templates[train], len(classes))
         hop2_ok = hop2_in_classes[ok_explicit[hop2_in_classes, layer]]
-        by_explicit = LinearProbe(torch.cat([templates[train, layer], explicit_all[hop2_ok, layer]]),
-                                  torch.cat([y_templates[train], y_hop2[ok_explicit[hop2_in_classes, layer]]]),
-                                  len(classes))
+        hop2_y = y_hop2[ok_explicit[hop2_in_classes, layer]]
+        by_explicit = {}  # one probe per relation set of the test items, without the hop2 prompts of those relations
+        for group in groups:
+            other = torch.tensor([hop2_relation[int(i)] not in group for i in hop2_ok], dtype=torch.bool)
+            by_explicit[group] = LinearProbe(torch.cat([templates[train, layer], explicit_all[hop2_ok[other], layer]]),
+                                             torch.cat([y_templates[train], hop2_y[other]]), len(classes))
         explicit_ok = ok_explicit[own, layer].numpy()
         heldout = np.flatnonzero(explicit_ok)
         correct = (by_templates.predict(explicit_all[own[heldout], layer]) == y_items[heldout]).double().tolist()
@@ -189,9 +201,20 @@ def alignment_rows(hooked: HookedModel, plans: Sequence[Any], encoded: dict[str,
             which = np.array(which, dtype=int)
             ok = ok_latent[pos][:, layer].numpy()
             x_all = states[:, layer].numpy()
-            for metric, probe in (("probe_latent", by_explicit), ("probe_latent_templates", by_templates)):
-                correct = (probe.predict(states[ok, layer]) == y_items[which[ok]]).double().tolist()
-                rows += [_item_row(items[i], metric, layer, v, pos) for i, v in zip(which[ok], correct)]
+            tested = which[ok]
+            explicit_guess = torch.empty(len(tested), dtype=torch.long)
+            for group in groups:
+                mine = torch.tensor([relations[i] == group for i in tested], dtype=torch.bool)
+                if mine.any():
+                    explicit_guess[mine] = by_explicit[group].predict(states[ok, layer][mine])
+            for metric, guess in (("probe_latent", explicit_guess),
+                                  ("probe_latent_templates", by_templates.predict(states[ok, layer]))):
+                correct = (guess == y_items[tested]).double().tolist()
+                named_partner = np.where(y_partner[tested] >= 0, (guess.numpy() == y_partner[tested]).astype(float),
+                                         np.nan)
+                rows += [_item_row(items[i], metric, layer, v, pos) for i, v in zip(tested, correct)]
+                rows += [_item_row(items[i], f"{metric}_partner", layer, float(v), pos)
+                         for i, v in zip(tested, named_partner) if not np.isnan(v)]
             z_all = explicit_all[:, layer].numpy()
             x_mean = x_all[ok].mean(0)
             z_mean = z_all[own[explicit_ok]].mean(0)

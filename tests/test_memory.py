@@ -20,7 +20,8 @@ from probes.alignment import LinearProbe, alignment_rows, jackknife_cka, cosine,
 from probes.hooks import NativeHooks
 from probes.variants import run_variants
 from probes.memory import (MemoryConfig, backpatch_cells, crosspatch_cells, decoding_cells, encode, identity_prompt,
-                           make_plans, patch_states, read_states, run_memory, select_items, span_end_position)
+                           make_plans, patch_states, read_states, run_memory, span_end_position)
+from prompts.sampling import sample_items
 from prompts.schema import PromptItem
 
 TOL = 1e-4
@@ -392,7 +393,9 @@ def test_cells_items_and_prompts() -> None:
     assert decoding_cells(4, 1) == [(0, 0), (0, 1), (1, 1), (2, 1), (2, 2), (3, 1)]
     with pytest.raises(ValueError, match="decode layer"):
         decoding_cells(4, 3)
-    assert [i.id for i in select_items(ITEMS, 3)] == ["cap-fr", "cap-it", "lang-fr"]  # round-robin, file order
+    chosen = sample_items(ITEMS, 4)  # round-robin over the two compositions, in file order
+    compositions = [i.composition for i in chosen]
+    assert compositions.count("located_in_country>capital") == 2 and chosen == sorted(chosen, key=ITEMS.index)
     prompt, demos = identity_prompt([*ITEMS, PromptItem("x", "About Mount Everest and gold is", "b", "c")])
     assert "Mount Everest" not in demos and prompt.endswith("\nx:") and prompt.count(":") == len(demos) + 1
     tok = WordTokenizer()
@@ -425,7 +428,7 @@ def test_identity_decoding_of_explicit_entities_works_above_chance(model_name: s
     hooked = NativeHooks(model, tokenizer)
     items = load_prompts("curated")
     encoded = {i.id: encode(tokenizer, i) for i in items}
-    chosen = [e for e in (encoded[i.id] for i in select_items(items, 24))
+    chosen = [e for e in (encoded[i.id] for i in sample_items(items, 24))
               if e.hop2_position is not None and encoded[e.item.pair].bridge != e.bridge][:16]
     prompt, _ = identity_prompt(items)
     prompt_ids = tokenizer(prompt)["input_ids"]
@@ -462,3 +465,39 @@ def test_memory_command_end_to_end(tmp_path: Path) -> None:
     assert summary["statement"].startswith("smollm2-135m (30 layers): ")
     (out / "memory_summary.json").unlink()
     assert main(["memory-report", str(out)]) == 0 and (out / "memory_summary.json").is_file()
+
+
+def test_probe_is_trained_without_the_hop2_prompts_of_its_test_relations(monkeypatch) -> None:
+    """probe_latent: no training row is the explicit hop2 state of a relation its test items use; the partner
+    rows say when the probe names the partner's bridge instead."""
+    import probes.alignment as alignment
+
+    trained: list[torch.Tensor] = []
+
+    class Recording(alignment.LinearProbe):
+        def __init__(self, x, y, n_classes, **kwargs):
+            trained.append(x.clone())
+            super().__init__(x, y, n_classes, **kwargs)
+
+    monkeypatch.setattr(alignment, "LinearProbe", Recording)
+    hooked = _hooked("llama")
+    encoded = {i.id: encode(hooked.tokenizer, i) for i in ITEMS}
+    frame = pd.DataFrame(alignment_rows(hooked, make_plans(encoded, [i.id for i in ITEMS], 0), encoded))
+    explicit = alignment.read_at(hooked, [(e.hop2, e.hop2_position) for e in encoded.values()])
+    n_templates = len(alignment.TEMPLATES) * 3
+    per_layer = 1 + 2  # the templates-only probe, one probe per relation set (capital, language)
+    assert len(trained) == per_layer * hooked.n_layers
+    for k, x in enumerate(trained):
+        layer = k // per_layer
+        rows_of = {r2: [i for i, item in enumerate(ITEMS) if item.r2 == r2] for r2 in ("capital", "language")}
+        present = {r2: [any(torch.allclose(row, explicit[i, layer], atol=1e-4) for row in x[n_templates:])
+                        for i in rows] for r2, rows in rows_of.items()}
+        if k % per_layer == 0:
+            assert len(x) == n_templates
+        else:  # trained on the other relation's three hop2 prompts and none of its own
+            assert len(x) == n_templates + 3
+            assert sorted((all(v), any(v)) for v in present.values()) == [(False, False), (True, True)]
+    probe = frame[frame.metric.isin(["probe_latent", "probe_latent_partner"])].pivot_table(
+        index=["prompt_id", "source_position", "source_layer"], columns="metric", values="value")
+    assert probe["probe_latent_partner"].isin([0.0, 1.0]).all()
+    assert (probe["probe_latent"] + probe["probe_latent_partner"] <= 1).all()
