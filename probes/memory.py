@@ -63,6 +63,7 @@ from probes.lens import target_token_ids
 from probes.results import atomic_write_json
 from probes.states import read_states
 from probes.variants import Measure, Variant, run_variants
+from prompts.sampling import sample_items
 from prompts.schema import PromptItem
 
 ANALYSES = ("crosspatch", "decoding", "backpatch", "alignment")
@@ -316,24 +317,6 @@ def _choose_other_relation(plan: Plan, receivers: list[Encoded], by_bridge_relat
     plan.d, plan.e = rng.choice(pool)
 
 
-def select_items(items: Sequence[PromptItem], n: int | None) -> list[PromptItem]:
-    """The first ``n`` items taken round-robin over the relation compositions (in order of appearance), so that a
-    small selection spans the set; all items when ``n`` is None."""
-    if n is None or n >= len(items):
-        return list(items)
-    groups: dict[str | None, list[PromptItem]] = defaultdict(list)
-    for item in items:
-        groups[item.composition].append(item)
-    queues = list(groups.values())
-    chosen: list[PromptItem] = []
-    depth = 0
-    while len(chosen) < n:
-        chosen.extend(q[depth] for q in queues if depth < len(q))
-        depth += 1
-    keep = {item.id for item in chosen[:n]}
-    return [item for item in items if item.id in keep]
-
-
 # --------------------------------------------------------------------------------------------------- config
 
 
@@ -342,7 +325,7 @@ class MemoryConfig:
     """Settings of the memory analyses (the CLI's flags)."""
 
     analyses: tuple[str, ...] = ANALYSES
-    n_items: int | None = None  # analyse this many items (round-robin over compositions); None: all
+    n_items: int | None = None  # analyse this many items (prompts.sampling, stratified with seed); None: all
     map_items: int | None = None  # of those, this many get the cross-patch maps and the decoding; None: all
     stride: int = 1  # layer stride of the s x t maps (the diagonal is always complete)
     decode_layer: int | None = None  # fixed target layer of the decoding; None: default_decode_layer
@@ -573,15 +556,15 @@ class MemoryRun:
 def run_memory(hooked: HookedModel, items: Sequence[PromptItem], out_dir: Path, config: MemoryConfig, *,
                settings: dict[str, Any], name: str = "memory") -> MemoryRun:
     """Write ``out_dir/NAME.csv`` for ``items`` (partners and controls may be any item of the set; the analysed
-    ones are :func:`select_items` of ``config.n_items``), resuming an interrupted run. Data-parallel
+    ones are :func:`~prompts.sampling.sample_items` of ``config.n_items``), resuming an interrupted run. Data-parallel
     (:mod:`probes.distributed`): the processes share the chunks of items; rank 0 runs the alignment and writes
     the file."""
     started = time.perf_counter()
     tokenizer, n_layers = hooked.tokenizer, hooked.n_layers
     encoded = {item.id: encode(tokenizer, item) for item in items}
-    analysed = select_items(items, config.n_items)
+    analysed = sample_items(items, config.n_items, seed=config.seed)
     plans = make_plans(encoded, [item.id for item in analysed], config.seed,
-                       maps=[item.id for item in select_items(analysed, config.map_items)])
+                       maps=[item.id for item in sample_items(analysed, config.map_items, seed=config.seed)])
     decode_layer = default_decode_layer(n_layers) if config.decode_layer is None else config.decode_layer
     cells = {"crosspatch": crosspatch_cells(n_layers, config.stride),
              "diagonal": [(l, l) for l in range(n_layers - 1)],

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
+from prompts.sampling import sample_items
 from prompts.schema import PromptItem, PromptSetError, check_set, make_item
 
 Mapper = str | Callable[[Mapping[str, str]], str]
@@ -145,11 +146,15 @@ def load_prompts(
     columns: Mapping[str, Mapper] | None = None,
     preset: str | None = None,
     limit: int | None = None,
+    sample: str = "stratified",
+    seed: int = 0,
 ) -> list[PromptItem]:
     """Load and validate prompt items from bundled names and/or files (JSONL or CSV), in order.
 
     ``columns`` or ``preset`` maps external columns to our fields; without either, records must already use our
-    field names. ``limit`` keeps the first ``limit`` items. Errors name the file, line and field.
+    field names. ``limit`` keeps that many items, chosen by :func:`prompts.sampling.sample_items` (``sample``:
+    ``stratified`` over the relation compositions with ``seed``, pair partners kept together, or the ``first``
+    ones). Errors name the file, line and field.
     """
     if columns is not None and preset is not None:
         raise ValueError("pass either columns or preset, not both")
@@ -173,7 +178,7 @@ def load_prompts(
         raise PromptSetError(", ".join(map(str, [paths] if isinstance(paths, (str, Path)) else paths)), None, None,
                              "no prompt items found")
     check_set(items, where)
-    return items[:limit] if limit else items
+    return sample_items(items, limit or None, sample, seed, pairs=True)
 
 
 def parse_columns(specs: Sequence[str]) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -72,6 +73,12 @@ def test_main_job_without_out_writes_under_runs_of_the_working_directory(tmp_pat
     work.mkdir()
     monkeypatch.chdir(work)
     assert main(["run", "--model", str(model), "--prompts", str(prompt_file), "--patch-pairs", "0",
-                 "--memory-items", "0", "--limit", "3"]) == 0
-    assert (work / "runs" / "tiny" / "lens.csv").is_file() and (work / "runs" / "tiny" / "index.html").is_file()
+                 "--memory-items", "0", "--limit", "6"]) == 0
+    out = work / "runs" / "tiny"
+    assert (out / "lens.csv").is_file() and (out / "index.html").is_file()
     assert sorted(p.name for p in work.iterdir()) == ["runs"]  # nothing else, and no reports/ directory
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["sample"] == "stratified" and settings["limit"] == 6 and settings["n_items"] == 6
+    ids = set(pd.read_csv(out / "lens.csv")["prompt_id"])
+    assert {i.split("-")[0] for i in ids} == {"born_in", "works_in", "lives_in"}  # the first 6 are 2 compositions
+    assert all(f"{i.rsplit('-', 1)[0]}-{int(i.rsplit('-', 1)[1]) ^ 1}" in ids for i in ids)  # partners kept

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from probes.models import DTYPES, EMBEDDED
 from probes.pipeline import BACKENDS, ModelOptions
 from prompts.loaders import PRESETS, load_prompts, parse_columns
+from prompts.sampling import SAMPLES
 from prompts.schema import PromptItem
 
 EPILOG = f"""embedded models (no hub needed): {', '.join(f'{k} ({v.description})' for k, v in EMBEDDED.items())}.
@@ -35,14 +36,19 @@ def model_args(parser: argparse.ArgumentParser, default_model: str | None) -> No
 
 
 def prompt_args(parser: argparse.ArgumentParser, default: str | None) -> None:
-    """The --prompts, --preset, --columns and --limit flags."""
+    """The --prompts, --preset, --columns, --limit and --sample flags."""
     group = parser.add_argument_group("prompts")
     group.add_argument("--prompts", nargs="+", default=[default] if default else None, required=default is None,
                        help="bundled set name (curated) or JSONL/CSV files (default: %(default)s)")
     group.add_argument("--preset", choices=sorted(PRESETS), help="column mapping for a known external format")
     group.add_argument("--columns", nargs="+", metavar="FIELD=COLUMN",
                        help="column mapping for CSV/JSONL in another format: field=column or field='{col} text'")
-    group.add_argument("--limit", type=positive_int, help="use only the first N items (patch: the first N pairs)")
+    group.add_argument("--limit", type=positive_int,
+                       help="use only N items (patch: N pairs), chosen as --sample says; an item's pair partner "
+                            "comes along")
+    group.add_argument("--sample", choices=SAMPLES, default="stratified",
+                       help="how --limit chooses: stratified (default: round-robin over the relation compositions, "
+                            "in an order shuffled by --seed) or first (the first N in file order)")
 
 
 def run_args(parser: argparse.ArgumentParser) -> None:
@@ -143,7 +149,8 @@ def parse_max_memory(text: str) -> dict[int | str, str | int]:
 def load_items(args: argparse.Namespace, paths: Sequence[str] | None = None, limit: int | None = None) -> list[PromptItem]:
     """The prompt items named by the prompt flags (or by ``paths`` with the same column mapping)."""
     columns = parse_columns(args.columns) if args.columns else None
-    return load_prompts(paths or args.prompts, columns=columns, preset=args.preset, limit=limit)
+    return load_prompts(paths or args.prompts, columns=columns, preset=args.preset, limit=limit,
+                        sample=args.sample, seed=getattr(args, "seed", 0))
 
 
 def prompt_settings(args: argparse.Namespace) -> dict:
@@ -151,7 +158,8 @@ def prompt_settings(args: argparse.Namespace) -> dict:
     from prompts.loaders import BUNDLED
 
     prompts = [p if p in BUNDLED else str(Path(p).resolve()) for p in map(str, args.prompts)]
-    return {"prompts": prompts, "preset": args.preset, "columns": args.columns, "limit": args.limit}
+    return {"prompts": prompts, "preset": args.preset, "columns": args.columns, "limit": args.limit,
+            "sample": args.sample}
 
 
 def model_options(args: argparse.Namespace) -> ModelOptions:

@@ -20,6 +20,7 @@ from probes.models import DTYPES
 from probes.pipeline import ModelOptions, Timer, item_pairs, run_lens, run_patching, run_record
 from probes.results import atomic_write_csv, atomic_write_json
 from probes.rundir import RunDirectory, run_directory
+from prompts.sampling import sample_pairs
 from prompts.schema import PromptItem
 
 VARIANTS = ("8bit", "4bit", *sorted(DTYPES))
@@ -100,8 +101,9 @@ def _fidelity_run(args: argparse.Namespace, items: list[PromptItem], sites: list
         patching = None
         if args.patch_pairs:
             pairs, _ = item_pairs(items, hooked.tokenizer, skip_unequal=True)
+            pairs = sample_pairs(pairs, items, args.patch_pairs, args.sample, args.seed)
             with timer.section(f"{label}_patching_s"):
-                patching = run_patching(hooked, pairs[: args.patch_pairs], args.out / label, sites=sites,
+                patching = run_patching(hooked, pairs, args.out / label, sites=sites,
                                         method="exact", direction="denoise", settings=tag).frame
         if torch.cuda.is_available():
             loads[label]["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())

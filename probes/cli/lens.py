@@ -19,6 +19,7 @@ from probes.models import DEFAULT_MODEL
 from probes.pipeline import ModelOptions, PatchingRun, Timer, item_pairs, run_lens, run_patching, run_record
 from probes.rundir import RunDirError, RunDirectory, check_rows, run_directory
 from prompts.loaders import load_prompts, parse_columns
+from prompts.sampling import sample_pairs
 from prompts.schema import PromptItem
 
 
@@ -128,10 +129,10 @@ def _lens_run(args: argparse.Namespace, report: bool, out: Path, items: list[Pro
 
 def _attribution_run(hooked: HookedModel, items: list[PromptItem], out: Path, args: argparse.Namespace,
                      timer: Timer, settings: dict) -> tuple[PatchingRun, dict]:
-    """Attribution patching of resid_pre / attn_out / mlp_out on the first --patch-pairs pairs, for the report;
-    also its entry in run.json."""
+    """Attribution patching of resid_pre / attn_out / mlp_out on --patch-pairs pairs (sampled like --limit), for
+    the report; also its entry in run.json."""
     pairs, skipped = item_pairs(items, hooked.tokenizer, skip_unequal=True)
-    pairs = pairs[: args.patch_pairs]
+    pairs = sample_pairs(pairs, items, args.patch_pairs, args.sample, args.seed)
     with timer.section("attribution_s"):
         done = run_patching(hooked, pairs, out, sites=["resid_pre", "attn_out", "mlp_out"], method="attribution",
                             direction="denoise", name="attribution", settings=settings)
@@ -156,7 +157,9 @@ def _report(out: Path) -> None:
     record = json.loads((out / "run.json").read_text())
     settings = record["settings"]
     columns = parse_columns(settings["columns"]) if settings.get("columns") else None
-    items = load_prompts(settings["prompts"], columns=columns, preset=settings.get("preset"), limit=settings.get("limit"))
+    items = load_prompts(settings["prompts"], columns=columns, preset=settings.get("preset"),
+                         limit=settings.get("limit"), sample=settings.get("sample", "first"),  # older runs: first N
+                         seed=settings.get("seed") or 0)
     sections = []
     if (out / "attribution.csv").is_file():
         attribution = pd.read_csv(out / "attribution.csv", dtype={"clean_id": str, "corrupt_id": str})

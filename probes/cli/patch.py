@@ -14,6 +14,7 @@ from probes.hooks import SITES
 from probes.patching import HEAD
 from probes.pipeline import ModelOptions, Timer, item_pairs, run_patching, run_record
 from probes.rundir import RunDirectory, prompt_identity, run_directory
+from prompts.sampling import sample_pairs
 from prompts.schema import PromptItem
 
 
@@ -74,7 +75,7 @@ def _patch_run(args: argparse.Namespace, items: list[PromptItem], corrupt: list[
         hooked = options.load()
     check_context_length(hooked.model, hooked.tokenizer, items + (corrupt or []))
     pairs, skipped = item_pairs(items, hooked.tokenizer, corrupt, skip_unequal=args.skip_unequal)
-    pairs = pairs[: args.limit] if args.limit else pairs
+    pairs = sample_pairs(pairs, items, args.limit, args.sample, args.seed)
     corrupt_paths = [str(Path(p).resolve()) for p in args.corrupt_prompts] if args.corrupt_prompts else None
     settings = {**prompt_settings(args), "corrupt_prompts": corrupt_paths, "sites": sites,
                 "method": args.method, "direction": args.direction, "bridge_rank": args.bridge_rank, "seed": args.seed}
