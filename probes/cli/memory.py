@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -19,6 +20,9 @@ from probes.pipeline import ModelOptions, Timer, run_record
 from probes.rundir import RunDirError, RunDirectory, check_rows, run_directory
 from probes.variants import METHODS
 from prompts.schema import PromptItem
+
+if TYPE_CHECKING:
+    from analyses.page import Section
 
 DESCRIPTION = """Locate the shared latent memory: where the bridge entity computed inside a two-hop prompt lives
 relative to where hop 2 reads an explicitly written bridge. Per item and its 'pair' partner (same composition,
@@ -111,7 +115,7 @@ def read_memory_csv(out: Path) -> pd.DataFrame:
     return pd.read_csv(out / "memory.csv", dtype={"prompt_id": str}, low_memory=False)
 
 
-def memory_report_section(frame: pd.DataFrame, out: Path, record: dict) -> tuple[str, str, list[Path]]:
+def memory_report_section(frame: pd.DataFrame, out: Path, record: dict) -> Section:
     """Write the memory tables, plots and summary into ``out`` and return the HTML report's section."""
     from analyses.memory_report import memory_section, write_memory_outputs
 
