@@ -141,7 +141,6 @@ def _attribution_run(hooked: HookedModel, items: list[PromptItem], out: Path, ar
 
 def report_job(out: Path) -> None:
     """Regenerate the report of a finished run from its lens.csv and run.json."""
-    from analyses.patching_report import attribution_section
     from analyses.report import write_lens_report
 
     if not (out / "lens.csv").is_file() or not (out / "run.json").is_file():
@@ -151,6 +150,7 @@ def report_job(out: Path) -> None:
 
 
 def _report(out: Path) -> None:
+    from analyses.patching_report import attribution_section
     from analyses.report import write_lens_report
 
     check_rows(out, "lens.csv")
