@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from probes.pipeline import ModelOptions, Timer, versions
-from probes.results import IncrementalCSV, atomic_write, atomic_write_csv, atomic_write_json
+from probes.results import IncrementalCSV, atomic_write, atomic_write_csv
+from probes.rundir import write_finished
 from prompts.schema import PromptItem
 from prompts.synthetic import SynthConfig, Splits, generate, make_names, render_items, save_splits, training_texts
 
@@ -71,7 +72,10 @@ def finished(out: Path, settings: dict[str, Any]) -> bool:
     """Whether ``out`` holds a finished run with these settings (another finished run there is an error)."""
     if not (out / "run.json").is_file() or (out / "metrics.partial.csv").exists():
         return False
-    previous = json.loads((out / "run.json").read_text()).get("settings")
+    record = json.loads((out / "run.json").read_text())
+    if record.get("status") == "running":  # started by probes.rundir, which has compared the settings
+        return False
+    previous = record.get("settings")
     if previous != json.loads(json.dumps(settings)):
         raise ValueError(f"{out} holds a finished run with other settings; use another --out or delete it")
     return True
@@ -149,7 +153,7 @@ def reproduce(out: Path, base: Any, data: dict[int, SynthConfig], grid: Sequence
               "threads": torch.get_num_threads(), "seed": seeds, "timings": timer.timings,
               "run_seconds": run_seconds, "results": results}
     atomic_write_csv(out / "results.csv", pd.DataFrame(results))
-    atomic_write_json(out / "run.json", record)
+    write_finished(out, record, f"wrote {out}/index.html")
     if not keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return reproduce_report(out)
@@ -340,7 +344,7 @@ def finetune(out: Path, options: ModelOptions, data: SynthConfig, config: Any, *
     atomic_write_csv(out / "results.csv", pd.DataFrame(
         [{"condition": BASE, "seed": seed, **base_scores}] + results))
     store.finish(sort_by=["condition", "step"])  # last: a crash before here resumes with every row kept
-    atomic_write_json(out / "run.json", record)
+    write_finished(out, record, f"wrote {out}/index.html")
     if not keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return finetune_report(out)

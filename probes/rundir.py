@@ -145,6 +145,7 @@ class RunDirectory:
         self.fingerprint = normalize(fingerprint)
         self.overwrite, self.recompute = overwrite, recompute
         self.resumed = False
+        self._created = not self.out.exists()
         self._fd: int | None = None
 
     # ------------------------------------------------------------------ entering: lock, compare, record
@@ -269,15 +270,23 @@ class RunDirectory:
     def finish(self, record: dict[str, Any], summary: str = "") -> None:
         """Write the final ``run.json``: the job's record with the fingerprint, ``status: finished``, the summary
         printed on a rerun, and the row count of each CSV in the directory (``report`` checks them)."""
-        if not distributed.context().is_main:
-            return
-        rows = {f.name: _count_rows(f) for f in sorted(self.out.glob("*.csv")) if ".partial" not in f.name}
-        atomic_write_json(self.out / RUN_JSON, {**record, "status": "finished", "finished": _now(),
-                                                "fingerprint": self.fingerprint, "summary": summary, "rows": rows})
+        write_finished(self.out, record, summary, self.fingerprint)
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
+        if kind is not None and not self.resumed and distributed.context().is_main:
+            self._tidy()
         self._release()
+
+    def _tidy(self) -> None:
+        """After an error before any result was written (e.g. a prompt longer than the context): leave the
+        directory as it was, not holding a run that never started."""
+        entries = list(self.out.iterdir())
+        if [e.name for e in entries] != [RUN_JSON]:
+            return
+        (self.out / RUN_JSON).unlink()
+        if self._created:
+            self.out.rmdir()
 
     def _release(self) -> None:
         if self._fd is not None:
@@ -290,6 +299,24 @@ def run_directory(out: Path, fingerprint: dict[str, Any], *, overwrite: bool = F
     """Lock ``out`` and apply the rerun rules for ``fingerprint``; raises :class:`RunComplete` (exit 0) or
     :class:`RunDirError` (exit 2) instead of entering when the job must not run."""
     return RunDirectory(out, fingerprint, overwrite=overwrite, recompute=recompute)
+
+
+def write_finished(out: Path, record: dict[str, Any], summary: str = "",
+                   fingerprint: dict[str, Any] | None = None) -> None:
+    """Write ``out/run.json`` of a finished run in one atomic step: ``record``, ``status: finished``, the
+    fingerprint (given, or the one :class:`RunDirectory` recorded at the start), the summary a rerun prints and
+    the row count of each CSV in ``out``. For library jobs that write their own run.json (reproduce, finetune)."""
+    if not distributed.context().is_main:
+        return
+    if fingerprint is None:
+        try:
+            fingerprint = json.loads((out / RUN_JSON).read_text(encoding="utf-8")).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            fingerprint = None
+    rows = {f.name: _count_rows(f) for f in sorted(out.glob("*.csv")) if ".partial" not in f.name}
+    atomic_write_json(out / RUN_JSON, {**record, "status": "finished", "finished": _now(),
+                                       **({"fingerprint": fingerprint} if fingerprint is not None else {}),
+                                       "summary": summary, "rows": rows})
 
 
 def check_rows(out: Path, name: str) -> None:

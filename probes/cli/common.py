@@ -94,7 +94,7 @@ def fingerprint(args: argparse.Namespace, command: str, **options: Any) -> dict[
             return None
 
     found: dict[str, Any] = {"command": command}
-    if getattr(args, "model", None):
+    if hasattr(args, "backend"):  # the model flags of model_args
         found.update(model=model_identity(args.model), dtype=args.dtype, quantize=args.quantize, device=args.device,
                      device_map=args.device_map, max_memory=args.max_memory, backend=args.backend,
                      trust_remote_code=args.trust_remote_code)

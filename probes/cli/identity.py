@@ -9,7 +9,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from probes.cli.common import EPILOG, RUNS, model_args, model_options
+from probes.cli.common import EPILOG, RUNS, check_options, fingerprint, model_args, model_options, rundir_args
 from probes.identity import FINETUNE_DATA, REPRODUCE_PRESETS, finetune, reproduce, write_synth
 from probes.models import DEFAULT_MODEL
 from prompts.synthetic import SynthConfig
@@ -61,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="give bridges and objects distinct first tokens, and counterfactual pairs equal lengths, "
                             "under this model's tokenizer (an embedded alias, directory or hub name)")
     synth.add_argument("--out", type=Path, required=True, help="output directory")
+    rundir_args(synth)
     synth.set_defaults(handler=synth_job)
 
     reproduce = sub.add_parser(
@@ -95,6 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="output directory (default runs/identity/reproduce)")
     reproduce.add_argument("--device", default="cpu", help="cpu (default) or cuda on a GPU host")
     reproduce.add_argument("--keep-checkpoints", action="store_true", help="keep DIR/checkpoints after the runs finish")
+    rundir_args(reproduce)
     reproduce.set_defaults(handler=reproduce_job)
 
     finetune = sub.add_parser(
@@ -138,12 +140,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     finetune.add_argument("--out", type=Path, default=RUNS / "identity" / "finetune",
                           help="output directory (default runs/identity/finetune)")
     finetune.add_argument("--keep-checkpoints", action="store_true", help="keep DIR/checkpoints after training")
+    rundir_args(finetune)
     finetune.set_defaults(handler=finetune_job)
 
 
 
+RUN_FLAGS = ("out", "overwrite", "recompute", "handler", "command", "verbose", "debug", "keep_checkpoints", "seed")
+MODEL_FLAGS = ("model", "dtype", "quantize", "device", "device_map", "max_memory", "backend", "trust_remote_code",
+               "offline")
+
+
+def _run_directory(args: argparse.Namespace) -> Any:
+    """Lock ``args.out`` for this command with a fingerprint of all its options (:mod:`probes.rundir`)."""
+    from probes.rundir import run_directory
+
+    check_options(args)
+    model_flags = MODEL_FLAGS if hasattr(args, "backend") else ()  # the fingerprint has the model flags already
+    options = {k: v for k, v in vars(args).items() if k not in RUN_FLAGS and k not in model_flags}
+    return run_directory(args.out, fingerprint(args, args.command, **options), overwrite=args.overwrite,
+                         recompute=args.recompute)
+
+
 def synth_job(args: argparse.Namespace) -> Path:
     """Generate, check and save the data, its natural-language prompt set and training sentences."""
+    with _run_directory(args) as run:
+        _synth(args, run)
+    return args.out
+
+
+def _synth(args: argparse.Namespace, run: Any) -> None:
     tokenizer = None
     if args.tokenizer_model:
         from transformers import AutoTokenizer
@@ -153,8 +178,9 @@ def synth_job(args: argparse.Namespace) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(resolve(args.tokenizer_model))
     splits = write_synth(_data_config(args, {}, args.seed), args.out, tokenizer)
     sizes = ", ".join(f"{k} {v}" for k, v in splits.summary()["sizes"].items())
-    print(f"wrote {args.out}/ ({sizes}; OOD pairs {splits.ood_pairs})")
-    return args.out
+    summary = f"wrote {args.out}/ ({sizes}; OOD pairs {splits.ood_pairs})"
+    run.finish({"command": "synth", "settings": splits.summary()}, summary)
+    print(summary)
 
 
 def _train_config(args: argparse.Namespace, preset: dict[str, Any]) -> Any:
@@ -179,8 +205,9 @@ def reproduce_job(args: argparse.Namespace) -> Path:
     grid = list(itertools.product(args.init_scales or [base.init_scale], args.weight_decays or [base.weight_decay],
                                   args.identity_repeats or [base.identity_repeat]))
     data = {seed: _data_config(args, preset["data"], seed) for seed in args.seeds}
-    return reproduce(args.out, base, data, grid, preset=args.preset, device=args.device,
-                     keep_checkpoints=args.keep_checkpoints)
+    with _run_directory(args):
+        return reproduce(args.out, base, data, grid, preset=args.preset, device=args.device,
+                         keep_checkpoints=args.keep_checkpoints)
 
 
 def finetune_job(args: argparse.Namespace) -> Path:
@@ -191,6 +218,7 @@ def finetune_job(args: argparse.Namespace) -> Path:
                             weight_decay=args.weight_decay, steps=args.steps, batch_size=args.batch_size,
                             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                             identity_repeat=args.identity_repeat)
-    return finetune(args.out, model_options(args), _data_config(args, FINETUNE_DATA, args.seed), config,
-                    conditions=args.conditions, probe_items=args.probe_items, patch_pairs=args.patch_pairs,
-                    memory=args.memory, keep_checkpoints=args.keep_checkpoints)
+    with _run_directory(args):
+        return finetune(args.out, model_options(args), _data_config(args, FINETUNE_DATA, args.seed), config,
+                        conditions=args.conditions, probe_items=args.probe_items, patch_pairs=args.patch_pairs,
+                        memory=args.memory, keep_checkpoints=args.keep_checkpoints)
