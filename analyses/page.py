@@ -43,28 +43,28 @@ class Section:
 # ------------------------------------------------------------------------------------------------ numbers
 
 
-def _missing(value: Any) -> bool:
+def missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def count(value: Any) -> str:
     """An integer with thousands separators (ranks, counts): 6160 -> '6,160'."""
-    return "–" if _missing(value) else f"{int(round(float(value))):,}"
+    return "–" if missing(value) else f"{int(round(float(value))):,}"
 
 
 def pct(value: Any, digits: int = 1) -> str:
     """A rate as a percentage: 0.215 -> '21.5%'."""
-    return "–" if _missing(value) else f"{100 * float(value):.{digits}f}%"
+    return "–" if missing(value) else f"{100 * float(value):.{digits}f}%"
 
 
 def num(value: Any, digits: int = 2) -> str:
     """A real number with a fixed number of decimals."""
-    return "–" if _missing(value) else f"{float(value):.{digits}f}"
+    return "–" if missing(value) else f"{float(value):.{digits}f}"
 
 
 def seconds(value: Any) -> str:
     """A duration: '48 s', '3.2 min', '1.5 h'."""
-    if _missing(value):
+    if missing(value):
         return "–"
     value = float(value)
     if value < 100:
@@ -72,18 +72,18 @@ def seconds(value: Any) -> str:
     return f"{value / 60:.1f} min" if value < 5400 else f"{value / 3600:.1f} h"
 
 
-def interval(values: Mapping[str, Any], key: str, fmt: Callable[[Any], str] = pct) -> str:
+def interval(values: Mapping[str, Any], key: str, fmt: Callable[[Any], str] = pct, with_n: bool = True) -> str:
     """``values[key]`` with its interval when the summary has one (``KEY_ci_low``/``KEY_ci_high``, or ``KEY`` a
-    dict with ``mean``/``ci_low``/``ci_high``/``n``); the bare value otherwise."""
+    dict with ``mean``/``ci_low``/``ci_high``/``n``); the bare value otherwise. ``with_n``: add "(n = N)"."""
     value = values.get(key)
     if isinstance(value, Mapping):
         low, high, n, value = value.get("ci_low"), value.get("ci_high"), value.get("n"), value.get("mean")
     else:
         low, high, n = values.get(f"{key}_ci_low"), values.get(f"{key}_ci_high"), values.get(f"{key}_n")
     text = fmt(value)
-    if not _missing(low) and not _missing(high):
+    if not missing(low) and not missing(high):
         text += f" [{fmt(low)}, {fmt(high)}]"
-    if not _missing(n):
+    if with_n and not missing(n):
         text += f" (n = {count(n)})"
     return text
 
@@ -132,7 +132,7 @@ def table(frame: pd.DataFrame, formats: Mapping[str, Callable[[Any], str]] | Non
     """A DataFrame as an HTML table; ``formats`` per column (e.g. :func:`count` for ranks, :func:`pct` for
     rates), ``default`` for the other numeric columns (3 significant digits)."""
     formats = formats or {}
-    default = default or (lambda x: "–" if _missing(x) else f"{x:.3g}")
+    default = default or (lambda x: "–" if missing(x) else f"{x:.3g}")
     shown, numeric = frame.copy(), []
     for column in shown.columns:
         numeric.append(column in formats or pd.api.types.is_numeric_dtype(shown[column]))

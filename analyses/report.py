@@ -10,7 +10,8 @@ from markupsafe import Markup
 
 from analyses import plots
 from analyses.aggregate import TOP_K, per_layer, per_prompt, summarize
-from analyses.page import Figure, Section, count, doc_to_html, interval, key_values, num, pct, render, seconds, table
+from analyses.page import (Figure, Section, count, doc_to_html, interval, key_values, missing, num, pct, render,
+                           seconds, table)
 from probes.results import atomic_write, atomic_write_csv, atomic_write_json
 from prompts.schema import PromptItem
 
@@ -108,21 +109,26 @@ def _lens_findings(summary: dict[str, Any], layers: pd.DataFrame) -> str:
     ranks = bridge["median_rank_by_layer"]
     mid = n_layers // 2
     best = bridge["best_layer_by_top10_rate"]
-    text = (f"On {count(summary['n_prompts'])} two-hop prompts the model answers {interval(acc, 'two_hop')} "
-            f"correctly (hop 1 alone {pct(acc['hop1'])}, hop 2 alone {pct(acc['hop2'])}). Through the logit lens "
-            f"the bridge entity is in the top {TOP_K} at some layer for {interval(bridge, 'top10_any_layer')} of the "
-            f"prompts (top 1: {pct(bridge['top1_any_layer'])}); it is most often in the top {TOP_K} at layer {best} "
-            f"of 0–{n_layers - 1} ({interval(bridge, 'best_top10_rate')}). Its median rank goes from "
-            f"{count(ranks[0])} at layer 0 to {count(ranks[mid])} at layer {mid} and {count(ranks[-1])} at the last "
-            f"layer.")
-    control = layers[(layers["prompt_kind"] == "two_hop") & (layers["target"] == "control")]
-    if len(control):
-        at_best = control[control["layer"] == best]
-        if len(at_best):
-            text += (f" A matched control entity (another item's bridge, scored the same way) is in the top {TOP_K} "
-                     f"at layer {best} for {pct(at_best['top10_rate'].iloc[0])} of the prompts.")
-    else:
-        text += " This run has no matched control entity (its lens.csv has no control rows)."
+    def ci(values: dict[str, Any], key: str, fmt: Any = pct) -> str:
+        return interval(values, key, fmt, with_n=False)
+
+    text = (f"On {count(summary['n_prompts'])} two-hop prompts the model answers {ci(acc, 'two_hop')} correctly "
+            f"(95% intervals in brackets; hop 1 alone {ci(acc, 'hop1')}, hop 2 alone {ci(acc, 'hop2')}). Through "
+            f"the logit lens the bridge entity is in the top {TOP_K} at some layer for "
+            f"{ci(bridge, 'top10_any_layer')} of the prompts (top 1: {ci(bridge, 'top1_any_layer')}); it is most "
+            f"often in the top {TOP_K} at layer {best} of 0–{n_layers - 1} ({ci(bridge, 'best_top10_rate')}). Its "
+            f"median rank goes from {count(ranks[0])} at layer 0 to {count(ranks[mid])} at layer {mid} and "
+            f"{count(ranks[-1])} at the last layer.")
+    control, diff = summary.get("control", {}), summary.get("bridge_minus_control", {})
+    if control.get("measured"):
+        signed = lambda x: pct(x) if missing(x) else f"{100 * x:+.1f}%"  # noqa: E731
+        text += (f" A matched control entity (another item's bridge, scored the same way) is in the top {TOP_K} at "
+                 f"some layer for {ci(control, 'top10_any_layer')}; bridge minus control, paired over prompts: "
+                 f"{ci(diff, 'top10_any_layer', signed)}"
+                 + (f" (sign test p = {diff['top10_any_layer_sign_test_p']:.2g})."
+                    if "top10_any_layer_sign_test_p" in diff else "."))
+    elif len(layers[(layers["prompt_kind"] == "two_hop") & (layers["target"] == "control")]) == 0:
+        text += " " + control.get("note", "This run has no matched control entity (its lens.csv has no control rows).")
     rise, peak = summary["answer"]["median_rise_layer"], bridge["median_peak_layer"]
     if rise is None:
         text += f" The answer does not stay in the top {TOP_K} up to the last layer for most prompts."
@@ -142,9 +148,9 @@ def _group_findings(summary: dict[str, Any]) -> str:
                 f"needs both groups.")
     return (f"Prompts per outcome group: {sizes}. Of the {count(failed['n'])} prompts answered wrongly although both "
             f"one-hop prompts are right, the bridge is top 1 at some layer in "
-            f"{interval(failed, 'bridge_top1_any_layer')} (correct prompts: "
-            f"{interval(correct, 'bridge_top1_any_layer')}); in the top {TOP_K} in "
-            f"{interval(failed, 'bridge_top10_any_layer')} vs {interval(correct, 'bridge_top10_any_layer')}.")
+            f"{interval(failed, 'bridge_top1_any_layer', with_n=False)} (correct prompts: "
+            f"{interval(correct, 'bridge_top1_any_layer', with_n=False)}); in the top {TOP_K} in "
+            f"{interval(failed, 'bridge_top10_any_layer', with_n=False)} vs {interval(correct, 'bridge_top10_any_layer', with_n=False)}.")
 
 
 def _control_facts(summary: dict[str, Any]) -> dict[str, str]:
