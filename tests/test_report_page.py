@@ -135,3 +135,19 @@ def test_page_in_a_headless_browser(page: Path, tmp_path: Path) -> None:
     subprocess.run([*browser, "--window-size=1200,6000", f"--screenshot={shot}", page.as_uri()],
                    capture_output=True, timeout=120, check=True)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
+
+
+def test_docstring_markup_and_numbers_are_written_for_people() -> None:
+    from analyses.page import count, doc_to_html, interval, seconds
+
+    html = doc_to_html("Definitions (see :func:`layer_evidence`):\n- ``rank`` below ``TOP_K``;\n- effect of at least "
+                       ":data:`MIN_EFFECT`", {"TOP_K": 10, "MIN_EFFECT": 0.1})
+    assert "<ul>" in html and html.count("<li>") == 2 and "`" not in html and ":func:" not in html
+    assert "10 (<code>TOP_K</code>)" in html and "0.1 (<code>MIN_EFFECT</code>)" in html
+    assert "<code>layer_evidence</code>" in html
+    assert count(6160.0) == "6,160" and count(float("nan")) == "–"
+    assert seconds(48.2) == "48 s" and seconds(312.5) == "5.2 min"
+    summary = {"rate": 0.215, "rate_ci_low": 0.2, "rate_ci_high": 0.25, "rate_n": 794, "bare": 0.5}
+    assert interval(summary, "rate") == "21.5% [20.0%, 25.0%] (n = 794)"
+    assert interval(summary, "rate", with_n=False) == "21.5% [20.0%, 25.0%]"
+    assert interval(summary, "bare") == "50.0%"  # no interval in the summary: the value alone
