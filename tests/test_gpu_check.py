@@ -114,9 +114,9 @@ def test_backed_off_runs_end_with_the_rows_of_a_plain_run(dry_run, n_queries, sh
     assert lens["trigger"].startswith("simulated") and lens["backed_off"]
     assert (lens["batch_size_planned"], lens["batch_size_used"]) == (16, 4)  # 16 -> 8 -> 4 fits
     assert lens["same_file_as_plain_run"] and lens["rows"] == lens["rows_joined"] == n_queries * 3
-    assert lens["logprob_max_abs_diff"] == 0
+    assert lens["logprob_max_abs_diff"] == 0 and lens["simulated_ooms"] == 2 and lens["cuda_ooms"] == 0
     sweep = dry_run[0]["checks"][f"{shape}/oom_sweep"]
-    assert sweep["cells"] == 3 * 24 and sweep["metric_max_abs_diff"] < 1e-4
+    assert sweep["simulated_ooms"] > 0 and sweep["cells"] == 3 * 24 and sweep["metric_max_abs_diff"] < 1e-4
 
 
 def test_device_map_load_gives_the_rows_of_a_single_device_load(dry_run, n_queries) -> None:

@@ -214,13 +214,15 @@ def replaced(module: Any, name: str, value: Any) -> Iterator[None]:
         setattr(module, name, original)
 
 
-def simulated_oom(module: Any, name: str, too_big: Callable[..., bool]) -> contextlib.AbstractContextManager:
+def simulated_oom(module: Any, name: str, too_big: Callable[..., bool],
+                  raised: list[int]) -> contextlib.AbstractContextManager:
     """Replace ``module.name`` by a function that raises ``torch.cuda.OutOfMemoryError`` where ``too_big(*args)``
-    (the CPU stand-in for a real out-of-memory error)."""
+    (the CPU stand-in for a real out-of-memory error), counting the errors in ``raised[0]``."""
     real = getattr(module, name)
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if too_big(*args):
+            raised[0] += 1
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated by gpu_check --tiny)")
         return real(*args, **kwargs)
 
@@ -282,7 +284,7 @@ class Shape:
 
         self.name, self.config = name, config
         self.dtype = torch.float32 if args.tiny else torch.bfloat16
-        self.device = "cuda" if cuda() and not args.tiny else "cpu"
+        self.device = "cuda" if cuda() else "cpu"
         self.items = prompt_items(args.items)
         self.tokenizer = word_tokenizer(self.items, config.vocab_size)
         torch.manual_seed(0)
@@ -420,16 +422,17 @@ def check_oom_lens(shape: Shape) -> dict[str, Any]:
 
     hooked = shape.hooked
     first = MAX_AUTO_BATCH if cuda() else 16
+    simulated = [0]
     with tempfile.TemporaryDirectory() as tmp:
         before = num_ooms()
-        if cuda():  # room for the estimate of 8 queries (an upper bound), far from enough for 256
+        if cuda():  # room for the estimate of 16 queries (an upper bound), far from enough for 256
             longest = max(len(_encode(shape.tokenizer, q).sequence) for q in lens_queries(shape.items))
-            headroom = lens_memory(hooked, 8, longest, n_extra=0)
+            headroom = lens_memory(hooked, 16, longest, n_extra=0)
             trigger, cap = "real: torch.cuda.set_per_process_memory_fraction", capped_gpu(headroom)
         else:
             headroom = None
             trigger = "simulated: torch.cuda.OutOfMemoryError above 4 queries (no CUDA)"
-            cap = simulated_oom(probes.pipeline, "lens_batch", lambda h, batch, *a: len(batch) > 4)
+            cap = simulated_oom(probes.pipeline, "lens_batch", lambda h, batch, *a: len(batch) > 4, simulated)
         with cap:
             backed = run_lens(hooked, shape.items, Path(tmp) / "oom", settings={}, batch_size=first)
         ooms = num_ooms() - before
@@ -438,7 +441,8 @@ def check_oom_lens(shape: Shape) -> dict[str, Any]:
         agreement = compare_lens_rows(lens_frame(backed.frame.to_dict("records")),
                                       lens_frame(plain.frame.to_dict("records")))
     return {"trigger": trigger, "headroom_bytes": headroom, "batch_size_planned": backed.batch_size,
-            "batch_size_used": backed.batch_size_used, "cuda_ooms": ooms, "backed_off": backed.batch_size_used < first,
+            "batch_size_used": backed.batch_size_used, "cuda_ooms": ooms, "simulated_ooms": simulated[0],
+            "backed_off": backed.batch_size_used < first,
             "same_file_as_plain_run": same_bytes, **agreement}
 
 
@@ -450,18 +454,18 @@ def check_oom_sweep(shape: Shape) -> dict[str, Any]:
     pair = patch_pair(shape.tokenizer, 256 if cuda() else 24)
     layers = sorted({0, hooked.n_layers // 2, hooked.n_layers - 1})
     plain = sweep(hooked, pair, "resid_pre", layers=layers, method="fast")
-    before = num_ooms()
+    before, simulated = num_ooms(), [0]
     if cuda():
         huge = 10 * torch.cuda.get_device_properties(0).total_memory
         trigger, cap, budget = "real: torch.cuda.set_per_process_memory_fraction", capped_gpu(1 << 30), huge
     else:
         trigger = "simulated: torch.cuda.OutOfMemoryError above 2 variants per pass (no CUDA)"
-        cap = simulated_oom(probes.variants, "_fast_pass", lambda h, group, *a: len(group) > 2)
+        cap = simulated_oom(probes.variants, "_fast_pass", lambda h, group, *a: len(group) > 2, simulated)
         budget = None
     with cap:
         backed = sweep(hooked, pair, "resid_pre", layers=layers, method="fast", memory_budget=budget)
     return {"trigger": trigger, "pair_tokens": pair.length, "layers": layers, "cuda_ooms": num_ooms() - before,
-            **sweep_diff(backed, plain)}
+            "simulated_ooms": simulated[0], **sweep_diff(backed, plain)}
 
 
 # --------------------------------------------------------------------------------------------------- checkpoint
@@ -729,10 +733,11 @@ def summary(data: dict[str, Any]) -> str:
                          f"(naive sweep: {c['naive_forward_equivalents']})")
         elif check == "oom_lens":
             lines.append(f"    {c['trigger']}: batch {c['batch_size_planned']} -> {c['batch_size_used']} "
-                         f"({c['cuda_ooms']} CUDA OOMs); same file as a plain run: {c['same_file_as_plain_run']}")
+                         f"({c['cuda_ooms']} CUDA OOMs, {c['simulated_ooms']} simulated); same file as a plain run: "
+                         f"{c['same_file_as_plain_run']}")
         elif check == "oom_sweep":
-            lines.append(f"    {c['trigger']}: {c['cuda_ooms']} CUDA OOMs; max |metric diff| vs plain "
-                         f"{c['metric_max_abs_diff']:.2e}")
+            lines.append(f"    {c['trigger']}: {c['cuda_ooms']} CUDA OOMs, {c['simulated_ooms']} simulated; max "
+                         f"|metric diff| vs plain {c['metric_max_abs_diff']:.2e}")
         elif check == "device_map":
             lines.append(f"    {c['modules_per_device']}: lens max |logprob diff| "
                          f"{c['lens']['logprob_max_abs_diff']:.2e}, sweep max |metric diff| "
