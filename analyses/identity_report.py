@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analyses.plots import save_figure  # noqa: E402
+from analyses.plots import legend_below, save_figure  # noqa: E402
 from analyses.stats import mean_interval, sign_test  # noqa: E402
 from analyses.page import Figure, Section, render, table as page_table  # noqa: E402
 from probes.results import atomic_write  # noqa: E402
@@ -127,8 +127,8 @@ def learning_curves(metrics: pd.DataFrame, keys: Sequence[str], path: Path, titl
             ax.set(xlabel="step", title=column if r == 0 else None)
             if c == 0:
                 ax.set_ylabel(_label(keys, values), fontsize=8)
-            if r == 0 and c == 0:
-                ax.legend(fontsize=7)
+            if r == len(groups) - 1 and c == 0:
+                legend_below(ax, ncol=3, title="shaded: the seeds' range (min to max)", title_fontsize=7)
     fig.suptitle(title)
     return save_figure(fig, path)
 
@@ -157,8 +157,8 @@ def alignment_curves(alignment: pd.DataFrame, keys: Sequence[str], path: Path, t
             ax.set(ylim=(-0.02, 1.02), xlabel="step", title=f"query layer {layer}" if r == 0 else None)
             if c == 0:
                 ax.set_ylabel(_label(keys, values), fontsize=8)
-            if r == 0 and c == 0:
-                ax.legend(fontsize=7)
+            if r == len(groups) - 1 and c == 0:
+                legend_below(ax, ncol=3, title="shaded: the seeds' range (min to max)", title_fontsize=7)
     fig.suptitle(title)
     return save_figure(fig, path)
 
@@ -180,8 +180,8 @@ def spectrum_plot(spectrum: pd.DataFrame, keys: Sequence[str], path: Path, title
             ax.set(yscale="log", xlabel="index", title=weight if r == 0 else None)
             if c == 0:
                 ax.set_ylabel(_label(keys, values), fontsize=8)
-            if r == 0 and c == 0:
-                ax.legend(fontsize=7)
+            if r == len(groups) - 1 and c == 0:
+                legend_below(ax, ncol=3)
     fig.suptitle(title)
     return save_figure(fig, path)
 
@@ -195,26 +195,30 @@ def nuclear_norm_curves(weights: pd.DataFrame, keys: Sequence[str], path: Path, 
     for ax, (values, group) in zip(axes[0], groups):
         seed_band(ax, group, "nuclear_norm")
         ax.set(xlabel="step", ylabel="sum of nuclear norms", title=_label(keys, values))
-        ax.legend(fontsize=7)
+        legend_below(ax, ncol=3, title="shaded: the seeds' range (min to max)", title_fontsize=7)
     fig.suptitle(title)
     return save_figure(fig, path)
 
 
 def lens_layer_plot(layers: pd.DataFrame, path: Path, title: str) -> Path:
-    """Median rank of the bridge (solid) and the answer (dashed) on the two-hop prompt per layer, for each model
-    state (base, each adapter), one panel per split. ``layers``: :func:`analyses.aggregate.per_layer` rows with
+    """Median rank of the bridge and of the answer on the two-hop prompt per layer, one line per model state (base,
+    each adapter); one panel per split and target. ``layers``: :func:`analyses.aggregate.per_layer` rows with
     ``state`` and ``split`` columns."""
     splits = sorted(layers["split"].unique())
-    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4.2), squeeze=False)
-    for ax, split in zip(axes[0], splits):
-        part = layers[(layers["split"] == split) & (layers["prompt_kind"] == "two_hop")]
-        for (state, target), sub in part.groupby(["state", "target"]):
-            ax.plot(sub["layer"], sub["median_rank"] + 1, "-" if target == "bridge" else "--",
-                    color=COLORS.get(state), label=f"{target}, {state}")
-        ax.set_yscale("log")
-        ax.invert_yaxis()
-        ax.set(xlabel="layer", ylabel="median rank + 1 (log; up is better)", title=f"{split} two-hop prompts")
-        ax.legend(fontsize=7)
+    targets = ["bridge", "answer"]
+    fig, axes = plt.subplots(len(targets), len(splits), figsize=(6 * len(splits), 3.6 * len(targets)), squeeze=False,
+                             sharex=True)
+    for c, split in enumerate(splits):
+        for r, target in enumerate(targets):
+            ax = axes[r][c]
+            part = layers[(layers["split"] == split) & (layers["prompt_kind"] == "two_hop") & (layers["target"] == target)]
+            for state, sub in part.groupby("state"):
+                ax.plot(sub["layer"], sub["median_rank"] + 1, color=COLORS.get(state), label=state)
+            ax.set_yscale("log")
+            ax.invert_yaxis()
+            ax.set(ylabel="median rank + 1 (log; up is better)", title=f"{target}, {split} two-hop prompts",
+                   xlabel="layer" if r == len(targets) - 1 else "")
+    legend_below(axes[-1][0], ncol=3)
     fig.suptitle(title)
     return save_figure(fig, path)
 
@@ -227,7 +231,7 @@ def patching_layer_plot(layers: pd.DataFrame, path: Path, title: str) -> Path:
         ax.plot(sub["layer"], sub["mean_last"], color=COLORS.get(state), label=state)
         ax.fill_between(sub["layer"], sub["ci_low_last"], sub["ci_high_last"], color=COLORS.get(state), alpha=0.15)
     ax.set(xlabel="layer", ylabel="recovery at the last token", title=title)
-    ax.legend(fontsize=8)
+    legend_below(ax, ncol=3, title="shaded: 95% CI over pairs", title_fontsize=7)
     return save_figure(fig, path)
 
 
