@@ -9,8 +9,10 @@ normalise after attention and MLP, so there it is the post-norm, not ``self_attn
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -102,3 +104,26 @@ def _infer_spec(model: nn.Module) -> ArchSpec:
             f"(model_type {model.config.model_type!r}): add it to ARCHITECTURES"
         )
     return ArchSpec(blocks_name, final_norm, unembed, attn, mlp)
+
+
+# model_type prefix -> the config attribute the model's own head scales the unembedding's output by, and how
+# (transformers: CohereForCausalLM ``logits * logit_scale``, GraniteForCausalLM ``logits / logits_scaling``,
+# HyperCLOVAX ``logits * logits_scaling``)
+HEAD_SCALES = (("cohere", "logit_scale", "multiply"), ("granite", "logits_scaling", "divide"),
+               ("hyperclovax", "logits_scaling", "multiply"))
+
+
+def head_logits(config: Any, logits: Tensor) -> Tensor:
+    """What the model's own output head does after the unembedding, so that a logit-lens readout of the last
+    layer equals the model's logits: the scaling of :data:`HEAD_SCALES`, then Gemma 2/3's soft cap at
+    ``final_logit_softcapping``. A multimodal config's text config is read."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(text, "model_type", "") or ""
+    for prefix, attribute, how in HEAD_SCALES:
+        value = getattr(text, attribute, None)
+        if model_type.startswith(prefix) and value is not None:
+            logits = logits * value if how == "multiply" else logits / value
+    cap = getattr(text, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits

@@ -34,8 +34,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from probes.lens import target_token_ids
 from probes.scratch import batch_indices, load_checkpoint, save_checkpoint
+from probes.targets import target_ids
 from prompts.synthetic import Splits, prompt_text
 
 BASE = "base"
@@ -80,12 +80,12 @@ class FinetuneConfig:
 
 def encode_texts(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
     """``(input_ids, labels)`` of ``prompt + " " + target + "."``: the prompt tokenized as the lens does
-    (``tokenizer(prompt)``), then the target and period (``add_special_tokens=False``); labels are -100 on the
-    prompt so only the target is learned."""
+    (``tokenizer(prompt)``), then the tokens the target and period get after it
+    (:func:`probes.targets.target_ids`); labels are -100 on the prompt so only the target is learned."""
     out = []
     for prompt, target in pairs:
         head = list(tokenizer(prompt)["input_ids"])
-        tail = list(tokenizer(" " + target + ".", add_special_tokens=False)["input_ids"])
+        tail = target_ids(tokenizer, prompt, target + ".")
         out.append((head + tail, [-100] * len(head) + tail))
     return out
 
@@ -134,8 +134,8 @@ def eval_pairs(splits: Splits, names: dict[str, str], limit: int, seed: int) -> 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> float:
-    """Share of prompts whose greedy next token is the first token of the target (``" " + target``), the lens's
-    notion of answered; NaN for an empty set."""
+    """Share of prompts whose greedy next token is the first token of the target after the prompt
+    (:func:`probes.targets.target_ids`), the lens's notion of answered; NaN for an empty set."""
     if not pairs:
         return float("nan")
     device = model.get_input_embeddings().weight.device
@@ -145,7 +145,7 @@ def accuracy(model: nn.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]],
         ids, mask, positions = left_pad([list(tokenizer(p)["input_ids"]) for p, _ in chunk], _pad_id(tokenizer))
         last = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                      logits_to_keep=1).logits[:, -1]
-        targets = torch.tensor([target_token_ids(tokenizer, t)[0] for _, t in chunk], device=device)
+        targets = torch.tensor([target_ids(tokenizer, p, t)[0] for p, t in chunk], device=device)
         correct += int((last.argmax(-1) == targets).sum())
     return correct / len(pairs)
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from probes.architecture import locate
+from probes.architecture import head_logits, locate
 
 SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 Site = tuple[str, int]
@@ -110,7 +110,8 @@ class HookedModel(ABC):
 
     @abstractmethod
     def readout(self, hidden: Tensor) -> Tensor:
-        """Logit lens: the final norm and unembedding applied to residual vectors ``[..., d]``."""
+        """Logit lens: the final norm, the unembedding and the model's own logit scaling or soft cap
+        (:func:`probes.architecture.head_logits`) applied to residual vectors ``[..., d]``."""
 
     @staticmethod
     def _last_block(read: Iterable[Site], patches: Sequence[Patch]) -> int:
@@ -153,17 +154,13 @@ class NativeHooks(HookedModel):
         self.modules = locate(model)
         self.n_layers = len(self.modules.blocks)
         self.d_model = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
 
     def readout(self, hidden: Tensor) -> Tensor:
         norm = self.modules.final_norm
         device = next(norm.parameters(), hidden).device
         if device.type == "meta":  # offloaded by accelerate, whose hook moves inputs to where the norm runs
             device = hidden.device
-        logits = self.modules.unembed(norm(hidden.to(device)))
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return head_logits(self.model.config, self.modules.unembed(norm(hidden.to(device))))
 
     def _site_hook(self, site: str, layer: int) -> tuple[nn.Module, bool]:
         """The module to hook for a site, and whether it is a pre-hook (input) rather than an output hook."""

@@ -1,15 +1,23 @@
 """Logit-lens bridge probe: per prompt and layer, how readable the bridge and the answer are.
 
-Conventions (also in the README):
+Conventions (docs/conventions.md):
 - a prompt is tokenized as ``tokenizer(text)`` does by default (special tokens included), so the last layer
   agrees with the model's own next-token prediction;
-- a target's token is the first token of ``tokenizer(" " + target, add_special_tokens=False)``;
-- ``layer`` l in ``0..L-1`` is the output of block l (``resid_post``) read through the final norm and the
-  unembedding; the last layer is the model's own logits;
+- a target's tokens are those it gets in context, after the prompt and a space
+  (:func:`probes.targets.target_ids`); ``token_id`` is the first of them;
+- ``layer`` l in ``0..L-1`` is the output of block l (``resid_post``) read through the final norm, the
+  unembedding and the model's own logit scaling (:meth:`probes.hooks.HookedModel.readout`); the last layer is
+  the model's own logits;
 - ``rank`` is 0-based over the whole vocabulary: the number of tokens with a strictly larger logit;
 - ``whole_logprob`` scores a multi-token target as a whole: the model's own log-probability of all its tokens,
   each given the prompt ids and the target ids before it (so, on the last layer's rows only; empty elsewhere).
-  For a one-token target it equals ``logprob``.
+  For a one-token target it equals ``logprob``;
+- target ``control`` (two-hop prompts): a matched control entity scored exactly like the bridge, the bridge of
+  the item's ``pair`` partner or else another bridge of the same composition (:func:`control_bridges`);
+- ``target_flags``: why a first-token score may be ambiguous, ``;``-joined among ``shared_first_token`` (the
+  first token starts >= 2 distinct entities of the set), ``same_as_answer`` (the bridge's, or control's, first
+  token is the answer's in the two-hop prompt) and ``short_token`` (at most 2 characters once stripped); "" for
+  none (:func:`flag_queries`).
 
 Queries that share a token sequence (the same prompt, single-token targets) share one forward pass, and each
 layer is read out only where it is scored, so the unembedding (large for big vocabularies) stays cheap.
@@ -18,20 +26,25 @@ layer is read out only where it is scored, so the unembedding (large for big voc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from probes.hooks import HookedModel, pad_right
+from probes.targets import is_short, target_ids
 from prompts.schema import PromptItem
 
-# Which target each prompt kind is scored on: the two-hop prompt on both; the one-hop prompts as controls.
-PROBES = (("two_hop", "bridge"), ("two_hop", "answer"), ("hop1", "bridge"), ("hop2", "answer"))
+# Which target each prompt kind is scored on: the two-hop prompt on both and on a control entity; the one-hop
+# prompts as controls.
+PROBES = (("two_hop", "bridge"), ("two_hop", "answer"), ("two_hop", "control"), ("hop1", "bridge"),
+          ("hop2", "answer"))
+FLAGS = ("shared_first_token", "same_as_answer", "short_token")
 
 COLUMNS = (
     "prompt_id", "prompt_kind", "target", "layer", "position", "n_prompt_tokens", "prompt_token", "token_id",
-    "target_token", "rank", "prob", "logit", "logprob", "whole_logprob", "n_target_tokens",
+    "target_token", "rank", "prob", "logit", "logprob", "whole_logprob", "n_target_tokens", "target_flags",
 )
 
 
@@ -44,29 +57,75 @@ class LensQuery:
     target: str
     prompt: str
     target_text: str
+    flags: str | None = None  # target_flags, set by flag_queries (None: not computed)
 
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.prompt_id, self.prompt_kind, self.target)
 
 
-def lens_queries(items: Iterable[PromptItem]) -> list[LensQuery]:
-    """The queries for a prompt set: every probe in :data:`PROBES` whose prompt the item has."""
+def control_bridges(items: Sequence[PromptItem]) -> dict[str, str]:
+    """Item id -> its control entity: the bridge of its ``pair`` partner when that is in the set and differs from
+    its own bridge; else, deterministically, the next bridge after its own in sorted order among the other
+    bridges of the same composition (``r1>r2``), else of the same ``r1``, else of the whole set. Items with no
+    other bridge anywhere get none."""
+    by_id = {item.id: item for item in items}
+    groups: dict[tuple[str, str | None], set[str]] = defaultdict(set)
+    for item in items:
+        groups[("composition", item.composition)].add(item.bridge)
+        groups[("r1", item.r1)].add(item.bridge)
+        groups[("set", None)].add(item.bridge)
+    controls = {}
+    for item in items:
+        partner = by_id.get(item.pair) if item.pair else None
+        if partner is not None and partner.bridge != item.bridge:
+            controls[item.id] = partner.bridge
+            continue
+        for key in (("composition", item.composition), ("r1", item.r1), ("set", None)):
+            if key[1] is None and key[0] != "set":
+                continue
+            others = sorted(groups[key] - {item.bridge})
+            if others:
+                controls[item.id] = next((b for b in others if b > item.bridge), others[0])
+                break
+    return controls
+
+
+def lens_queries(items: Sequence[PromptItem], tokenizer: Any = None) -> list[LensQuery]:
+    """The queries for a prompt set: every probe in :data:`PROBES` whose prompt (and control) the item has; with a
+    ``tokenizer``, their ``target_flags`` too (:func:`flag_queries`)."""
+    controls = control_bridges(items)
     queries = []
     for item in items:
         for kind, target in PROBES:
             prompt = getattr(item, kind)
-            if prompt is not None:
-                queries.append(LensQuery(item.id, kind, target, prompt, getattr(item, target)))
-    return queries
+            text = controls.get(item.id) if target == "control" else getattr(item, target)
+            if prompt is not None and text is not None:
+                queries.append(LensQuery(item.id, kind, target, prompt, text))
+    return flag_queries(queries, tokenizer) if tokenizer is not None else queries
 
 
-def target_token_ids(tokenizer: Any, target: str) -> list[int]:
-    """Token ids of a target as it would follow a prompt: ``tokenizer(" " + target, add_special_tokens=False)``."""
-    ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"target {target!r} tokenizes to nothing")
-    return list(ids)
+def flag_queries(queries: Sequence[LensQuery], tokenizer: Any) -> list[LensQuery]:
+    """The queries with their ``target_flags`` (module docstring): ``shared_first_token`` when another entity
+    string of these queries starts with the same token (each in its own prompt), ``same_as_answer`` on an item's
+    bridge rows (every prompt kind) when bridge and answer start alike in its two-hop prompt and on its control
+    row when the control starts like that answer, ``short_token`` for a first token of at most 2 characters."""
+    first = {q.key: target_ids(tokenizer, q.prompt, q.target_text)[0] for q in queries}
+    owners: dict[int, set[str]] = defaultdict(set)
+    for q in queries:
+        owners[first[q.key]].add(q.target_text)
+    two_hop = {(q.prompt_id, q.target): first[q.key] for q in queries if q.prompt_kind == "two_hop"}
+    flagged = []
+    for q in queries:
+        token = first[q.key]
+        answer = two_hop.get((q.prompt_id, "answer"))
+        entity = two_hop.get((q.prompt_id, "control" if q.target == "control" else "bridge"))
+        on = {"shared_first_token": len(owners[token]) >= 2,
+              "same_as_answer": answer is not None and entity == answer,
+              "short_token": is_short(tokenizer, token)}
+        flags = [name for name in FLAGS if on[name]]
+        flagged.append(replace(q, flags=";".join(flags)))
+    return flagged
 
 
 READOUT_BUDGET = 1 << 27  # logits computed per unembedding call (float32: 512 MiB)
@@ -100,7 +159,8 @@ class _Encoded:
 
 
 def _encode(tokenizer: Any, query: LensQuery) -> _Encoded:
-    return _Encoded(query, list(tokenizer(query.prompt)["input_ids"]), target_token_ids(tokenizer, query.target_text))
+    return _Encoded(query, list(tokenizer(query.prompt)["input_ids"]),
+                    target_ids(tokenizer, query.prompt, query.target_text))
 
 
 @torch.no_grad()
@@ -168,7 +228,7 @@ def _rows(tokenizer: Any, encoded: list[_Encoded], stats: list[tuple[torch.Tenso
         base = {
             "prompt_id": e.query.prompt_id, "prompt_kind": e.query.prompt_kind, "target": e.query.target,
             "n_prompt_tokens": n, "token_id": e.target_ids[0], "target_token": tokenizer.decode([e.target_ids[0]]),
-            "n_target_tokens": len(e.target_ids),
+            "n_target_tokens": len(e.target_ids), "target_flags": e.query.flags,
         }
         tokens = {p: tokenizer.decode([e.prompt_ids[p]]) for p in positions}
         for layer, (rank, logit, logprob) in enumerate(stats):

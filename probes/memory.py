@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from probes import distributed
 from probes.alignment import alignment_rows
 from probes.hooks import HookedModel
-from probes.lens import target_token_ids
+from probes.targets import target_ids
 from probes.results import atomic_write_json
 from probes.states import read_states
 from probes.variants import Measure, Variant, run_variants
@@ -122,11 +122,6 @@ def decoding_cells(n_layers: int, decode_layer: int) -> list[tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------------------------------- tokens
-
-
-def first_token(tokenizer: Any, text: str) -> int:
-    """A target's token, as in the logit lens: the first token of ``" " + text``."""
-    return target_token_ids(tokenizer, text)[0]
 
 
 def span_end_position(tokenizer: Any, text: str, span: str) -> int | None:
@@ -218,7 +213,8 @@ def rank_of(logits: Tensor, token: int) -> int:
 @dataclass(frozen=True)
 class Encoded:
     """One item tokenized: two-hop ids with the e1 position, hop1/hop2 ids with the bridge's position in hop2
-    (None where absent or at position 0, whose state is the attention sink's), and the target tokens."""
+    (None where absent or at position 0, whose state is the attention sink's), and the first tokens of the bridge
+    and the answer after the two-hop prompt (:func:`probes.targets.target_ids`, as in the logit lens)."""
 
     item: PromptItem
     two_hop: tuple[int, ...]
@@ -239,9 +235,9 @@ def encode(tokenizer: Any, item: PromptItem) -> Encoded:
     e1 = span_end_position(tokenizer, item.two_hop, item.e1) if item.e1 else None
     hop2_pos = span_end_position(tokenizer, item.hop2, item.bridge) if item.hop2 else None
     two_hop = ids(item.two_hop)
+    bridge, answer = (target_ids(tokenizer, item.two_hop, text)[0] for text in (item.bridge, item.answer))
     return Encoded(item, two_hop, e1 if e1 is not None and e1 < len(two_hop) - 1 else None, ids(item.hop1),
-                   ids(item.hop2), hop2_pos if hop2_pos else None, first_token(tokenizer, item.bridge),
-                   first_token(tokenizer, item.answer))
+                   ids(item.hop2), hop2_pos if hop2_pos else None, bridge, answer)
 
 
 @dataclass

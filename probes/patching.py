@@ -32,6 +32,7 @@ from torch import Tensor
 from probes.heads import HEAD, n_heads, record_heads
 from probes.hooks import SITES, HookedModel, NativeHooks, check_sites
 from probes.lens import token_ranks
+from probes.targets import target_ids
 from probes.variants import Measure, Variant, full_patches, run_variants
 
 DIRECTIONS = ("denoise", "noise")
@@ -65,15 +66,12 @@ class Pair:
             raise ValueError(f"the clean and corrupted answers are the same token ({self.clean_answer})")
 
     @classmethod
-    def from_text(cls, tokenizer: Any, clean: str, corrupted: str, clean_answer: str, corrupt_answer: str) -> Pair:
-        """Tokenize prompts as ``tokenizer(text)`` (special tokens included) and answers as the first token of
-        ``tokenizer(answer, add_special_tokens=False)`` (so include the leading space: ``" Paris"``)."""
-        answers = []
-        for text in (clean_answer, corrupt_answer):
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise ValueError(f"answer {text!r} tokenizes to nothing")
-            answers.append(int(ids[0]))
+    def from_text(cls, tokenizer: Any, clean: str, corrupted: str, clean_answer: str, corrupt_answer: str,
+                  sep: str = " ") -> Pair:
+        """Tokenize prompts as ``tokenizer(text)`` (special tokens included) and each answer as the first of the
+        tokens it gets after its prompt and ``sep`` (:func:`probes.targets.target_ids`; ``"Paris"``, no space)."""
+        answers = [target_ids(tokenizer, prompt, answer, sep)[0]
+                   for prompt, answer in ((clean, clean_answer), (corrupted, corrupt_answer))]
         return cls(tokenizer(clean)["input_ids"], tokenizer(corrupted)["input_ids"], *answers)
 
     @property

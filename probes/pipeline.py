@@ -19,10 +19,11 @@ from tqdm.auto import tqdm
 
 from probes import distributed
 from probes.hooks import HookedModel, NativeHooks
-from probes.lens import COLUMNS, LensQuery, auto_batch_size, batches, lens_batch, lens_queries, target_token_ids
+from probes.lens import COLUMNS, LensQuery, auto_batch_size, batches, lens_batch, lens_queries
 from probes.models import load_model
 from probes.patching import Pair
 from probes.results import IncrementalCSV
+from probes.targets import target_ids
 from probes.variants import is_oom
 from prompts.schema import PromptItem
 
@@ -121,9 +122,11 @@ def run_lens(
     if batch_size is not None and batch_size < 1:
         raise ValueError("batch size must be at least 1")
     shards = distributed.context()
-    store = shards.store(out_dir, "lens", COLUMNS, {**settings, "all_positions": all_positions})
+    # target_tokens: lens.csv files of the first-token-of-" target" convention must not be resumed into
+    store = shards.store(out_dir, "lens", COLUMNS, {**settings, "all_positions": all_positions,
+                                                    "target_tokens": "in_context"})
     done = shards.union(store.done(["prompt_id", "prompt_kind", "target"]))
-    queries = lens_queries(items)
+    queries = lens_queries(items, hooked.tokenizer)
     todo = [q for q in queries if q.key not in done]
     if batch_size is None:  # every process must plan the same batches: take the smallest choice
         batch_size = min(shards.all_gather(auto_batch_size(hooked, todo, all_positions=all_positions)))
@@ -193,7 +196,7 @@ class NamedPair:
     corrupt_id: str
     pair: Pair
     tokens: tuple[str, ...]  # the clean prompt's tokens, for heatmap labels
-    bridge_token: int  # first token of the clean item's bridge, for the lens-rank readout
+    bridge_token: int  # first token of the clean item's bridge after its two-hop prompt, for the lens-rank readout
 
 
 def item_pairs(items: Sequence[PromptItem], tokenizer: Any, corrupt_items: Sequence[PromptItem] | None = None,
@@ -213,7 +216,7 @@ def item_pairs(items: Sequence[PromptItem], tokenizer: Any, corrupt_items: Seque
     pairs, skipped = [], []
     for clean, corrupt in matches:
         try:
-            pair = Pair.from_text(tokenizer, clean.two_hop, corrupt.two_hop, " " + clean.answer, " " + corrupt.answer)
+            pair = Pair.from_text(tokenizer, clean.two_hop, corrupt.two_hop, clean.answer, corrupt.answer)
         except ValueError as err:
             message = f"pair {clean.id} / {corrupt.id}: {err}"
             if not skip_unequal:
@@ -221,7 +224,8 @@ def item_pairs(items: Sequence[PromptItem], tokenizer: Any, corrupt_items: Seque
             skipped.append(message)
             continue
         tokens = tuple(tokenizer.decode([t]) for t in pair.clean)
-        pairs.append(NamedPair(clean.id, corrupt.id, pair, tokens, target_token_ids(tokenizer, clean.bridge)[0]))
+        bridge = target_ids(tokenizer, clean.two_hop, clean.bridge)[0]
+        pairs.append(NamedPair(clean.id, corrupt.id, pair, tokens, bridge))
     return pairs, skipped
 
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from probes.architecture import head_logits
 from probes.hooks import HookedModel, Patch, RunResult, Site
 
 # TransformerLens hook names; for Gemma 2/3 its attn/mlp outputs are the post-norm outputs, as in ours.
@@ -44,13 +45,9 @@ class TransformerLensHooks(HookedModel):
         self.bridge = build_bridge_from_module(wrapped, architecture, hf_config=wrapped.config, tokenizer=None)
         self.n_layers = int(self.bridge.cfg.n_layers)
         self.d_model = int(self.bridge.cfg.d_model)
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
 
     def readout(self, hidden: Tensor) -> Tensor:
-        logits = self.bridge.unembed(self.bridge.ln_final(hidden))
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return head_logits(self.model.config, self.bridge.unembed(self.bridge.ln_final(hidden)))
 
     def run(
         self,

@@ -258,27 +258,27 @@ def _town(rng: random.Random) -> str:
     return (_syllable(rng) + rng.choice(_TOWN_ENDS)).capitalize()
 
 
-def _first_token(tokenizer: Any, name: str) -> int:
-    return tokenizer(" " + name, add_special_tokens=False)["input_ids"][0]
-
-
 def make_names(splits: Splits, *, seed: int = 0, tokenizer: Any = None, attempts: int = 200) -> dict[str, str]:
     """Made-up names for every entity: people for subjects and objects, towns for bridges; all distinct. With a
-    ``tokenizer``, bridges (and objects) also get distinct first tokens (``tokenizer(" " + name)``) within their
-    set, so first-token readouts such as the logit lens and restricted accuracy identify them unambiguously."""
+    ``tokenizer``, bridges (and objects) also get distinct first tokens within their set, each taken in context
+    (:func:`probes.targets.target_ids`) after the first R1 (R2) template, where bridges (objects) are answered, so
+    first-token readouts such as the logit lens and restricted accuracy identify them unambiguously."""
+    from probes.targets import target_ids
+
     rng = random.Random(f"names-{seed}")
     names: dict[str, str] = {}
     used: set[str] = set()
-    for group, maker, distinct in ((splits.subjects, _person, False), (splits.bridges, _town, True),
-                                   (splits.objects, _person, True)):
+    contexts = {"bridges": R1_TEMPLATES[0][1].format(e1="Someone"), "objects": R2_TEMPLATES[0][1].format(x="it")}
+    for group, maker, context in ((splits.subjects, _person, None), (splits.bridges, _town, contexts["bridges"]),
+                                  (splits.objects, _person, contexts["objects"])):
         firsts: set[int] = set()
         for entity in group:
             for _ in range(attempts):
                 name = maker(rng)
                 if name in used:
                     continue
-                if tokenizer is not None and distinct:
-                    first = _first_token(tokenizer, name)
+                if tokenizer is not None and context is not None:
+                    first = target_ids(tokenizer, context, name)[0]
                     if first in firsts:
                         continue
                     firsts.add(first)

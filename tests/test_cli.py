@@ -41,7 +41,14 @@ def test_lens_writes_long_csv_and_run_json(prompt_file: Path, tmp_path: Path) ->
     assert _lens(prompt_file, tmp_path / "out", "--report") == 0
     frame = pd.read_csv(tmp_path / "out" / "lens.csv")
     assert {"prompt_id", "layer", "position", "target", "token_id", "rank", "prob"} <= set(frame.columns)
-    assert len(frame) == (2 * 4 + 2) * 30  # queries x layers
+    assert len(frame) == (2 * 5 + 3) * 30  # queries (two-hop prompts: bridge, answer, control) x layers
+    # the matched control: another bridge of the set, scored like the bridge (same rows, its own token)
+    control = frame[frame.target == "control"].groupby("prompt_id")["token_id"].first().to_dict()
+    bridge = frame[(frame.target == "bridge") & (frame.prompt_kind == "two_hop")].groupby("prompt_id")["token_id"]
+    assert control == {"fuji": bridge.first()["hamlet"], "colosseum": bridge.first()["fuji"],
+                       "hamlet": bridge.first()["colosseum"]}
+    flags = {f for value in frame["target_flags"].fillna("") for f in value.split(";") if f}
+    assert flags <= {"shared_first_token", "short_token", "same_as_answer"}
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["model"] == "smollm2-135m" and run["n_layers"] == 30 and run["timings"]["lens_s"] > 0
     assert {"torch", "transformers"} <= set(run["versions"])

@@ -9,7 +9,8 @@ import torch
 
 from conftest import CharTokenizer, tiny_model
 from probes.hooks import NativeHooks
-from probes.lens import LensQuery, lens_batch, lens_queries, target_token_ids
+from probes.lens import LensQuery, lens_batch, lens_queries
+from probes.targets import target_ids
 from probes.tl_backend import TransformerLensHooks
 from prompts.schema import PromptItem
 
@@ -18,7 +19,7 @@ def reference_lens(model, tokenizer, final_norm, query: LensQuery) -> list[dict]
     """Plain HF, one prompt at a time: hidden_states[l + 1] through the final norm and lm_head for l < L-1 (HF's
     last hidden state is already normalised), the model's logits for the last layer; rank by sorting."""
     prompt = tokenizer(query.prompt)["input_ids"]
-    target = target_token_ids(tokenizer, query.target_text)
+    target = target_ids(tokenizer, query.prompt, query.target_text)
     with torch.no_grad():
         out = model(input_ids=torch.tensor([prompt + target[:-1]]), output_hidden_states=True)
         n_layers = len(out.hidden_states) - 1

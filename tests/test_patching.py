@@ -93,10 +93,10 @@ def test_pair_validation_and_tokenization() -> None:
     with pytest.raises(ValueError, match="same token"):
         Pair([1, 2], [1, 3], 5, 5)
     tok = CharTokenizer()
-    pair = Pair.from_text(tok, "ab", "ac", "x", "y")
+    pair = Pair.from_text(tok, "ab", "ac", "x", "y", sep="")
     assert pair.clean == (0, 1 + ord("a"), 1 + ord("b")) and pair.clean_answer == 1 + ord("x")
     with pytest.raises(ValueError, match="same number of tokens"):
-        Pair.from_text(tok, "ab", "abc", "x", "y")
+        Pair.from_text(tok, "ab", "abc", "x", "y", sep="")
     hooked = NativeHooks(model_of("llama"))
     with pytest.raises(ValueError, match="direction"):
         sweep(hooked, random_pair(), direction="sideways")
@@ -337,7 +337,7 @@ def test_screen_and_confirm_patches_the_top_cells_exactly() -> None:
 
 def smollm2_pair(tokenizer) -> Pair:
     return Pair.from_text(tokenizer, "The capital of the country where the Eiffel Tower is located is",
-                          "The capital of the country where the Colosseum is located is", " Paris", " Rome")
+                          "The capital of the country where the Colosseum is located is", "Paris", "Rome")
 
 
 @pytest.mark.slow
@@ -389,7 +389,7 @@ def test_real_gemma3_fast_matches_naive() -> None:
     hooked = NativeHooks(model, tokenizer)
     assert model.config.model_type == "gemma3_text" and len(set(model.config.layer_types)) == 2
     pair = Pair.from_text(tokenizer, "The Eiffel Tower is in the country whose capital city is",
-                          "The Colosseum is in the country whose capital city is", " Paris", " Rome")
+                          "The Colosseum is in the country whose capital city is", "Paris", "Rome")
     layers = [0, 5, 17]  # sliding-window and full-attention layers
     for site in ("resid_pre", "attn_out"):
         for direction in ("denoise", "noise"):

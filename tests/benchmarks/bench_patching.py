@@ -3,7 +3,7 @@ patch) and, for resid_pre, TransformerLens' ``patching.get_act_patch_resid_pre``
 on one clean/corrupted pair, every layer x position of one site; all must agree (<= 1e-4).
 
     python tests/benchmarks/bench_patching.py [--model smollm2-135m] [--site resid_pre] [--threads 1]
-        [--clean TEXT --corrupted TEXT --answers " Paris" " Rome"] [--skip-naive]
+        [--clean TEXT --corrupted TEXT --answers Paris Rome] [--skip-naive]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--clean", default="The capital of the country where the Eiffel Tower is located is")
     parser.add_argument("--corrupted", default="The capital of the country where the Colosseum is located is")
-    parser.add_argument("--answers", nargs=2, default=[" Paris", " Rome"])
+    parser.add_argument("--answers", nargs=2, default=["Paris", "Rome"])
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--skip-tl", action="store_true", help="skip TransformerLens' get_act_patch_resid_pre")
     args = parser.parse_args()
