@@ -100,7 +100,7 @@ def test_lens_rows_are_equal_across_batch_sizes(dry_run, n_queries, shape) -> No
 def test_fast_sweep_matches_naive_with_fewer_forwards(dry_run, shape) -> None:
     sweep = dry_run[0]["checks"][f"{shape}/sweep"]
     assert sweep["method"] == "fast" and sweep["cells"] == 3 * 20 == sweep["naive_forward_equivalents"]
-    assert sweep["metric_max_abs_diff"] < 1e-4 and sweep["value_max_abs_diff"] < 1e-3
+    assert sweep["metric_max_abs_diff"] < 1e-4 and sweep["value_max_abs_diff"] < 1e-3 and sweep["agrees"]
     assert 0 < sweep["fast_forward_equivalents"] < sweep["naive_forward_equivalents"]
     assert sweep["cache_bytes"] == 4 * 3 * 20 * (2 * 2 * 16 + 2 * 64)  # e * L * T * (2 kv hd + 2 d)
     attribution = dry_run[0]["checks"][f"{shape}/attribution"]
@@ -117,6 +117,7 @@ def test_backed_off_runs_end_with_the_rows_of_a_plain_run(dry_run, n_queries, sh
     assert lens["logprob_max_abs_diff"] == 0 and lens["simulated_ooms"] == 2 and lens["cuda_ooms"] == 0
     sweep = dry_run[0]["checks"][f"{shape}/oom_sweep"]
     assert sweep["simulated_ooms"] > 0 and sweep["cells"] == 3 * 24 and sweep["metric_max_abs_diff"] < 1e-4
+    assert sweep["agrees"] and sweep["tolerance"] == 1e-4
 
 
 def test_device_map_load_gives_the_rows_of_a_single_device_load(dry_run, n_queries) -> None:
@@ -124,6 +125,7 @@ def test_device_map_load_gives_the_rows_of_a_single_device_load(dry_run, n_queri
     assert check["checkpoint"] == "llama-tiny, 3 blocks" and check["modules_per_device"] == {"cpu": 7}
     assert check["lens"]["rows"] == check["lens"]["rows_joined"] == n_queries * 3
     assert check["lens"]["logprob_max_abs_diff"] < 1e-5 and check["sweep"]["metric_max_abs_diff"] < 1e-5
+    assert check["sweep"]["agrees"] and check["sweep"]["cells"] == 3 * 20
 
 
 def test_a_failing_check_is_recorded_and_the_next_runs(gpu_check, tmp_path, monkeypatch) -> None:
