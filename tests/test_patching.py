@@ -12,7 +12,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Gemma2Config, GPTNeoXConfig, MistralConfig, Qwen3Config
 from transformers.models.gemma3 import Gemma3TextConfig
 
-from conftest import TINY_CONFIGS, CharTokenizer, requires_gemma3
+from conftest import TINY_CONFIGS, CharTokenizer, requires_gemma3, requires_smollm2
 from probes.attribution import attribution_sweep, screen_and_confirm
 from probes.hooks import SITES, NativeHooks
 from probes.heads import n_heads
@@ -405,6 +405,7 @@ def test_real_gemma3_fast_matches_naive() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.slow
+@requires_smollm2
 def test_real_out_of_memory_on_gpu_backs_off_to_the_same_values() -> None:
     """A memory budget far above the GPU's makes the first fast pass (and the first batched forward) allocate more
     than the card holds; both back off and still agree with each other."""
@@ -425,6 +426,7 @@ def test_real_out_of_memory_on_gpu_backs_off_to_the_same_values() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.slow
+@requires_smollm2
 @pytest.mark.parametrize("options", [{"dtype": "bfloat16", "device": "cuda"},
                                      {"device_map": "auto", "max_memory": {0: "200MiB", "cpu": "8GiB"}}])
 def test_real_fast_sweep_on_gpu_matches_naive(options: dict) -> None:
