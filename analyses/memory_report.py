@@ -1,27 +1,39 @@
 """Aggregate ``memory.csv`` (:mod:`probes.memory`) into tables, per-layer curves with 95% confidence intervals,
 heatmaps, and the statement of where the shared latent memory sits.
 
-Confidence intervals: percentile bootstrap over prompts (:data:`N_BOOT` resamples of the items, fixed seed) for
-every mean and rate; CKA's comes from the analysis itself (grouped jackknife, :mod:`probes.alignment`).
+Intervals (:mod:`analyses.stats`): 95% Student t intervals over prompts for means, exact (Clopper-Pearson)
+intervals for rates, n beside each and none below 3 prompts; CKA's comes from the analysis itself (grouped
+jackknife, :mod:`probes.alignment`).
 
-The band of the shared memory is the layers where three kinds of evidence agree, each judged on the latent bridge
-state at layer ``l`` of the two-hop prompt, at its last token (the band) and at e1's last token
-(:func:`layer_evidence`), each with a CI that excludes the control and an effect of at least :data:`MIN_EFFECT`:
+The band of the shared memory is the layers where four tests agree, each on the latent bridge state at layer
+``l`` of the two-hop prompt, at its last token (the band) and at e1's last token. Each test is a paired
+difference per item between the bridge and its matched control, which is symmetric about 0 when the state does
+not carry the bridge (:func:`paired_differences`):
 
-- cross-patching: on the diagonal (source = target layer), the bridge-specific effect ``main - random`` (the
-  normalized effect of A's state minus that of a random other item's state, paired per item and cell) has a CI
-  above 0 and a mean of at least 0.1, over the items where writing A's bridge out moves the partner's prompt by at
-  least :data:`MIN_GAP` logit;
-- decoding: the bridge is decoded in the top 10 (identity prompt, fixed early target layer) more often than the
-  partner's bridge (chance): the CIs do not overlap and the rates differ by at least 0.1;
-- alignment: the probe trained on explicit bridge states reads the latent state's bridge above chance: its CI
-  lower bound above the majority-class rate and its accuracy at least 0.1 above it.
+- cross-patching: on the diagonal (source = target layer), the bridge-specific effect ``main - random`` (A's
+  state minus a random other item's state written into the partner's hop2 prompt), over the items where writing
+  A's bridge out moves the partner's prompt by at least :data:`MIN_GAP` logit;
+- other relation: A's state written into the hop2 prompt of another relation, ``transfer - answer`` (toward the
+  bridge's value under that relation minus toward A's answer) minus the same for the random item's state: the
+  only test that separates the bridge from the answer;
+- decoding: bridge decoded in the top 10 (identity prompt, fixed early target layer) minus the partner's bridge
+  decoded in the top 10;
+- probe: the probe (trained on explicit states of prompts sharing no relation template with the item) names the
+  item's bridge minus it names the partner's bridge.
 
-The band is the longest run of consecutive layers meeting all three; it is compared with the median layer where
-the answer rises (first layer from which the answer stays in the logit-lens top 10 at the last token). Where
-writing the state into the same layer has no effect, the summary also lists the source layers whose state is
-bridge-specific when written into some other target layer (the best target of the grid: a maximum, so read it
-as "readable somewhere", not as an effect size).
+One single-step max-T sign-flip test (:func:`analyses.stats.maxt_signflip`, :data:`N_RESAMPLES` resamples)
+covers every test x layer x position, so the chance of any false "holds" is at most :data:`ALPHA`. A test holds
+at a layer when its family-wise adjusted p-value is below :data:`ALPHA` and its mean difference is at least
+:data:`MIN_EFFECT`; it rules the layer out when it does not hold although it had the items to detect an effect
+of :data:`MIN_EFFECT` (80% power: ``(critical t + 0.84) x standard error <= MIN_EFFECT``). The band is the
+longest run of consecutive layers where all four hold. With no such layer, the statement says "no band" only
+when every layer is ruled out, and "not enough items to decide (n = ...)" otherwise. The sensitivity table
+repeats the decision with :data:`ALPHA`, :data:`MIN_EFFECT` and :data:`MIN_GAP` halved and doubled.
+
+The band is compared with the median layer where the answer rises (first layer from which the answer stays in
+the logit-lens top 10 at the last token). The summary also lists the source layers whose state is
+bridge-specific when written into some other target layer (the best target of the grid: a maximum, so read it as
+"readable somewhere", not as an effect size; not part of the test).
 """
 
 from __future__ import annotations
@@ -40,12 +52,15 @@ import pandas as pd  # noqa: E402
 
 from analyses.page import Figure, Section, doc_to_html, key_values, render  # noqa: E402
 from analyses.plots import legend_below, save_figure  # noqa: E402
+from analyses.stats import N_RESAMPLES, column_intervals, maxt_signflip  # noqa: E402
 from probes.results import atomic_write, atomic_write_csv, atomic_write_json  # noqa: E402
 
-N_BOOT = 1000
-SEED = 0
 MIN_GAP = 1.0  # logits: items whose explicit bridge moves the partner prompt less are left out of `value` means
-MIN_EFFECT = 0.1
+MIN_EFFECT = 0.1  # the smallest bridge-minus-control difference a test must show to hold
+ALPHA = 0.05  # family-wise error of the band test over tests x layers x positions
+POWER_Z = 0.84  # one-sided normal quantile of 80% power: when a non-significant test rules a layer out
+TESTS = ("crosspatch", "other_relation", "decoding", "probe")
+SEED = 0
 TOP_K = 10
 CURVE_COLUMNS = ("analysis", "curve", "layer", "mean", "ci_low", "ci_high", "n")
 
@@ -53,26 +68,15 @@ CURVE_COLUMNS = ("analysis", "curve", "layer", "mean", "ci_low", "ci_high", "n")
 # --------------------------------------------------------------------------------------------------- statistics
 
 
-def bootstrap_means(matrix: np.ndarray, n_boot: int = N_BOOT, seed: int = SEED) -> pd.DataFrame:
-    """Mean over rows (items; NaN = missing) of each column with a 95% percentile-bootstrap interval over rows."""
-    matrix = np.asarray(matrix, dtype=float)
-    valid = ~np.isnan(matrix)
-    n = valid.sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(valid, matrix, 0).sum(0) / n
-        if len(matrix) > 1:
-            weights = np.random.default_rng(seed).multinomial(len(matrix), np.full(len(matrix), 1 / len(matrix)),
-                                                              size=n_boot).astype(float)
-            means = (weights @ np.where(valid, matrix, 0)) / (weights @ valid)
-            low, high = np.nanpercentile(means, [2.5, 97.5], axis=0) if np.isfinite(means).any() else (mean, mean)
-        else:
-            low, high = mean, mean
-    return pd.DataFrame({"mean": mean, "ci_low": low, "ci_high": high, "n": n})
+def mean_intervals(matrix: np.ndarray) -> pd.DataFrame:
+    """Mean over rows (items; NaN = missing) of each column with its 95% interval (exact for 0/1 columns, t
+    otherwise; none below 3 items) and n."""
+    return column_intervals(np.asarray(matrix, dtype=float), "auto").drop(columns="reason")
 
 
 def _curve(matrix: pd.DataFrame, analysis: str, curve: str) -> pd.DataFrame:
-    """Per-layer bootstrap means of a prompt x layer matrix."""
-    stats = bootstrap_means(matrix.to_numpy())
+    """Per-layer means with intervals of a prompt x layer matrix."""
+    stats = mean_intervals(matrix.to_numpy())
     return stats.assign(analysis=analysis, curve=curve, layer=matrix.columns.astype(int))[list(CURVE_COLUMNS)]
 
 
@@ -99,14 +103,16 @@ def item_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def crosspatch_eligible(frame: pd.DataFrame) -> pd.Index:
-    """Items whose explicit bridge moves the partner's hop2 prompt by at least :data:`MIN_GAP` logits."""
+def crosspatch_eligible(frame: pd.DataFrame, min_gap: float | None = None) -> pd.Index:
+    """Items whose explicit bridge moves the partner's hop2 prompt by at least ``min_gap`` (default
+    :data:`MIN_GAP`) logits."""
+    min_gap = MIN_GAP if min_gap is None else min_gap
     rows = _select(frame, analysis="crosspatch", condition="main")
     values = rows.pivot_table(index="prompt_id", columns="metric", values="value", aggfunc="first")
     if values.empty or "explicit_logit_diff" not in values:
         return pd.Index([])
     gap = values["explicit_logit_diff"] - values["baseline_logit_diff"]
-    return gap.index[gap >= MIN_GAP]
+    return gap.index[gap >= min_gap]
 
 
 def crosspatch_cells(frame: pd.DataFrame) -> pd.DataFrame:
@@ -127,7 +133,7 @@ def crosspatch_cells(frame: pd.DataFrame) -> pd.DataFrame:
                                columns="condition", values="value", aggfunc="first")
     if {"main", "random"} <= set(paired.columns):
         diff = (paired["main"] - paired["random"]).unstack(["source_position", "source_layer", "target_layer"])
-        stats = bootstrap_means(diff.to_numpy())
+        stats = mean_intervals(diff.to_numpy())
         stats.index = diff.columns
         specific = stats[["mean", "ci_low", "ci_high"]].add_prefix("specific_").rename(
             columns={"specific_mean": "specific"})
@@ -233,7 +239,7 @@ def backpatch_table(frame: pd.DataFrame) -> pd.DataFrame:
     for group, sub in rows.groupby("condition"):
         top = (sub.assign(cell=list(zip(sub["source_layer"].astype(int), sub["target_layer"].astype(int))))
                .pivot_table(index="prompt_id", columns="cell", values="value", aggfunc="first"))
-        stats = bootstrap_means((top == 0).astype(float).where(top.notna()).to_numpy())
+        stats = mean_intervals((top == 0).astype(float).where(top.notna()).to_numpy())
         stats["group"] = group
         stats["source_layer"] = [c[0] for c in top.columns]
         stats["target_layer"] = [c[1] for c in top.columns]
@@ -281,23 +287,115 @@ def _curve_names(position: str) -> dict[str, str]:
             "cka_mismatched": f"cka_mismatched{end}"}
 
 
-def layer_evidence(table: pd.DataFrame, frame: pd.DataFrame, n_layers: int, position: str = "last") -> pd.DataFrame:
-    """Per layer, whether each kind of evidence holds for the latent state at ``position`` (module docstring)."""
-    names = _curve_names(position)
-    evidence = pd.DataFrame(index=pd.RangeIndex(n_layers, name="layer"))
-    specific = _get(table, "crosspatch", names["specific"])
-    if not specific.empty:
-        evidence["crosspatch"] = (specific["ci_low"] > 0) & (specific["mean"] >= MIN_EFFECT)
-    bridge, partner = _get(table, "decoding", names["decoded"]), _get(table, "decoding", names["chance"])
-    if not bridge.empty and not partner.empty:
-        partner = partner.reindex(bridge.index)
-        evidence["decoding"] = (bridge["ci_low"] > partner["ci_high"]) & (bridge["mean"] - partner["mean"] >= MIN_EFFECT)
-    probe = _get(table, "alignment", names["probe"])
-    chance = _select(frame, analysis="alignment", metric="chance_majority")["value"]
-    if not probe.empty and len(chance):
-        chance = float(chance.iloc[0])
-        evidence["alignment"] = (probe["ci_low"] > chance) & (probe["mean"] - chance >= MIN_EFFECT)
-    return evidence.reindex(columns=["crosspatch", "decoding", "alignment"]).fillna(False).astype(bool)
+def _fixed_decode_layer(decoded: pd.DataFrame) -> int | None:
+    """The decoding's fixed target layer: the target layer of the rows whose source layer differs from it."""
+    other = decoded["source_layer"] != decoded["target_layer"]
+    return int(decoded.loc[other, "target_layer"].mode().iloc[0]) if other.any() else None
+
+
+def paired_differences(frame: pd.DataFrame, min_gap: float | None = None) -> pd.DataFrame:
+    """Items x (test, position, layer): each item's bridge-minus-control difference for each test of the band
+    (module docstring; NaN where the item has no value). A ``memory.csv`` without the probe's partner rows (before
+    the matched probe control existed) has no ``probe`` columns."""
+    eligible = crosspatch_eligible(frame, min_gap)
+    cross = _select(frame, analysis="crosspatch").dropna(subset=["source_layer"])
+    diagonal = cross[cross["source_layer"] == cross["target_layer"]]
+    decoded = _select(frame, analysis="decoding")
+    fixed = _fixed_decode_layer(decoded) if not decoded.empty else None
+    align = _select(frame, analysis="alignment")
+    columns: dict[tuple[str, str], pd.DataFrame] = {}
+    for position in POSITIONS:
+        main, rand = (_matrix(_select(diagonal, condition=c, source_position=position, metric="value")
+                              .pipe(lambda f: f[f["prompt_id"].isin(eligible)])) for c in ("main", "random"))
+        if not main.empty and not rand.empty:
+            columns[("crosspatch", position)] = main - rand
+        contrast = {}
+        for condition in ("other_relation", "other_relation_random"):
+            toward = {m: _matrix(_select(diagonal, condition=condition, source_position=position, metric=m))
+                      for m in ("transfer_value", "answer_value")}
+            if not toward["transfer_value"].empty:
+                contrast[condition] = toward["transfer_value"] - toward["answer_value"]
+        if len(contrast) == 2:
+            columns[("other_relation", position)] = contrast["other_relation"] - contrast["other_relation_random"]
+        if fixed is not None:
+            rows = decoded[(decoded["target_layer"] == fixed) & (decoded["condition"] == "latent")
+                           & (decoded["source_position"] == position)]
+            bridge, partner = (_matrix(_select(rows, metric=m)) for m in ("rank", "partner_rank"))
+            if not bridge.empty and not partner.empty:
+                columns[("decoding", position)] = ((bridge < TOP_K).astype(float).where(bridge.notna())
+                                                   - (partner < TOP_K).astype(float).where(partner.notna()))
+        own, named_partner = (_matrix(_select(align, source_position=position, metric=m))
+                              for m in ("probe_latent", "probe_latent_partner"))
+        if not own.empty and not named_partner.empty:
+            columns[("probe", position)] = own - named_partner
+    parts = [m.set_axis(pd.MultiIndex.from_tuples([(test, position, int(l)) for l in m.columns],
+                                                  names=["test", "position", "layer"]), axis=1)
+             for (test, position), m in columns.items() if not m.empty]
+    return pd.concat(parts, axis=1) if parts else pd.DataFrame()
+
+
+def band_test(frame: pd.DataFrame, alpha: float = ALPHA, min_effect: float = MIN_EFFECT,
+              min_gap: float | None = None, n_resamples: int = N_RESAMPLES, seed: int = SEED,
+              differences: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per (test, position, layer): the mean paired difference, n, t, family-wise adjusted p (one max-T sign-flip
+    test over every column), whether the test ``holds`` and whether it ``rules_out`` the layer (module
+    docstring)."""
+    differences = paired_differences(frame, min_gap) if differences is None else differences
+    columns = ["test", "position", "layer", "mean", "t", "n", "p_adjusted", "critical_t", "se", "holds", "rules_out"]
+    if differences.empty:
+        return pd.DataFrame(columns=columns)
+    table = maxt_signflip(differences, n_resamples, seed, "greater", alpha)
+    table["holds"] = (table["p_adjusted"] < alpha) & (table["mean"] >= min_effect)
+    detectable = (table["critical_t"] + POWER_Z) * table["se"]
+    table["rules_out"] = ~table["holds"] & (detectable <= min_effect) & (table["n"] >= 3)
+    return table.reset_index()[columns]
+
+
+def decide(tests: pd.DataFrame, position: str) -> dict[str, Any]:
+    """The decision at one position: ``status`` ``band`` / ``none`` / ``undecided``, the band, per-layer status,
+    the layers where each test holds and the most items each test had."""
+    sub = tests[tests["position"] == position]
+    present = [set(sub.loc[sub["test"] == t, "layer"].astype(int)) for t in TESTS]
+    layers = sorted(set.intersection(*present)) if all(present) else sorted(set.union(*present))
+    holds = sub.pivot(index="layer", columns="test", values="holds").reindex(index=layers, columns=list(TESTS))
+    rules = sub.pivot(index="layer", columns="test", values="rules_out").reindex(index=layers, columns=list(TESTS))
+    holds, rules = holds.fillna(False).astype(bool), rules.fillna(False).astype(bool)
+    status = pd.Series(np.where(holds.all(axis=1), "in", np.where(rules.any(axis=1), "out", "undecided")),
+                       index=layers, dtype=object)
+    runs = _runs([int(l) for l in status.index[status == "in"]])
+    band = max(runs, key=lambda r: (r[1] - r[0], -r[0])) if runs else None
+    decision = "band" if band else ("none" if layers and (status == "out").all() else "undecided")
+    n = {t: int(sub.loc[sub["test"] == t, "n"].max()) if (sub["test"] == t).any() else 0 for t in TESTS}
+    return {"status": decision, "band": list(band) if band else None, "layers": status.to_dict(),
+            "holds": {t: _ranges([int(l) for l in holds.index[holds[t]]]) for t in TESTS}, "n": n}
+
+
+def _short(decision: dict[str, Any]) -> str:
+    if decision["status"] == "band":
+        return "band {}-{}".format(*decision["band"])
+    if decision["status"] == "none":
+        return "no band"
+    return "not enough items to decide (n = " + ", ".join(f"{TEST_NAMES[t]} {decision['n'][t]}" for t in TESTS) + ")"
+
+
+TEST_NAMES = {"crosspatch": "cross-patch", "other_relation": "other relation", "decoding": "decoding",
+              "probe": "probe"}
+
+
+def sensitivity(frame: pd.DataFrame, n_resamples: int = N_RESAMPLES) -> list[dict[str, Any]]:
+    """The decision at both positions with the test as set and with each threshold halved and doubled."""
+    settings = [("as set", {}), ("alpha halved", {"alpha": ALPHA / 2}), ("alpha doubled", {"alpha": ALPHA * 2}),
+                ("min effect halved", {"min_effect": MIN_EFFECT / 2}),
+                ("min effect doubled", {"min_effect": MIN_EFFECT * 2}),
+                ("min gap halved", {"min_gap": MIN_GAP / 2}), ("min gap doubled", {"min_gap": MIN_GAP * 2})]
+    differences = {g: paired_differences(frame, g) for g in (MIN_GAP, MIN_GAP / 2, MIN_GAP * 2)}
+    rows = []
+    for name, change in settings:
+        values = {"alpha": ALPHA, "min_effect": MIN_EFFECT, "min_gap": MIN_GAP} | change
+        tests = band_test(frame, values["alpha"], values["min_effect"], n_resamples=n_resamples,
+                          differences=differences[values["min_gap"]])
+        rows.append({"setting": name, **values, **{position: _short(decide(tests, position)) for position in POSITIONS}})
+    return rows
 
 
 def _runs(layers: list[int]) -> list[tuple[int, int]]:
@@ -319,73 +417,87 @@ def _fmt(row: pd.Series | None, pct: bool = False) -> str:
         return "n/a"
     f = (lambda x: f"{100 * x:.0f}%") if pct else (lambda x: f"{x:.2f}")
     ci = "" if pd.isna(row.get("ci_low")) else f" [{f(row['ci_low'])}, {f(row['ci_high'])}]"
+    if not ci and not pd.isna(row.get("n", np.nan)) and row["n"] < 3:
+        ci = f" (n = {int(row['n'])}: no interval below 3)"
     return f"{f(row['mean'])}{ci}"
 
 
-def _position_summary(frame: pd.DataFrame, table: pd.DataFrame, cells: pd.DataFrame | None, n_layers: int,
-                      position: str) -> dict[str, Any]:
-    """Band, per-kind layers and the evidence at the band's peak (or the best cross-patch layer) for one position."""
+def _position_summary(frame: pd.DataFrame, table: pd.DataFrame, cells: pd.DataFrame | None, tests: pd.DataFrame,
+                      differences: pd.DataFrame, position: str) -> dict[str, Any]:
+    """The decision at one position with the evidence at the band's peak (or at the best cross-patch layer)."""
     names = _curve_names(position)
-    evidence = layer_evidence(table, frame, n_layers, position)
-    runs = _runs([int(l) for l in evidence.index if evidence.loc[l].all()])
-    band = max(runs, key=lambda r: (r[1] - r[0], -r[0])) if runs else None
-    specific = _get(table, "crosspatch", names["specific"])
+    decision = decide(tests, position)
+    band = decision["band"]
+    sub = tests[(tests["position"] == position) & (tests["test"] == "crosspatch")].set_index("layer")
     peak = None
-    if band is not None and not specific.empty:
-        peak = int(specific.loc[band[0] : band[1], "mean"].idxmax())
+    if band is not None and len(sub):
+        peak = int(sub.loc[band[0] : band[1], "mean"].idxmax())
     elif band is not None:
         peak = band[0]
-    elif not specific.empty and specific["mean"].notna().any():
-        peak = int(specific["mean"].idxmax())
+    elif len(sub) and sub["mean"].notna().any():
+        peak = int(sub["mean"].astype(float).idxmax())
 
     def at(analysis: str, key: str, pct: bool = False) -> str:
         rows = _get(table, analysis, names[key])
         return _fmt(rows.loc[peak] if peak is not None and peak in rows.index else None, pct)
 
+    def paired(test: str) -> str:
+        key = (test, position, peak)
+        if differences.empty or key not in differences.columns:
+            return "n/a (not measured)"
+        row = column_intervals(differences[[key]], "t").iloc[0]
+        p = tests[(tests["test"] == test) & (tests["position"] == position) & (tests["layer"] == peak)]["p_adjusted"]
+        ci = "" if pd.isna(row["ci_low"]) else f" [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+        return f"{row['mean']:+.2f}{ci} (n = {int(row['n'])}, adjusted p = {float(p.iloc[0]):.3g})"
+
     chance = _select(frame, analysis="alignment", metric="chance_majority")["value"]
     evidence_at = None if peak is None else {
         "layer": peak,
-        "crosspatch_specific_effect": at("crosspatch", "specific"),
+        **{f"{test}_difference": paired(test) for test in TESTS},
         "crosspatch_main_value": at("crosspatch", "main"), "crosspatch_random_value": at("crosspatch", "random"),
         "answer_top1_main": at("crosspatch", "top1_main", True), "answer_top1_random": at("crosspatch", "top1_random", True),
-        "other_relation_specific_transfer_minus_answer": at("crosspatch", "specific_transfer"),
         "decoded_top10": at("decoding", "decoded", True), "decoded_top10_chance": at("decoding", "chance", True),
         "lens_top10": at("lens", "lens", True), "probe_latent_accuracy": at("alignment", "probe", True),
         "probe_chance_majority": f"{100 * float(chance.iloc[0]):.0f}%" if len(chance) else "n/a",
         "cosine_centered_gap": at("alignment", "cosine_gap"), "cka_matched": at("alignment", "cka_matched"),
         "cka_mismatched": at("alignment", "cka_mismatched"),
     }
-    per_kind = {k: _ranges([int(l) for l in evidence.index[evidence[k]]]) for k in evidence.columns}
+    per_kind = dict(decision["holds"])
     best = best_targets(cells, position) if cells is not None and not cells.empty else pd.DataFrame()
     readable = best[(best["specific_ci_low"] > 0) & (best["specific"] >= MIN_EFFECT)] if len(best) else best
     per_kind["crosspatch_some_target"] = ", ".join(f"{int(r.source_layer)}->{int(r.target_layer)}"
                                                    for r in readable.itertuples()) or "none"
-    return {"band": list(band) if band else None, "peak_layer": peak, "layers_by_evidence": per_kind,
-            "evidence_at_peak": evidence_at}
+    return {"status": decision["status"], "band": band, "peak_layer": peak, "layers_by_evidence": per_kind,
+            "n": decision["n"], "evidence_at_peak": evidence_at}
 
 
-def _sentence(position: str, part: dict[str, Any]) -> str:
+def _sentence(position: str, part: dict[str, Any], n_tests: int) -> str:
     where, ev, kinds = POSITIONS[position], part["evidence_at_peak"], part["layers_by_evidence"]
-    if part["band"]:
+    holds = "; ".join(f"{TEST_NAMES[t]}: {kinds[t]}" for t in TESTS)
+    if part["status"] == "band":
         a, b = part["band"]
-        return (f"at {where}, band {a}-{b} (all three agree; at layer {ev['layer']}: bridge-specific cross-patch "
-                f"effect {ev['crosspatch_specific_effect']}, decoded in the top 10 {ev['decoded_top10']} vs chance "
-                f"{ev['decoded_top10_chance']}, probe {ev['probe_latent_accuracy']} vs chance "
-                f"{ev['probe_chance_majority']})")
+        return (f"at {where}, band {a}-{b} (all four tests hold, family-wise error {ALPHA:.0%} over {n_tests} "
+                f"tests; at layer {ev['layer']}, bridge minus control: cross-patch {ev['crosspatch_difference']}, "
+                f"other relation {ev['other_relation_difference']}, decoding {ev['decoding_difference']}, probe "
+                f"{ev['probe_difference']})")
     at = "" if ev is None else (
-        f"; at layer {ev['layer']}, the best same-layer cross-patch: bridge-specific effect "
-        f"{ev['crosspatch_specific_effect']}, decoded in the top 10 {ev['decoded_top10']} vs chance "
-        f"{ev['decoded_top10_chance']}, probe {ev['probe_latent_accuracy']} vs chance {ev['probe_chance_majority']}")
-    return (f"at {where}, no layer where all three agree (same-layer cross-patching: {kinds['crosspatch']}; written "
-            f"into another layer, source->target: {kinds['crosspatch_some_target']}; decoding: {kinds['decoding']}; "
-            f"probe: {kinds['alignment']}{at})")
+        f"; at layer {ev['layer']}, the largest same-layer cross-patch difference, bridge minus control: cross-patch "
+        f"{ev['crosspatch_difference']}, other relation {ev['other_relation_difference']}, decoding "
+        f"{ev['decoding_difference']}, probe {ev['probe_difference']}")
+    if part["status"] == "none":
+        return (f"at {where}, no band: at every layer a test with enough items to detect {MIN_EFFECT:g} fails "
+                f"(layers where each test holds: {holds}{at})")
+    counts = ", ".join(f"{TEST_NAMES[t]} {part['n'][t]}" for t in TESTS)
+    return (f"at {where}, not enough items to decide (n = {counts}; layers where each test holds: {holds}{at})")
 
 
 def summarize(frame: pd.DataFrame, table: pd.DataFrame, backpatch: pd.DataFrame, model: str, n_layers: int,
               cells: pd.DataFrame | None = None) -> dict[str, Any]:
     """The band statement with its evidence (JSON-ready): per source position of the latent state; ``band`` is
     the last token's."""
-    positions = {pos: _position_summary(frame, table, cells, n_layers, pos) for pos in POSITIONS}
+    differences = paired_differences(frame)
+    tests = band_test(frame, differences=differences)
+    positions = {pos: _position_summary(frame, table, cells, tests, differences, pos) for pos in POSITIONS}
     rise = answer_rise_layer(frame)
     items = item_table(frame)
     fixes = {}
@@ -411,7 +523,8 @@ def summarize(frame: pd.DataFrame, table: pd.DataFrame, backpatch: pd.DataFrame,
                     "answer rises")
     rises = ("The answer never rises into the logit-lens top 10" if rise is None
              else f"The answer rises at layer {rise:g} (median)")
-    statement = (f"{model} ({n_layers} layers): " + "; ".join(_sentence(p, positions[p]) for p in POSITIONS)
+    statement = (f"{model} ({n_layers} layers): " + "; ".join(_sentence(p, positions[p], len(tests))
+                                                            for p in POSITIONS)
                  + f". {rises}{relation}.")
     groups = items["group"].value_counts().to_dict() if "group" in items else {}
     return {
@@ -423,6 +536,11 @@ def summarize(frame: pd.DataFrame, table: pd.DataFrame, backpatch: pd.DataFrame,
                                                        ["prompt_id"].nunique()),
         "n_crosspatch_eligible": int(len(crosspatch_eligible(frame))), "groups": {k: int(v) for k, v in groups.items()},
         "criteria": __doc__.split("The band of the shared memory is")[1].strip(),
+        "test": {"method": "single-step max-T sign-flip over items", "alpha": ALPHA, "min_effect": MIN_EFFECT,
+                 "min_gap": MIN_GAP, "power": 0.8, "n_resamples": N_RESAMPLES, "n_tests": int(len(tests)),
+                 "critical_t": float(tests["critical_t"].iloc[0]) if len(tests) else None,
+                 "tests_measured": sorted(tests["test"].unique().tolist()) if len(tests) else []},
+        "sensitivity": sensitivity(frame),
     }
 
 
@@ -537,7 +655,7 @@ def layer_curves(table: pd.DataFrame, summary: dict[str, Any], path: Path, title
     key = axes.flat[-1]
     key.axis("off")
     key.legend(handles=[Patch(color="tab:blue", alpha=0.15, label="shaded: 95% CI of the curve of the same colour"),
-                        Patch(color="gold", alpha=0.2, label="the band (all three kinds of evidence agree)"),
+                        Patch(color="gold", alpha=0.2, label="the band (all four tests hold)"),
                         Line2D([], [], color="tab:red", ls=":", label="layer where the answer rises (median)")],
                loc="center", fontsize=10, frameon=False, title="Key", title_fontsize=10)
     fig.suptitle(title)
@@ -594,7 +712,12 @@ def write_memory_outputs(frame: pd.DataFrame, out_dir: Path, run: dict[str, Any]
 
 
 EVIDENCE_NAMES = {
-    "layer": "layer", "crosspatch_specific_effect": "cross-patch, bridge-specific effect (A - random)",
+    "layer": "layer", "crosspatch_difference": "cross-patch, bridge minus control (A - random item's state)",
+    "other_relation_difference": "other relation, bridge minus control ((toward bridge - toward answer), A - random)",
+    "decoding_difference": "decoding, bridge minus control (bridge - partner's bridge in the top 10)",
+    "probe_difference": "probe, bridge minus control (names the bridge - names the partner's bridge)",
+    "other_relation": "other relation", "probe": "probe",
+    "crosspatch_specific_effect": "cross-patch, bridge-specific effect (A - random)",
     "crosspatch_main_value": "cross-patch effect of A's state", "crosspatch_random_value": "cross-patch effect of a "
     "random item's state (control)", "answer_top1_main": "A's answer becomes top 1, A's state",
     "answer_top1_random": "A's answer becomes top 1, random state (control)",
@@ -607,8 +730,8 @@ EVIDENCE_NAMES = {
     "crosspatch_some_target": "cross-patching into another target layer (source->target)",
 }
 CAPTIONS = {
-    "memory_layers.png": "Per-layer curves, each a mean over prompts with its 95% bootstrap CI (shaded, same "
-                         "colour); the gold span marks the band where all three kinds of evidence agree, the red "
+    "memory_layers.png": "Per-layer curves, each a mean over prompts with its 95% interval (shaded, same "
+                         "colour); the gold span marks the band where all four tests hold, the red "
                          "dotted line the layer where the answer rises. Blue: the latent state at the last token; "
                          "purple: at e1's last token; green: the explicit bridge; grey: controls and chance.",
     "memory_crosspatch.png": "Source layer (two-hop prompt) × target layer (partner's hop2 prompt): the effect of "
@@ -617,6 +740,16 @@ CAPTIONS = {
     "memory_backpatch.png": "Back-patching a later layer's state into an earlier layer of the same prompt: the "
                             "fraction of composition failures fixed (left) and of correct prompts broken (right).",
 }
+
+
+def _sensitivity_html(rows: list[dict[str, Any]]) -> str:
+    """The sensitivity table: the decision under each threshold halved and doubled."""
+    if not rows:
+        return ""
+    frame = pd.DataFrame(rows).rename(columns={"min_effect": "min effect", "min_gap": "min gap (logit)",
+                                               **{p: f"at {w}" for p, w in POSITIONS.items()}})
+    return ("<h3>Sensitivity</h3><p>The decision with each threshold of the band test halved and doubled (the "
+            "others as set).</p>" + frame.to_html(index=False, border=0, classes="data"))
 
 
 def memory_section(summary: dict[str, Any], figures: list[Path]) -> Section:
@@ -637,15 +770,18 @@ def memory_section(summary: dict[str, Any], figures: list[Path]) -> Section:
         f"{html.escape(repr(settings.get('identity_prompt', '')))}</code>, fixed target layer "
         f"{settings.get('decode_layer')}. "
         + (f"Back-patching fixes {fixes['fixed']} of the {fixes['n_failures']} two-hop failures whose hops are both "
-           f"right at the best cell (source, target) = {tuple(fixes['best_cell'])} (net of breakage), and breaks "
+           f"right at the best cell (source, target) = {tuple(fixes['best_cell'])} (net of breakage; a maximum over cells, so biased upward), and breaks "
            f"{fixes['broken_correct_at_best_cell']} of the {fixes['n_correct']} correct prompts there. "
            if fixes else "")
-        + "Means with 95% percentile-bootstrap CIs over prompts; CKA with grouped-jackknife CIs. Files: memory.csv "
+        + "Means with 95% t intervals over prompts, rates with exact intervals (none below 3 prompts); CKA with "
+        "grouped-jackknife CIs. Files: memory.csv "
         "(every row), memory_cells.csv, memory_layers.csv, memory_backpatch.csv, memory_summary.json. "
         "<code>bridgeprobe memory</code> runs the analysis on every item (<code>--map-items</code>, "
         "<code>--stride</code> set its cost).</p>" + tables
+        + _sensitivity_html(summary.get("sensitivity") or [])
         + "<h3>Criteria</h3>" + doc_to_html("The band of the shared memory is " + summary["criteria"],
-                                            {"MIN_EFFECT": MIN_EFFECT, "MIN_GAP": MIN_GAP, "N_BOOT": N_BOOT})
+                                            {"MIN_EFFECT": MIN_EFFECT, "MIN_GAP": MIN_GAP, "ALPHA": ALPHA,
+                                             "N_RESAMPLES": N_RESAMPLES})
     )
     return Section("Shared latent memory", summary["statement"], body,
                    [Figure(f, CAPTIONS.get(Path(f).name, "")) for f in figures])

@@ -125,17 +125,45 @@ def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.n
     return mean_interval(a - b, "bca" if method == "exact" else method, **kwargs)
 
 
-def column_intervals(matrix: np.ndarray | pd.DataFrame, method: Method = "t", **kwargs: float) -> pd.DataFrame:
+def column_intervals(matrix: np.ndarray | pd.DataFrame, method: Method | Literal["auto"] = "auto",
+                     **kwargs: float) -> pd.DataFrame:
     """:func:`mean_interval` of every column of an items x columns matrix (NaN = missing): a table with
-    ``mean``, ``ci_low``, ``ci_high``, ``n``, ``method``, ``reason``, one row per column."""
+    ``mean``, ``ci_low``, ``ci_high``, ``n``, ``reason``, one row per column. ``auto``: ``exact`` for a column of
+    0/1 values, ``t`` otherwise; ``t``, ``exact`` and ``auto`` are computed for all columns at once (the same
+    numbers as one at a time), the bootstrap column by column."""
     values = np.asarray(matrix, dtype=float)
     if values.ndim == 1:
         values = values[:, None]
-    rows = [mean_interval(values[:, j], method, **kwargs).as_dict() for j in range(values.shape[1])]
-    table = pd.DataFrame(rows, columns=["mean", "ci_low", "ci_high", "n", "method", "reason"])
+    if method in ("t", "exact", "auto"):
+        table = _vector_intervals(values, method, kwargs.get("confidence", CONFIDENCE))
+    else:
+        table = pd.DataFrame([mean_interval(values[:, j], method, **kwargs).as_dict() for j in range(values.shape[1])],
+                             columns=["mean", "ci_low", "ci_high", "n", "method", "reason"]).drop(columns="method")
     if isinstance(matrix, pd.DataFrame):
         table.index = matrix.columns
     return table
+
+
+def _vector_intervals(values: np.ndarray, method: str, confidence: float) -> pd.DataFrame:
+    valid = ~np.isnan(values)
+    filled = np.where(valid, values, 0.0)
+    n = valid.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = filled.sum(0) / n
+        sd = np.sqrt(((filled - mean) ** 2 * valid).sum(0) / (n - 1))
+        half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / np.sqrt(n)
+    binary = ((filled == 0) | (filled == 1)).all(0)
+    if method == "exact" and not binary[n > 0].all():
+        raise ValueError("exact intervals need 0/1 values")
+    exact = binary if method == "auto" else np.full(len(n), method == "exact")
+    k_low, k_high = proportion_intervals(np.round(filled.sum(0)), n, confidence)
+    equal = ~exact & (np.nan_to_num(sd) == 0)
+    low = np.where(exact, k_low, np.where(equal, mean, mean - half))
+    high = np.where(exact, k_high, np.where(equal, mean, mean + half))
+    few = n < MIN_N
+    reason = np.where(n == 0, "no values", np.where(few, TOO_FEW, np.where(equal & ~few, "all values equal", "")))
+    return pd.DataFrame({"mean": np.where(n > 0, mean, np.nan), "ci_low": np.where(few, np.nan, low),
+                         "ci_high": np.where(few, np.nan, high), "n": n, "reason": reason})
 
 
 def group_intervals(grouped: pd.core.groupby.SeriesGroupBy, method: Method = "t", **kwargs: float) -> pd.DataFrame:
@@ -196,16 +224,17 @@ def _t_from_sums(total: np.ndarray, squares: np.ndarray, n: np.ndarray) -> np.nd
         mean = total / n
         var = np.maximum(squares - n * mean ** 2, 0.0) / (n - 1)
         t = mean / np.sqrt(var / n)
-    t = np.where(var > 1e-12 * np.maximum(squares / n, 1e-300), t, np.sign(mean) * np.inf)
+        t = np.where(var > 1e-12 * np.maximum(squares / n, 1e-300), t, np.where(mean > 0, np.inf, -np.inf))
     return np.where((n >= MIN_N) & (squares > 0), t, 0.0)
 
 
 def maxt_signflip(matrix: np.ndarray | pd.DataFrame, n_resamples: int = N_RESAMPLES, seed: int = SEED,
-                  alternative: Literal["greater", "two-sided"] = "greater", chunk: int = 500) -> pd.DataFrame:
+                  alternative: Literal["greater", "two-sided"] = "greater", alpha: float = 0.05,
+                  chunk: int = 500) -> pd.DataFrame:
     """Single-step max-T sign-flip test over the columns of an items x columns matrix of paired differences
     (NaN = the item has no value in that column). Per column: ``mean``, ``t`` (one-sample t statistic), ``n``,
-    ``p_adjusted`` (family-wise over all columns) and ``critical_t`` (the statistic a column needs to reach the
-    5% family-wise level). Each resample flips the sign of every item's row at once. Columns with fewer than
+    ``p_adjusted`` (family-wise over all columns), ``critical_t`` (the statistic a column needs to reach the
+    family-wise level ``alpha``) and ``se`` (the standard error of the mean). Each resample flips the sign of every item's row at once. Columns with fewer than
     :data:`MIN_N` values get t = 0 and take part in nothing."""
     values = np.asarray(matrix, dtype=float)
     if values.ndim == 1:
@@ -226,8 +255,9 @@ def maxt_signflip(matrix: np.ndarray | pd.DataFrame, n_resamples: int = N_RESAMP
     p = (1 + (maxima[None, :] >= score[:, None]).sum(1)) / (1 + len(maxima))
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = filled.sum(0) / n
+        se = np.sqrt(np.maximum(squares - n * mean ** 2, 0.0) / (n - 1) / n)
     table = pd.DataFrame({"mean": mean, "t": observed, "n": n, "p_adjusted": np.where(n >= MIN_N, p, 1.0),
-                          "critical_t": float(np.quantile(maxima, 0.95))})
+                          "critical_t": float(np.quantile(np.minimum(maxima, 1e300), 1 - alpha)), "se": se})
     if isinstance(matrix, pd.DataFrame):
         table.index = matrix.columns
     return table

@@ -230,9 +230,10 @@ def test_report_curves_are_means_of_the_rows(job_frame: pd.DataFrame, monkeypatc
     assert cells.loc[("main", "last", 1, 1), "specific"] == pytest.approx(specific["mean"])
     summary = report.summarize(frame, layers, report.backpatch_table(frame), "tiny", 3, report.crosspatch_cells(frame))
     assert summary["statement"].startswith("tiny (3 layers): at the last token") and summary["n_items"] == len(ITEMS)
-    stats = report.bootstrap_means(np.array([[1.0, np.nan], [0.0, 2.0], [1.0, 4.0]]))
+    stats = report.mean_intervals(np.array([[1.0, np.nan], [0.0, 2.0], [1.0, 4.0]]))
     assert stats["mean"].tolist() == pytest.approx([2 / 3, 3.0]) and stats["n"].tolist() == [3, 2]
-    assert (stats["ci_low"] <= stats["mean"]).all() and (stats["mean"] <= stats["ci_high"]).all()
+    assert stats.loc[0, "ci_low"] <= stats.loc[0, "mean"] <= stats.loc[0, "ci_high"]
+    assert np.isnan(stats.loc[1, "ci_low"])  # two items: no interval
 
 
 @pytest.mark.slow  # plotting takes several seconds
@@ -501,3 +502,87 @@ def test_probe_is_trained_without_the_hop2_prompts_of_its_test_relations(monkeyp
         index=["prompt_id", "source_position", "source_layer"], columns="metric", values="value")
     assert probe["probe_latent_partner"].isin([0.0, 1.0]).all()
     assert (probe["probe_latent"] + probe["probe_latent_partner"] <= 1).all()
+
+
+def _memory_frame(n_items: int, band: tuple[int, int] | None, seed: int = 0, layers: int = 6,
+                  noise: float = 0.1) -> pd.DataFrame:
+    """memory.csv rows of the four band tests: paired bridge/control values per item, position and layer, with a
+    bridge-minus-control effect of about 0.5 at the ``band`` layers of the last token and none elsewhere."""
+    rng = np.random.default_rng(seed)
+    rows = []
+
+    def row(analysis, pid, condition, position, s, t, metric, value):
+        rows.append({"analysis": analysis, "prompt_id": pid, "condition": condition, "source_id": "",
+                     "receiving_id": "", "source_position": position, "source_layer": s, "target_layer": t,
+                     "metric": metric, "value": value})
+
+    for i in range(n_items):
+        pid = f"i{i:03d}"
+        row("crosspatch", pid, "main", "", None, None, "explicit_logit_diff", 3.0)
+        row("crosspatch", pid, "main", "", None, None, "baseline_logit_diff", 0.0)
+        for position in ("last", "e1_last"):
+            for layer in range(layers):
+                on = band is not None and position == "last" and band[0] <= layer <= band[1]
+                base = rng.normal(0.3, noise)
+                row("crosspatch", pid, "main", position, layer, layer, "value", base + (0.5 if on else 0) + rng.normal(0, noise))
+                row("crosspatch", pid, "random", position, layer, layer, "value", base + rng.normal(0, noise))
+                for condition, lift in (("other_relation", 0.5 if on else 0), ("other_relation_random", 0.0)):
+                    row("crosspatch", pid, condition, position, layer, layer, "transfer_value", lift + rng.normal(0, noise))
+                    row("crosspatch", pid, condition, position, layer, layer, "answer_value", rng.normal(0, noise))
+                hit = rng.random() < (0.7 if on else 0.02)
+                miss = rng.random() < 0.02
+                row("decoding", pid, "latent", position, layer, 1, "rank", 0 if hit else 100)
+                row("decoding", pid, "latent", position, layer, 1, "partner_rank", 0 if miss else 100)
+                named = rng.random() < (0.7 if on else 0.02)
+                row("alignment", pid, "", position, layer, None, "probe_latent", float(named))
+                row("alignment", pid, "", position, layer, None, "probe_latent_partner",
+                    float(not named and rng.random() < 0.02))
+    return pd.DataFrame(rows)
+
+
+def test_band_test_finds_a_planted_band_and_nothing_else() -> None:
+    import analyses.memory_report as report
+
+    frame = _memory_frame(60, (2, 4))
+    differences = report.paired_differences(frame)
+    assert set(differences.columns.get_level_values("test")) == set(report.TESTS)
+    tests = report.band_test(frame, n_resamples=1999, differences=differences)
+    last, e1 = report.decide(tests, "last"), report.decide(tests, "e1_last")
+    assert last["status"] == "band" and last["band"] == [2, 4]
+    assert e1["status"] == "none" and e1["band"] is None  # enough items: every layer is ruled out
+    assert last["n"] == {t: 60 for t in report.TESTS}
+    # the paired difference of the cross-patch test is main - random per item
+    main = frame[(frame.condition == "main") & (frame.metric == "value") & (frame.source_position == "last")
+                 & (frame.source_layer == 3)].set_index("prompt_id")["value"]
+    rand = frame[(frame.condition == "random") & (frame.metric == "value") & (frame.source_position == "last")
+                 & (frame.source_layer == 3)].set_index("prompt_id")["value"]
+    np.testing.assert_allclose(differences[("crosspatch", "last", 3)].loc[main.index], main - rand)
+
+
+def test_band_test_says_when_items_are_too_few_and_old_files_lack_the_probe_control() -> None:
+    import analyses.memory_report as report
+
+    few = report.decide(report.band_test(_memory_frame(5, (2, 4), noise=0.3), n_resamples=999), "last")
+    assert few["status"] == "undecided" and few["n"]["probe"] == 5
+    old = _memory_frame(60, (2, 4))
+    old = old[old.metric != "probe_latent_partner"]
+    decision = report.decide(report.band_test(old, n_resamples=999), "last")
+    assert decision["status"] == "undecided" and decision["n"]["probe"] == 0
+
+
+def test_memory_summary_states_the_decision_and_the_sensitivity_table() -> None:
+    import analyses.memory_report as report
+
+    frame = _memory_frame(40, (2, 4))
+    summary = report.summarize(frame, report.curves(frame), report.backpatch_table(frame), "toy", 7)
+    assert "at the last token, band 2-4 (all four tests hold" in summary["statement"]
+    assert "at e1's last token, no band" in summary["statement"]
+    assert summary["band"] == [2, 4] and summary["test"]["n_tests"] == 4 * 6 * 2
+    settings = [row["setting"] for row in summary["sensitivity"]]
+    assert settings == ["as set", "alpha halved", "alpha doubled", "min effect halved", "min effect doubled",
+                        "min gap halved", "min gap doubled"]
+    assert summary["sensitivity"][0]["last"] == "band 2-4"
+    small = report.summarize(_memory_frame(4, (2, 4)), pd.DataFrame(columns=list(report.CURVE_COLUMNS)),
+                             pd.DataFrame(), "toy", 7)
+    assert "not enough items to decide (n = cross-patch 4, other relation 4, decoding 4, probe 4" in small["statement"]
+    assert small["band"] is None

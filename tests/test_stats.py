@@ -62,6 +62,23 @@ def test_column_and_group_intervals_report_n_and_reason():
     assert table.loc[0, "ci_low"] < 2.5 < table.loc[0, "ci_high"]
 
 
+def test_column_intervals_equal_one_at_a_time():
+    rng = np.random.default_rng(5)
+    matrix = np.c_[rng.normal(size=30), rng.integers(0, 2, 30), np.zeros(30), np.full(30, 2.0), rng.normal(size=30)]
+    matrix[3:, 4] = np.nan
+    matrix[::4, 0] = np.nan
+    for method in ("auto", "t"):
+        table = stats.column_intervals(matrix, method)
+        for j in range(matrix.shape[1]):
+            which = "exact" if method == "auto" and j in (1, 2) else "t"
+            one = stats.mean_interval(matrix[:, j], which)
+            assert table.loc[j, "n"] == one.n and table.loc[j, "reason"] == one.reason, (method, j)
+            for got, want in ((table.loc[j, "ci_low"], one.low), (table.loc[j, "ci_high"], one.high)):
+                assert (np.isnan(got) and np.isnan(want)) or got == pytest.approx(want), (method, j)
+    bca = stats.column_intervals(matrix[:, :1], "bca", n_resamples=999)
+    assert bca.loc[0, "ci_low"] == pytest.approx(stats.mean_interval(matrix[:, 0], "bca", n_resamples=999).low)
+
+
 @pytest.mark.parametrize("method,resamples", [("t", 0), ("bca", 999), ("percentile", 999)])
 def test_95_percent_intervals_cover_the_true_mean(method, resamples):
     rng = np.random.default_rng(11)
