@@ -496,8 +496,9 @@ def save_checkpoint(config: Any, tokenizer: Any, layers: int, path: Path) -> Non
 
 
 def split_map(path: Path) -> dict[str, Any]:
-    """An explicit device_map: the embedding and the first half of the blocks on GPU 0, the rest on the CPU
-    (everything on the CPU without CUDA)."""
+    """An explicit device_map: the embedding, the first half of the blocks and the modules without weights (rotary
+    embedding) on GPU 0, the other blocks, the final norm and the unembedding on the CPU (everything on the CPU
+    without CUDA)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -506,13 +507,14 @@ def split_map(path: Path) -> dict[str, Any]:
     gpu = 0 if cuda() else "cpu"
     mapping: dict[str, Any] = {}
     seen_layers = False
-    for name, _ in inner.named_children():
+    for name, module in inner.named_children():
         if name == "layers":
             n = len(inner.layers)
             mapping.update({f"{inner_name}.layers.{i}": gpu if i < n // 2 else "cpu" for i in range(n)})
             seen_layers = True
         else:
-            mapping[f"{inner_name}.{name}"] = "cpu" if seen_layers else gpu
+            weighted = any(True for _ in module.parameters())
+            mapping[f"{inner_name}.{name}"] = "cpu" if seen_layers and weighted else gpu
     for name, _ in model.named_children():
         if name != inner_name:
             mapping[name] = "cpu"
