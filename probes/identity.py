@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from analyses.summaries import files_line, identity_lines
 from probes.pipeline import ModelOptions, Timer, versions
 from probes.results import IncrementalCSV, atomic_write, atomic_write_csv
 from probes.rundir import write_finished
@@ -67,6 +68,14 @@ def write_text_sets(splits: Splits, names: dict[str, str], out: Path, tokenizer:
     return items
 
 
+REPRODUCE_FILES = ("index.html", "results.csv", "comparison.md", "metrics.csv", "alignment.csv", "run.json")
+FINETUNE_FILES = ("index.html", "results.csv", "lens_summary.csv", "metrics.csv", "adapters/", "run.json")
+
+
+def summary_text(out: Path, results: pd.DataFrame, files: Sequence[str]) -> str:
+    """The lines a finished run prints: final accuracies per condition, and the files."""
+    return "\n".join([*identity_lines(results), files_line(out, files, check=False)])
+
 
 def finished(out: Path, settings: dict[str, Any]) -> bool:
     """Whether ``out`` holds a finished run with these settings (another finished run there is an error)."""
@@ -79,7 +88,6 @@ def finished(out: Path, settings: dict[str, Any]) -> bool:
     if previous != json.loads(json.dumps(settings)):
         raise ValueError(f"{out} holds a finished run with other settings; use another --out or delete it")
     return True
-
 
 
 # -------------------------------------------------------------------------------------------------- reproduce
@@ -153,7 +161,7 @@ def reproduce(out: Path, base: Any, data: dict[int, SynthConfig], grid: Sequence
               "threads": torch.get_num_threads(), "seed": seeds, "timings": timer.timings,
               "run_seconds": run_seconds, "results": results}
     atomic_write_csv(out / "results.csv", pd.DataFrame(results))
-    write_finished(out, record, f"wrote {out}/index.html")
+    write_finished(out, record, summary_text(out, pd.DataFrame(results), REPRODUCE_FILES))
     if not keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return reproduce_report(out)
@@ -219,8 +227,7 @@ def reproduce_report(out: Path) -> Path:
          [figures["spectrum"], figures["nuclear"]]),
     ]
     report.write_page(out / "index.html", title, intro, facts, sections)
-    print(report.markdown_table(table, keys, shown))
-    print(f"wrote {out}/index.html")
+    print(summary_text(out, results, REPRODUCE_FILES))
     return out
 
 
@@ -275,7 +282,6 @@ def finetune(out: Path, options: ModelOptions, data: SynthConfig, config: Any, *
                 "seed": seed, "probe_items": probe_items, "patch_pairs": patch_pairs, "memory": memory}
 
     if finished(out, settings):
-        print(f"{out} holds a finished run with these settings; rebuilding its report")
         print(f"{out} holds a finished run with these settings; rebuilding its report")
         return finetune_report(out)
     store = IncrementalCSV(out, "metrics", ("condition", "seed", *METRIC_COLUMNS), settings)
@@ -344,7 +350,7 @@ def finetune(out: Path, options: ModelOptions, data: SynthConfig, config: Any, *
     atomic_write_csv(out / "results.csv", pd.DataFrame(
         [{"condition": BASE, "seed": seed, **base_scores}] + results))
     store.finish(sort_by=["condition", "step"])  # last: a crash before here resumes with every row kept
-    write_finished(out, record, f"wrote {out}/index.html")
+    write_finished(out, record, summary_text(out, pd.read_csv(out / "results.csv"), FINETUNE_FILES))
     if not keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return finetune_report(out)
@@ -423,6 +429,5 @@ def finetune_report(out: Path) -> Path:
     report.write_page(out / "index.html", f"Identity fine-tuning: {record['model']}",
                       "LoRA adapters trained on made-up two-hop facts with and without identity supervision, and "
                       "the base model, from one PeftModel.", facts, sections)
-    print(results.to_string(index=False))
-    print(f"wrote {out}/index.html")
+    print(summary_text(out, results, FINETUNE_FILES))
     return out

@@ -43,8 +43,8 @@ def prompt_items(per_composition: int = 4) -> list[PromptItem]:
                          ("lives_in", "river", "The river of the town where {} lives is")):
         for k in range(per_composition):
             partner = k + 1 if k % 2 == 0 else k - 1
-            items.append(PromptItem(f"{r1}-{k}", text.format(f"Person {chr(65 + k)}"), f"Place {chr(70 + k)}",
-                                    f"Answer {chr(75 + k)}", r1=r1, r2=r2, pair=f"{r1}-{partner}"))
+            items.append(PromptItem(f"{r1}-{k}", text.format(f"Person {chr(65 + k)}"), f"{chr(70 + k)}land",
+                                    f"{chr(75 + k)}ville", r1=r1, r2=r2, pair=f"{r1}-{partner}"))
     return items
 
 
@@ -82,3 +82,51 @@ def test_main_job_without_out_writes_under_runs_of_the_working_directory(tmp_pat
     ids = set(pd.read_csv(out / "lens.csv")["prompt_id"])
     assert {i.split("-")[0] for i in ids} == {"born_in", "works_in", "lives_in"}  # the first 6 are 2 compositions
     assert all(f"{i.rsplit('-', 1)[0]}-{int(i.rsplit('-', 1)[1]) ^ 1}" in ids for i in ids)  # partners kept
+
+
+def _summary(capsys) -> list[str]:
+    """The lines a command printed last (progress bars go to stderr)."""
+    return [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+
+
+def test_every_command_ends_with_a_short_summary_of_figures_and_files(tmp_path: Path, prompt_file: Path, capsys,
+                                                                       one_thread) -> None:
+    model = str(tiny_model_dir(tmp_path / "tiny"))
+    lens, run, patch = tmp_path / "lens", tmp_path / "run", tmp_path / "patch"
+    assert main(["lens", "--model", model, "--prompts", str(prompt_file), "--out", str(lens)]) == 0
+    lines = _summary(capsys)
+    assert 3 <= len(lines) <= 5 and lines[-1] == f"Files in {lens}/: lens.csv, run.json"
+    assert "12 two-hop prompts, 2 layers. Two-hop accuracy" in lines[0] and "(n=12)" in lines[0]
+    assert "Bridge in the top 10 at some layer:" in lines[1] and "matched control" in lines[1]
+    assert json.loads((lens / "run.json").read_text())["summary"] == "\n".join(lines)  # what a rerun prints
+
+    assert main(["run", "--model", model, "--prompts", str(prompt_file), "--out", str(run), "--patch-pairs", "4",
+                 "--memory-items", "4", "--memory-map-items", "2", "--memory-stride", "1"]) == 0
+    lines = _summary(capsys)
+    assert 3 <= len(lines) <= 5, lines
+    assert lines[2].startswith("Attribution patching: 4 pairs") and lines[3].startswith("Shared memory: ")
+    assert lines[-1].startswith(f"Files in {run}/: index.html, summary.json, lens.csv")
+    assert main(["report", str(run)]) == 0
+    assert _summary(capsys) == lines  # rebuilt from the files: the same figures
+
+    assert main(["patch", "--model", model, "--prompts", str(prompt_file), "--out", str(patch), "--limit", "3"]) == 0
+    lines = _summary(capsys)
+    assert 3 <= len(lines) <= 5 and "exact patching (denoise) of resid_pre: 3 pairs, " in lines[0]
+    assert lines[-1].startswith("Sweeps ") and f"Files in {patch}/: patching.csv" in lines[-1]
+
+
+def test_synth_and_reproduce_summaries(tmp_path: Path, capsys, one_thread) -> None:
+    synth = tmp_path / "synth"
+    assert main(["synth", "--subjects", "8", "--bridges", "3", "--objects", "4", "--r1", "2", "--r2", "2",
+                 "--out", str(synth)]) == 0
+    lines = _summary(capsys)
+    assert len(lines) == 3 and lines[0].startswith("Synthetic two-hop data, seed 0: one_hop ")
+    assert lines[-1] == f"Files in {synth}/: synth.json, examples.csv, prompts.jsonl, train.jsonl"
+    grid = tmp_path / "grid"
+    assert main(["reproduce", "--preset", "tiny", "--seeds", "0", "--steps", "10", "--out", str(grid)]) == 0
+    lines = _summary(capsys)
+    results = pd.read_csv(grid / "results.csv").set_index("condition")
+    assert lines[:2] == [f"{c}: OOD two-hop accuracy {results.loc[c, 'ood_two_hop_acc']:.1%}, ID two-hop "
+                         f"{results.loc[c, 'id_two_hop_acc']:.1%}, one-hop {results.loc[c, 'one_hop_acc']:.1%}"
+                         for c in ("no_identity", "identity")]
+    assert lines[-1].startswith(f"Files in {grid}/: index.html, results.csv")

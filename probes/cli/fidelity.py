@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from analyses.summaries import files_line
 from probes.checks import check_context_length
 from probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, positive_int,
                                prompt_args, prompt_settings, rundir_args)
@@ -122,7 +123,8 @@ def _fidelity_run(args: argparse.Namespace, items: list[PromptItem], sites: list
     overall = summary(table)
     atomic_write_json(args.out / "fidelity.json", {"reference": args.dtype, "variants": overall})
     record = run_record("fidelity", hooked, reference, settings, timer, {"variants": loads})
-    lines = []
+    lines = [f"{args.model}: {len(items)} items, {', '.join(args.compare)} against {args.dtype}"
+             + (f", exact patching on {args.patch_pairs} pairs." if args.patch_pairs else ".")]
     for label, probes in overall.items():
         lens = probes["lens"]
         line = (f"{label} vs {args.dtype}: lens rank Spearman {lens['rank_spearman']:.4f}, max |d logprob| "
@@ -132,7 +134,7 @@ def _fidelity_run(args: argparse.Namespace, items: list[PromptItem], sites: list
             line += (f"; patching Pearson {patch['value_pearson']:.4f}, max |d value| "
                      f"{patch['value_max_abs_diff']:.3g}, top cell agreement {patch['top_cell_agreement']:.1%}")
         lines.append(line)
-    lines.append(f"wrote {args.out}/fidelity.csv")
+    lines.append(files_line(args.out, ("fidelity.csv", "fidelity.json", "run.json", *args.compare)))
     run.finish(record, "\n".join(lines))
     print("\n".join(lines))
     return args.out

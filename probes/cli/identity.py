@@ -9,6 +9,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+from analyses.summaries import files_line
 from probes.cli.common import EPILOG, RUNS, check_options, fingerprint, model_args, model_options, rundir_args
 from probes.identity import FINETUNE_DATA, REPRODUCE_PRESETS, finetune, reproduce, write_synth
 from probes.models import DEFAULT_MODEL
@@ -178,7 +179,9 @@ def _synth(args: argparse.Namespace, run: Any) -> None:
         tokenizer = AutoTokenizer.from_pretrained(resolve(args.tokenizer_model))
     splits = write_synth(_data_config(args, {}, args.seed), args.out, tokenizer)
     sizes = ", ".join(f"{k} {v}" for k, v in splits.summary()["sizes"].items())
-    summary = f"wrote {args.out}/ ({sizes}; OOD pairs {splits.ood_pairs})"
+    summary = "\n".join([f"Synthetic two-hop data, seed {args.seed}: {sizes} examples.",
+                         f"Relation pairs never composed in training (OOD): {splits.ood_pairs}.",
+                         files_line(args.out, ("synth.json", "examples.csv", "prompts.jsonl", "train.jsonl"))])
     run.finish({"command": "synth", "settings": splits.summary()}, summary)
     print(summary)
 

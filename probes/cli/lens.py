@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from analyses.summaries import lens_run_lines, lens_summary
 from probes.checks import check_context_length
 from probes.cli.common import (EPILOG, check_options, default_out, fingerprint, load_items, model_args,
                                model_options, prompt_args, prompt_settings, run_args, rundir_args)
@@ -107,7 +108,6 @@ def _lens_run(args: argparse.Namespace, report: bool, out: Path, items: list[Pro
     if memory is not None:
         extra["memory"] = memory.info
     record = run_record(args.command, hooked, options, settings, timer, extra)
-    lines = []
     if report:
         from analyses.patching_report import attribution_section
         from analyses.report import write_lens_report
@@ -117,11 +117,10 @@ def _lens_run(args: argparse.Namespace, report: bool, out: Path, items: list[Pro
             sections.append(memory_report_section(memory.frame, out, record))
         with timer.section("report_s"):
             summary = write_lens_report(frame, items, out, record, sections)
-        acc, bridge = summary["accuracy"], summary["bridge"]
-        lines.append(f"{args.model}: two-hop accuracy {acc['two_hop']:.1%} (hop1 {acc['hop1']}, hop2 {acc['hop2']}); "
-                     f"bridge in top 10 at some layer for {bridge['top10_any_layer']:.1%} of prompts, best layer "
-                     f"{bridge['best_layer_by_top10_rate']} ({bridge['best_top10_rate']:.1%})")
-    lines.append(f"wrote {out}/" + ("index.html" if report else "lens.csv"))
+    else:
+        summary = lens_summary(frame)
+    lines = lens_run_lines(summary, out, args.model, attribution[0].frame if attribution is not None else None,
+                           json.loads((out / "memory_summary.json").read_text()) if memory is not None else None)
     run.finish(record, "\n".join(lines))
     print("\n".join(lines))
     return out
@@ -160,11 +159,12 @@ def _report(out: Path) -> None:
     items = load_prompts(settings["prompts"], columns=columns, preset=settings.get("preset"),
                          limit=settings.get("limit"), sample=settings.get("sample", "first"),  # older runs: first N
                          seed=settings.get("seed") or 0)
-    sections = []
+    sections, attribution, memory = [], None, None
     if (out / "attribution.csv").is_file():
         attribution = pd.read_csv(out / "attribution.csv", dtype={"clean_id": str, "corrupt_id": str})
         sections.append(attribution_section(attribution, out, record["model"]))
     if (out / "memory.csv").is_file():
         sections.append(memory_report_section(read_memory_csv(out), out, record))
-    write_lens_report(pd.read_csv(out / "lens.csv", dtype={"prompt_id": str}), items, out, record, sections)
-    print(f"wrote {out}/index.html")
+        memory = json.loads((out / "memory_summary.json").read_text())
+    summary = write_lens_report(pd.read_csv(out / "lens.csv", dtype={"prompt_id": str}), items, out, record, sections)
+    print("\n".join(lens_run_lines(summary, out, record["model"], attribution, memory)))

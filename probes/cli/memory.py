@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
+from analyses.summaries import MEMORY_FILES, files_line, memory_lines
 from probes.checks import check_context_length
 from probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, positive_int,
                                prompt_args, prompt_settings, rundir_args)
@@ -120,7 +121,6 @@ def memory_report_section(frame: pd.DataFrame, out: Path, record: dict) -> Secti
     from analyses.memory_report import memory_section, write_memory_outputs
 
     summary = write_memory_outputs(frame, out, record)
-    print(summary["statement"])
     return memory_section(summary, [out / name for name in summary["figures"]])
 
 
@@ -152,8 +152,8 @@ def _memory_run(args: argparse.Namespace, config: MemoryConfig, items: list[Prom
 
     with timer.section("report_s"):
         summary = write_memory_outputs(done.frame, args.out, record)
-    lines = [summary["statement"], f"wrote {args.out}/memory.csv ({done.info['n_items']} items, memory analyses "
-                                   f"{timer.timings['memory_s']:.0f} s)"]
+    lines = [f"{args.model}: shared-memory analyses ({', '.join(config.analyses)}) on {done.info['n_items']} items "
+             f"in {timer.timings['memory_s']:.0f} s.", *memory_lines(summary), files_line(args.out, MEMORY_FILES)]
     run.finish(record, "\n".join(lines))
     print("\n".join(lines))
     return args.out
@@ -169,5 +169,4 @@ def memory_report_job(out: Path) -> None:
         check_rows(out, "memory.csv")
         record = json.loads((out / "run.json").read_text())
         summary = write_memory_outputs(read_memory_csv(out), out, record)
-    print(summary["statement"])
-    print(f"wrote {out}/memory_summary.json")
+    print("\n".join([*memory_lines(summary), files_line(out, MEMORY_FILES)]))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from analyses.summaries import PATCH_FILES, files_line, patching_lines
 from probes.checks import check_context_length
 from probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, prompt_args,
                                prompt_settings, rundir_args)
@@ -90,7 +91,10 @@ def _patch_run(args: argparse.Namespace, items: list[PromptItem], corrupt: list[
                                direction=args.direction)
     record = run_record("patch", hooked, options, settings, timer, {
         "n_pairs": len(pairs), "skipped_pairs": skipped, "forward_equivalents": done.forward_equivalents})
-    summary = f"wrote {args.out}/patching.csv ({len(pairs)} pairs, sweeps {done.sweep_s:.1f} s)"
+    label = (f"{args.model}, {args.method} patching ({args.direction}) of {', '.join(sites)}"
+             + (f", {len(skipped)} unequal pairs skipped" if skipped else ""))
+    summary = "\n".join([*patching_lines(done.frame, label, args.direction),
+                         f"Sweeps {done.sweep_s:.1f} s. " + files_line(args.out, PATCH_FILES)])
     run.finish(record, summary)
     print(summary)
     return args.out
