@@ -112,6 +112,8 @@ def check_options(args: argparse.Namespace) -> None:
     import torch
 
     device = getattr(args, "device", None)
+    if device and getattr(args, "device_map", None):
+        raise ValueError("pass either --device or --device-map, not both")
     if device:
         try:
             parsed = torch.device(device)
@@ -127,6 +129,7 @@ def check_options(args: argparse.Namespace) -> None:
             raise ValueError(f"--device {device}: MPS is not available on this host; use --device cpu")
     if getattr(args, "max_memory", None):
         parse_max_memory(args.max_memory)
+                                   or bool({"8bit", "4bit"} & set(getattr(args, "compare", None) or ())), "quant"),
 
 
 def parse_max_memory(text: str) -> dict[int | str, str | int]:
