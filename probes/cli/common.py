@@ -129,7 +129,6 @@ def check_options(args: argparse.Namespace) -> None:
             raise ValueError(f"--device {device}: MPS is not available on this host; use --device cpu")
     if getattr(args, "max_memory", None):
         parse_max_memory(args.max_memory)
-                                   or bool({"8bit", "4bit"} & set(getattr(args, "compare", None) or ())), "quant"),
 
 
 def parse_max_memory(text: str) -> dict[int | str, str | int]:
