@@ -299,8 +299,9 @@ def auto_batch_size(hooked: HookedModel, queries: Sequence[LensQuery], *, all_po
                     free_bytes: int | None = None, fraction: float = 0.5) -> int:
     """Queries per :func:`lens_batch` call: the most (up to :data:`MAX_AUTO_BATCH`) whose :func:`lens_memory`
     fits in ``fraction`` of ``free_bytes`` (default: :func:`free_memory`), sized for the longest query; without a
-    GPU, :data:`DEFAULT_BATCH_SIZE`. Two queries share a sequence at most (a two-hop prompt's bridge and answer),
-    so a batch of ``Q`` queries is costed as ``Q`` sequences for the forward and ``ceil(Q/2)`` for the readout."""
+    GPU, :data:`DEFAULT_BATCH_SIZE`. Three queries share a sequence at most (a two-hop prompt's bridge, answer and
+    control), so a batch of ``Q`` queries is costed as ``Q`` sequences for the forward and ``ceil(Q/3)`` for the
+    readout (fewer sequences let more layers into one unembedding call)."""
     free = free_memory(hooked) if free_bytes is None else free_bytes
     if free is None or not queries:
         return DEFAULT_BATCH_SIZE
@@ -310,7 +311,7 @@ def auto_batch_size(hooked: HookedModel, queries: Sequence[LensQuery], *, all_po
     budget = fraction * free
     for size in range(MAX_AUTO_BATCH, 1, -1):
         forward = lens_memory(hooked, size, n_tokens, all_positions=all_positions, n_extra=n_extra)
-        readout = lens_memory(hooked, size, n_tokens, n_sequences=-(-size // 2), all_positions=all_positions,
+        readout = lens_memory(hooked, size, n_tokens, n_sequences=-(-size // 3), all_positions=all_positions,
                               n_extra=n_extra)
         if max(forward, readout) <= budget:
             return size

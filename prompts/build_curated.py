@@ -938,9 +938,11 @@ def load_tokenizers() -> dict[str, Any]:
 
 
 def signature(item: dict[str, str], toks: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(two_hop length per tokenizer, answer first token per tokenizer)."""
+    """(two_hop length per tokenizer, answer first token after the two-hop prompt per tokenizer)."""
+    from probes.targets import target_ids
+
     lengths = tuple(len(tok(item["two_hop"]).input_ids) for tok in toks.values())
-    firsts = tuple(tok(" " + item["answer"], add_special_tokens=False).input_ids[0] for tok in toks.values())
+    firsts = tuple(target_ids(tok, item["two_hop"], item["answer"])[0] for tok in toks.values())
     return lengths, firsts
 
 

@@ -12,6 +12,7 @@ import torch
 import probes.pipeline
 from conftest import plain_hf_patched_run, requires_smollm2
 from probes.cli import main
+from probes.targets import target_ids
 from prompts.schema import PromptItem
 
 pytestmark = [pytest.mark.slow, requires_smollm2]
@@ -111,9 +112,9 @@ def test_patch_on_an_unseen_pair_equals_an_independent_naive_loop(tmp_path: Path
               ("the Acropolis", "Greece", "Athens"), ("Machu Picchu", "Peru", "Lima")]
     text = "The capital of the country where {} is located is"
     length = lambda p: len(tokenizer(text.format(p[0]))["input_ids"])  # noqa: E731
-    first = lambda a: tokenizer(" " + a, add_special_tokens=False)["input_ids"][0]  # noqa: E731
+    first = lambda p, k: target_ids(tokenizer, text.format(p[0]), p[k])[0]  # noqa: E731 (k: 1 bridge, 2 answer)
     candidates = [(a, b) for a in places for b in places
-                  if a != b and length(a) == length(b) and first(a[2]) != first(b[2])]
+                  if a != b and length(a) == length(b) and first(a, 2) != first(b, 2)]
     clean, corrupt = rng.choice(candidates)
     items = [PromptItem("c", text.format(clean[0]), clean[1], clean[2], pair="k"),
              PromptItem("k", text.format(corrupt[0]), corrupt[1], corrupt[2], pair="c")]
@@ -127,13 +128,13 @@ def test_patch_on_an_unseen_pair_equals_an_independent_naive_loop(tmp_path: Path
     for _, row in frame.sample(12, random_state=rng.randrange(1000)).iterrows():
         expected = _naive_resid_pre_patch(model, tokenizer(items[0].two_hop)["input_ids"],
                                           tokenizer(items[1].two_hop)["input_ids"], int(row.layer),
-                                          int(row.position), (first(clean[2]), first(corrupt[2])))
+                                          int(row.position), (first(clean, 2), first(corrupt, 2)))
         assert row.metric == pytest.approx(expected, abs=1e-4), row
         assert row.value == pytest.approx((expected - row.corrupt_metric) / (row.clean_metric - row.corrupt_metric),
                                           abs=1e-4)
     bridge = pd.read_csv(tmp_path / "out" / "patching_bridge.csv")
     assert len(bridge) == sum(30 - layer for layer in range(30)) * length(clean)
-    bridge_token = first(clean[1])
+    bridge_token = first(clean, 1)
     for _, row in frame.sample(3, random_state=rng.randrange(1000)).iterrows():
         layer, position = int(row.layer), int(row.position)
         out = plain_hf_patched_run(model, tokenizer(items[0].two_hop)["input_ids"],

@@ -189,9 +189,9 @@ def test_two_process_lens_equals_one_process(workspace: Path) -> None:
     _single(workspace, *args, "--out", "lens1")
     assert _torchrun(workspace, *args, "--out", "lens2") == 0
     assert (workspace / "lens2" / "lens.csv").read_bytes() == (workspace / "lens1" / "lens.csv").read_bytes()
-    assert len(pd.read_csv(workspace / "lens2" / "lens.csv")) == 8 * 4 * 3  # items x probes x layers
+    assert len(pd.read_csv(workspace / "lens2" / "lens.csv")) == 8 * 5 * 3  # items x probes (control too) x layers
     run = json.loads((workspace / "lens2" / "run.json").read_text())
-    assert run["processes"] == 2 and run["n_queries"] == 32 and run["resumed_queries"] == 0
+    assert run["processes"] == 2 and run["n_queries"] == 40 and run["resumed_queries"] == 0
     assert run["lens_batch_size"] == run["lens_batch_size_used"] == 16
     assert not (workspace / "lens2" / "shards").exists()
 
@@ -252,6 +252,6 @@ def test_two_process_lens_on_gpu_equals_one_process(workspace: Path) -> None:
     _single(workspace, *args, "--out", "gpu1")
     assert _torchrun(workspace, *args, "--out", "gpu2") == 0
     one, two = (pd.read_csv(workspace / out / "lens.csv") for out in ("gpu1", "gpu2"))
-    assert len(one) == len(two) == 8 * 4 * 3 and (one["rank"] == two["rank"]).all()
+    assert len(one) == len(two) == 8 * 5 * 3 and (one["rank"] == two["rank"]).all()
     assert (one["logprob"] - two["logprob"]).abs().max() <= 1e-5
     assert json.loads((workspace / "gpu2" / "run.json").read_text())["processes"] == 2

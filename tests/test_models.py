@@ -88,7 +88,7 @@ def test_max_memory_split_across_cpu_and_disk_gives_the_same_probe_results(check
     assert len(rows) == len(expected_rows) == 4 * 3  # queries x layers
     for row, expected in zip(rows, expected_rows):
         assert row["rank"] == expected["rank"] and row["logprob"] == pytest.approx(expected["logprob"], abs=1e-5)
-    pair = Pair.from_text(tokenizer, "The tower is in", "The river is in", "F", "I")
+    pair = Pair.from_text(tokenizer, "The tower is in", "The river is in", "F", "I", sep="")
     patched, expected = sweep(split, pair).frame["metric"], sweep(plain, pair).frame["metric"]
     assert len(patched) == 3 * 15 and (patched - expected).abs().max() <= 1e-5
 

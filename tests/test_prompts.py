@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import requires_gemma3, requires_smollm2
+from probes.targets import target_ids
 from prompts.loaders import load_prompts, parse_columns
 from prompts.schema import PromptSetError
 
@@ -55,8 +56,8 @@ def test_curated_pairs_tokenize_to_equal_length(alias: str) -> None:
     for item in items.values():
         partner = items[item.pair]
         assert len(tokenizer(item.two_hop)["input_ids"]) == len(tokenizer(partner.two_hop)["input_ids"]), item.id
-        first = lambda text: tokenizer(" " + text, add_special_tokens=False)["input_ids"][0]  # noqa: E731
-        assert first(item.answer) != first(partner.answer), item.id
+        first = lambda i: target_ids(tokenizer, i.two_hop, i.answer)[0]  # noqa: E731
+        assert first(item) != first(partner), item.id
 
 
 @pytest.mark.parametrize(("line", "field", "message"), [

@@ -53,7 +53,7 @@ def test_lens_halves_its_batch_on_out_of_memory_and_writes_the_same_rows(hooked,
     monkeypatch.setattr(probes.pipeline, "lens_batch", small_gpu)
     run = run_lens(hooked, ITEMS, tmp_path / "oom", settings={}, batch_size=12)
     assert sizes[:3] == [12, 6, 3] and max(sizes[3:]) == 3  # halved twice, and later batches stay small
-    assert run.batch_size == 12 and run.batch_size_used == 3 and len(run.frame) == 28 * 3
+    assert run.batch_size == 12 and run.batch_size_used == 3 and len(run.frame) == 7 * 5 * 3  # items x probes x layers
     monkeypatch.setattr(probes.pipeline, "lens_batch", real)
     run_lens(hooked, ITEMS, tmp_path / "plain", settings={}, batch_size=3)
     # the batches that ran are those of a plain run with batch size 3, so the file is the same byte for byte
@@ -85,8 +85,8 @@ def test_auto_batch_size_fits_the_memory_estimate(hooked) -> None:
     encoded = [_encode(hooked.tokenizer, q) for q in queries]
     longest, extra = max(len(e.sequence) for e in encoded), max(len(e.target_ids) for e in encoded) - 1
 
-    def cost(size: int) -> int:  # a batch of `size` queries on `size` sequences, or on half as many
-        return max(lens_memory(hooked, size, longest, n_sequences=n, n_extra=extra) for n in (size, -(-size // 2)))
+    def cost(size: int) -> int:  # a batch of `size` queries on `size` sequences, or on a third as many
+        return max(lens_memory(hooked, size, longest, n_sequences=n, n_extra=extra) for n in (size, -(-size // 3)))
 
     sizes = [auto_batch_size(hooked, queries, free_bytes=int(k * cost(1))) for k in (1, 4, 16, 64, 10**6)]
     assert sizes == sorted(sizes) and sizes[0] == 1 and sizes[-1] == MAX_AUTO_BATCH

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import requires_smollm2
+from probes.targets import target_ids
 from prompts.loaders import load_prompts
 from prompts.schema import PromptSetError
 from prompts.synthetic import (SPLITS, SynthConfig, check_splits, generate, load_splits, make_names, render_items,
@@ -128,7 +129,7 @@ def test_natural_language_items_are_a_valid_prompt_set(tmp_path: Path) -> None:
     tokenizer = ChunkTokenizer()
     names = make_names(splits, seed=0, tokenizer=tokenizer)
     assert len(set(names.values())) == len(names)
-    firsts = {tokenizer(" " + names[b], add_special_tokens=False)["input_ids"][0] for b in splits.bridges}
+    firsts = {target_ids(tokenizer, "Someone was born in", names[b])[0] for b in splits.bridges}
     assert len(firsts) == len(splits.bridges)  # distinct first tokens, as asked
     items = render_items(splits, names, ("id_test", "ood_test"), tokenizer=tokenizer)
     assert len(items) == len(splits.examples["id_test"]) + len(splits.examples["ood_test"])

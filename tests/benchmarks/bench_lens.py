@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from probes.hooks import NativeHooks
-from probes.lens import batches, lens_batch, lens_queries, target_token_ids
+from probes.lens import batches, lens_batch, lens_queries
 from probes.models import load_model
+from probes.targets import target_ids
 from prompts.loaders import load_prompts
 
 
@@ -41,7 +42,7 @@ def transformer_lens_loop(model: torch.nn.Module, tokenizer, queries) -> dict[tu
             for layer, name in enumerate(names):
                 logits = bridge.unembed(bridge.ln_final(cache[name][0, -1]))
                 for q in group:
-                    target = target_token_ids(tokenizer, q.target_text)[0]
+                    target = target_ids(tokenizer, q.prompt, q.target_text)[0]
                     ranks[(q.key, layer)] = int((logits > logits[target]).sum())
     return ranks
 
