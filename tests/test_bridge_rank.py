@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import plain_hf_patched_run, tiny_model
+from conftest import plain_hf_patched_run, requires_transformer_lens, tiny_model
 from probes.hooks import NativeHooks
 from probes.patching import Pair, sweep
 from probes.tl_backend import TransformerLensHooks
@@ -23,8 +23,9 @@ def _reference(model, receiving: list[int], source: list[int], layer: int, posit
     return ranks
 
 
-@pytest.mark.parametrize("backend, method", [(NativeHooks, "fast"), (NativeHooks, "naive"),
-                                             (TransformerLensHooks, "batched")])
+@pytest.mark.parametrize("backend, method", [
+    (NativeHooks, "fast"), (NativeHooks, "naive"),
+    pytest.param(TransformerLensHooks, "batched", marks=requires_transformer_lens, id="TransformerLensHooks-batched")])
 def test_bridge_ranks_after_patching_match_plain_hf(backend: type, method: str) -> None:
     model = tiny_model("llama")
     gen = torch.Generator().manual_seed(5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -130,3 +131,13 @@ def test_synth_and_reproduce_summaries(tmp_path: Path, capsys, one_thread) -> No
                          f"{results.loc[c, 'id_two_hop_acc']:.1%}, one-hop {results.loc[c, 'one_hop_acc']:.1%}"
                          for c in ("no_identity", "identity")]
     assert lines[-1].startswith(f"Files in {grid}/: index.html, results.csv")
+
+
+def test_an_option_needing_a_missing_extra_is_a_one_line_error(tmp_path: Path, prompt_file: Path, capsys,
+                                                                 monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformer_lens", None)  # as in the light install
+    assert main(["lens", "--model", "no-such-model", "--prompts", str(prompt_file), "--out", str(tmp_path / "o"),
+                 "--backend", "transformer-lens"]) == 2
+    assert "transformer_lens is not installed; it comes with the optional 'lens' extra: pip install -e '.[lens]'" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from conftest import TINY_CONFIGS, requires_gemma3, tiny_model
+from conftest import TINY_CONFIGS, requires_gemma3, requires_transformer_lens, tiny_model, tl_hooks
 from probes.hooks import SITES, NativeHooks, Patch, pad_right
 from probes.tl_backend import TransformerLensHooks
 
@@ -37,6 +37,7 @@ def test_native_sites_match_hf_hidden_states(kind: str) -> None:
     torch.testing.assert_close(last, ref.logits, rtol=0, atol=TOL)
 
 
+@requires_transformer_lens
 @pytest.mark.parametrize("kind", sorted(TINY_CONFIGS))
 def test_transformer_lens_backend_matches_native(kind: str) -> None:
     model = tiny_model(kind)
@@ -51,7 +52,7 @@ def test_transformer_lens_backend_matches_native(kind: str) -> None:
     torch.testing.assert_close(bridge.readout(h), native.readout(h), rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("backend", [NativeHooks, TransformerLensHooks])
+@pytest.mark.parametrize("backend", [NativeHooks, tl_hooks()])
 @pytest.mark.parametrize("kind", ["llama", "gemma3_text"])
 def test_batched_with_padding_equals_one_at_a_time(kind: str, backend: type) -> None:
     hooked = backend(tiny_model(kind))
@@ -66,7 +67,7 @@ def test_batched_with_padding_equals_one_at_a_time(kind: str, backend: type) -> 
             torch.testing.assert_close(batch.acts[key][i, :n], value[0], rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("backend", [NativeHooks, TransformerLensHooks])
+@pytest.mark.parametrize("backend", [NativeHooks, tl_hooks()])
 def test_early_stop_and_position_gather(backend: type) -> None:
     hooked = backend(tiny_model("llama"))
     ids = _ids()
@@ -78,7 +79,7 @@ def test_early_stop_and_position_gather(backend: type) -> None:
     torch.testing.assert_close(early.acts[("resid_post", 1)], expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", [NativeHooks, TransformerLensHooks])
+@pytest.mark.parametrize("backend", [NativeHooks, tl_hooks()])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_patching_all_of_layer0_gives_the_clean_run(kind: str, backend: type) -> None:
     hooked = backend(tiny_model(kind))
@@ -105,6 +106,7 @@ def test_bad_site_and_layer_are_rejected() -> None:
 
 
 @pytest.mark.slow
+@requires_transformer_lens
 def test_real_smollm2_backends_match_plain_hf(smollm2) -> None:
     model, tokenizer = smollm2
     texts = ["The Eiffel Tower is located in the country of", "Mount Fuji is in"]

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from conftest import CharTokenizer, tiny_model
+from conftest import CharTokenizer, requires_transformer_lens, tiny_model
 from probes.hooks import NativeHooks
 from probes.lens import LensQuery, lens_batch, lens_queries
 from probes.targets import target_ids
@@ -64,6 +64,7 @@ def test_lens_equals_plain_hf_on_tiny_models(kind: str) -> None:
     assert len(rows) == len(queries) * 3  # one row per query and layer at the last position
 
 
+@requires_transformer_lens
 def test_transformer_lens_backend_gives_the_same_lens() -> None:
     model = tiny_model("llama")
     tokenizer = CharTokenizer()

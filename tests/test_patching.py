@@ -12,7 +12,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Gemma2Config, GPTNeoXConfig, MistralConfig, Qwen3Config
 from transformers.models.gemma3 import Gemma3TextConfig
 
-from conftest import TINY_CONFIGS, CharTokenizer, requires_gemma3, requires_smollm2
+from conftest import TINY_CONFIGS, CharTokenizer, requires_gemma3, requires_smollm2, requires_transformer_lens
 from probes.attribution import attribution_sweep, screen_and_confirm
 from probes.hooks import SITES, NativeHooks
 from probes.heads import n_heads
@@ -152,6 +152,7 @@ def test_unverified_architecture_falls_back_to_batched() -> None:
         sweep(hooked, pair, "mlp_out", method="fast", layers=[0], positions=[8])
 
 
+@requires_transformer_lens
 def test_transformer_lens_backend_uses_batched_path() -> None:
     model = model_of("llama")
     bridge, native = TransformerLensHooks(model), NativeHooks(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -108,7 +109,7 @@ def fingerprint(args: argparse.Namespace, command: str, **options: Any) -> dict[
 
 def check_options(args: argparse.Namespace) -> None:
     """Option checks that argparse cannot do, before anything is loaded: the device exists, --max-memory is a
-    JSON object of device -> size."""
+    JSON object of device -> size, the optional package an option needs is installed."""
     import torch
 
     device = getattr(args, "device", None)
@@ -129,6 +130,13 @@ def check_options(args: argparse.Namespace) -> None:
             raise ValueError(f"--device {device}: MPS is not available on this host; use --device cpu")
     if getattr(args, "max_memory", None):
         parse_max_memory(args.max_memory)
+    for module, wanted, extra in (("transformer_lens", getattr(args, "backend", None) == "transformer-lens", "lens"),
+                                  ("bitsandbytes", bool(getattr(args, "quantize", None))
+                                   or bool({"8bit", "4bit"} & set(getattr(args, "compare", None) or ())), "quant"),
+                                  ("peft", getattr(args, "command", None) == "finetune", "finetune")):
+        if wanted and importlib.util.find_spec(module) is None:
+            raise ValueError(f"{module} is not installed; it comes with the optional '{extra}' extra: "
+                             f"pip install -e '.[{extra}]'")
 
 
 def parse_max_memory(text: str) -> dict[int | str, str | int]:
