@@ -446,6 +446,8 @@ def _position_summary(frame: pd.DataFrame, table: pd.DataFrame, cells: pd.DataFr
         if differences.empty or key not in differences.columns:
             return "n/a (not measured)"
         row = column_intervals(differences[[key]], "t").iloc[0]
+        if row["n"] < 3:
+            return f"{row['mean']:+.2f} (n = {int(row['n'])}: too few to test)" if row["n"] else "n/a (n = 0)"
         p = tests[(tests["test"] == test) & (tests["position"] == position) & (tests["layer"] == peak)]["p_adjusted"]
         ci = "" if pd.isna(row["ci_low"]) else f" [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
         return f"{row['mean']:+.2f}{ci} (n = {int(row['n'])}, adjusted p = {float(p.iloc[0]):.3g})"
