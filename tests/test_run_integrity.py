@@ -68,7 +68,13 @@ def memory_args(ws: Path, out: Path, *extra: str) -> list[str]:
             "--items", "2", "--map-items", "1", *extra]
 
 
-JOBS = {"lens": lens_args, "patch": patch_args, "memory": memory_args}
+def run_args(ws: Path, out: Path, *extra: str) -> list[str]:
+    return ["run", "--model", str(ws / "model"), "--prompts", str(ws / "prompts.jsonl"), "--out", str(out),
+            "--limit", "4", "--batch-size", "3", "--patch-pairs", "2", "--memory-items", "2", "--memory-map-items", "1",
+            *extra]
+
+
+JOBS = {"lens": lens_args, "patch": patch_args, "memory": memory_args, "run": run_args}
 
 
 def cli(args: list[str]) -> int:
@@ -166,7 +172,7 @@ def killed_run(tmp_path: Path, mode: str, n: int, fraction: float, args: list[st
 
 SEED = 20261129
 rng = random.Random(SEED)
-KILLS = [("lens", "append", rng.randint(1, 8), rng.random()), ("lens", "append", rng.randint(9, 13), rng.random()),
+KILLS = [("lens", "append", rng.randint(1, 13), rng.random()), ("run", "append", rng.randint(1, 8), rng.random()),
          ("lens", "replace", rng.randint(1, 20), 0.0), ("patch", "append", rng.randint(1, 4), rng.random()),
          ("patch", "replace", rng.randint(2, 12), 0.0), ("memory", "append", rng.randint(1, 2), rng.random())]
 
