@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -126,9 +127,15 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     for key in sorted(set(old_flat) | set(new_flat)):
         before, after = old_flat.get(key, missing), new_flat.get(key, missing)
         if before != after:
-            show = lambda v: "(unset)" if v is missing else json.dumps(v)  # noqa: E731
-            lines.append(f"{key}: {show(before)} -> {show(after)}")
+            lines.append(f"{key}: {_show(before, missing)} -> {_show(after, missing)}")
     return lines
+
+
+def _show(value: Any, missing: object) -> str:
+    """A setting's value for a message: JSON, with long hashes cut to their first 12 digits."""
+    if value is missing:
+        return "(unset)"
+    return re.sub(r"\b([0-9a-f]{12})[0-9a-f]{20,}\b", r"\1…", json.dumps(value, ensure_ascii=False))
 
 
 def normalize(fingerprint: dict[str, Any]) -> dict[str, Any]:
