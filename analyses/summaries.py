@@ -65,7 +65,8 @@ def patching_lines(frame: pd.DataFrame, label: str, direction: str = "denoise") 
     n_pairs, n_kept = frame["clean_id"].nunique(), kept_pairs(frame)["clean_id"].nunique()
     if not n_pairs:
         return [f"{label}: no usable pair."]
-    head = f"{label}: {n_pairs} pairs, {n_kept} kept (the others' clean-corrupted logit gap is too small)."
+    head = f"{label}: {n_pairs} pairs, " + ("all kept." if n_kept == n_pairs else
+                                           f"{n_kept} kept (the others' clean-corrupted logit gap is too small).")
     peaks = []
     for site, part in layers.dropna(subset=["mean_last"]).groupby("site", sort=False):
         top = part.loc[part["mean_last"].idxmax()]
