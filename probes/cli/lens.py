@@ -42,15 +42,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     run = sub.add_parser("run", help="main job: logit lens, attribution patching and a shared-memory section, "
                                      "with the report, on the embedded default model -> runs/MODEL/",
-                         description="The main job: run every probe on a model and prompt set and write a report "
-                                     "(CSV, summary.json, PNG plots, index.html). Defaults: the embedded "
-                                     f"{DEFAULT_MODEL} on the bundled curated set, into runs/MODEL (git-ignored).",
+                         description="The main job: the logit lens on every item, attribution patching on "
+                                     "--patch-pairs counterfactual pairs and a reduced shared-memory analysis "
+                                     "(--memory-* flags), with a report (CSV, summary.json, PNG plots, index.html). "
+                                     f"Defaults: the embedded {DEFAULT_MODEL} on the bundled curated set, into "
+                                     "runs/MODEL (git-ignored). Exact patching, the full memory analysis and the "
+                                     "identity experiments are their own commands (patch, memory, reproduce, "
+                                     "finetune).",
                          epilog=EPILOG)
     model_args(run, DEFAULT_MODEL)
     prompt_args(run, "curated")
     run.add_argument("--out", type=Path, help="output directory (default: runs/<model name>)")
     run.add_argument("--patch-pairs", type=int, default=32,
-                     help="pairs for the report's attribution-patching section (default 32; 0 skips it)")
+                     help="pairs for the report's attribution-patching section, chosen like --limit by --sample "
+                          "(default 32; 0 skips it)")
     run_args(run)
     rundir_args(run)
     # memory section: defaults sized to keep `run` within a few minutes on 2 CPU cores (`bridgeprobe memory`: all)
