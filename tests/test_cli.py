@@ -121,7 +121,7 @@ def test_patch_on_an_unseen_pair_equals_an_independent_naive_loop(tmp_path: Path
     path = tmp_path / "pair.jsonl"
     path.write_text("".join(json.dumps(i.to_dict()) + "\n" for i in items))
     assert main(["patch", "--model", "smollm2-135m", "--prompts", str(path), "--out", str(tmp_path / "out"),
-                 "--limit", "1", "--bridge-rank"]) == 0
+                 "--limit", "1", "--sample", "first", "--bridge-rank"]) == 0  # the pair (c, k)
     frame = pd.read_csv(tmp_path / "out" / "patching.csv")
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert len(frame) == 30 * length(clean) and run["timings"]["sweep_s"] > 0
