@@ -40,6 +40,12 @@ def atomic_write_csv(path: Path, frame: pd.DataFrame) -> None:
     atomic_write(path, frame.to_csv(index=False))
 
 
+RESUMED_RUNS: set[Path] = set()
+"""Output directories that :mod:`probes.rundir` is resuming in this process: the same fingerprint, unfinished.
+A store there without a partial file but with its final table had finished before the interruption; it resumes
+from that table instead of recomputing it."""
+
+
 class ResumeMismatch(RuntimeError):
     """An interrupted run in the output directory used other settings."""
 
@@ -77,7 +83,17 @@ class IncrementalCSV:
                 self._write(header, mode="w")
         else:
             atomic_write_json(self.settings_file, settings)
-            self._write(header, mode="w")
+            finished = self.final.read_text(encoding="utf-8") if self._final_is_this_runs(out_dir) else ""
+            same_columns = finished.split("\n", 1)[0].rstrip("\r") == header.rstrip("\r\n")
+            # a resumed run whose store had already finished: its final table holds the committed rows
+            self._write(finished if same_columns else header, mode="w")
+
+    def _final_is_this_runs(self, out_dir: Path) -> bool:
+        """Whether ``NAME.csv`` was written by the run now resuming (:data:`RESUMED_RUNS`), not an earlier one."""
+        if not self.final.is_file():
+            return False
+        where = out_dir.resolve()
+        return any(where == run or run in where.parents for run in RESUMED_RUNS)
 
     def _committed(self, header: str) -> int:
         """Where the committed rows of the partial file end; 0 when the file cannot be resumed safely (no or a

@@ -34,7 +34,7 @@ from types import TracebackType
 from typing import Any, Iterator
 
 from probes import distributed
-from probes.results import atomic_write_json
+from probes.results import RESUMED_RUNS, atomic_write_json
 
 RUN_JSON = "run.json"
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "config.json", "generation_config.json",
@@ -220,6 +220,9 @@ class RunDirectory:
                 self._empty()
             else:
                 self.resumed = True
+                RESUMED_RUNS.add(out.resolve())
+                for stale in out.rglob(".*.tmp"):  # atomic writes cut short by the interruption
+                    stale.unlink()
         atomic_write_json(out / RUN_JSON, {"command": self.fingerprint.get("command"), "status": "running",
                                            "pid": os.getpid(), "started": _now(), "fingerprint": self.fingerprint})
 
@@ -296,6 +299,7 @@ class RunDirectory:
             self.out.rmdir()
 
     def _release(self) -> None:
+        RESUMED_RUNS.discard(self.out.resolve())
         if self._fd is not None:
             os.close(self._fd)  # closing the last descriptor drops the flock
             self._fd = None

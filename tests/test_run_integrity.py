@@ -94,10 +94,11 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 def results(directory: Path) -> dict[str, object]:
     """The result files that must not depend on interruptions: tables byte for byte, and JSON summaries without
-    their timings (not run.json, nor images)."""
+    their timings and resume counts (not run.json, nor images)."""
     def untimed(value: object) -> object:
         if isinstance(value, dict):
-            return {k: untimed(v) for k, v in value.items() if k != "timings" and not k.endswith("_s")}
+            return {k: untimed(v) for k, v in value.items()
+                    if k != "timings" and not k.endswith("_s") and not k.startswith("resumed")}
         return [untimed(v) for v in value] if isinstance(value, list) else value
 
     return {name: untimed(json.loads(data)) if name.endswith(".json") else data
@@ -148,12 +149,13 @@ KILLER = textwrap.dedent('''
                     stop()
             return real_write(self, text, mode)
         results.IncrementalCSV._write = write
-    else:  # "replace": the n-th atomic rename (offsets, settings, final tables, run.json)
-        real_replace = os.replace
+    else:  # "replace": the n-th atomic rename (offsets, settings, final tables, run.json); "finish": the n-th
+        real_replace = os.replace  # rename onto run.json (the 2nd is the finished run's record)
         def replace(src, dst):
-            count[0] += 1
-            if count[0] == n:
-                stop()
+            if how == "replace" or os.path.basename(dst) == "run.json":
+                count[0] += 1
+                if count[0] == n:
+                    stop()
             return real_replace(src, dst)
         os.replace = replace
     from probes.cli import main
@@ -192,6 +194,17 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(ws: Path, reference: dic
     expected = json.loads((reference[job] / "run.json").read_text())
     assert record["status"] == "finished" and record["fingerprint"] == expected["fingerprint"]
     assert record["rows"] == expected["rows"]
+
+
+def test_a_run_killed_after_its_tables_resumes_without_recomputing_them(ws: Path, reference: dict[str, Path],
+                                                                        tmp_path: Path, one_thread) -> None:
+    out = tmp_path / "out"
+    args = run_args(ws, out)
+    assert killed_run(tmp_path, "finish", 2, 0.0, args) == -signal.SIGKILL  # every table written, run.json not
+    assert cli(args) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["resumed_queries"] == record["n_queries"] > 0  # the lens was not run again
+    assert results(out) == results(reference["run"])
 
 
 def test_damaged_partial_files_are_recomputed_not_fatal(ws: Path, reference: dict[str, Path], tmp_path: Path,
