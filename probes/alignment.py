@@ -171,9 +171,11 @@ def alignment_rows(hooked: HookedModel, plans: Sequence[Any], encoded: dict[str,
     y_hop2 = torch.tensor([label[hop2_list[i].item.bridge] for i in hop2_in_classes.tolist()])
     y_partner = np.array([label.get(partners[e.item.id].item.bridge, -1) if e.item.id in partners else -1
                           for e in items])
-    relations = [frozenset(r for r in (e.item.r1, e.item.r2) if r) for e in items]
-    groups = sorted(set(relations), key=sorted)
     hop2_relation = [e.item.r2 for e in hop2_list]  # the relation each explicit (hop2) prompt is written in
+    # an item's probe leaves out the hop2 prompts written in its relations; relations no hop2 prompt uses change
+    # nothing, so items are grouped by the hop2 relations they share (fewer probes to fit)
+    relations = [frozenset(r for r in (e.item.r1, e.item.r2) if r and r in hop2_relation) for e in items]
+    groups = sorted(set(relations), key=sorted)
     counts = np.bincount(y_items.numpy(), minlength=len(classes))
     rows += [_dataset_row("n_classes", len(classes)), _dataset_row("chance_uniform", 1 / len(classes)),
              _dataset_row("chance_majority", counts.max() / counts.sum()),
