@@ -25,7 +25,8 @@ One single-step max-T sign-flip test (:func:`analyses.stats.maxt_signflip`, :dat
 covers every test x layer x position, so the chance of any false "holds" is at most :data:`ALPHA`. A test holds
 at a layer when its family-wise adjusted p-value is below :data:`ALPHA` and its mean difference is at least
 :data:`MIN_EFFECT`; it rules the layer out when it does not hold although it had the items to detect an effect
-of :data:`MIN_EFFECT` (80% power: ``(critical t + 0.84) x standard error <= MIN_EFFECT``). The band is the
+of :data:`MIN_EFFECT` (80% power: ``(critical t + 0.84) x standard error <= MIN_EFFECT``, the standard error
+taken as at least ``1 / n``: a column of equal values is not precise). The band is the
 longest run of consecutive layers where all four hold. With no such layer, the statement says "no band" only
 when every layer is ruled out, and "not enough items to decide (n = ...)" otherwise. The sensitivity table
 repeats the decision with :data:`ALPHA`, :data:`MIN_EFFECT` and :data:`MIN_GAP` halved and doubled.
@@ -346,7 +347,9 @@ def band_test(frame: pd.DataFrame, alpha: float = ALPHA, min_effect: float = MIN
         return pd.DataFrame(columns=columns)
     table = maxt_signflip(differences, n_resamples, seed, "greater", alpha)
     table["holds"] = (table["p_adjusted"] < alpha) & (table["mean"] >= min_effect)
-    detectable = (table["critical_t"] + POWER_Z) * table["se"]
+    # a column of equal values has standard error 0 but is not precise: the error is at least that of one item
+    # differing by 1 among n (all-zero decoding differences of 11 items rule nothing out)
+    detectable = (table["critical_t"] + POWER_Z) * np.maximum(table["se"], 1 / table["n"].clip(lower=1))
     table["rules_out"] = ~table["holds"] & (detectable <= min_effect) & (table["n"] >= 3)
     return table.reset_index()[columns]
 

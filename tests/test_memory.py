@@ -573,7 +573,7 @@ def test_band_test_says_when_items_are_too_few_and_old_files_lack_the_probe_cont
 def test_memory_summary_states_the_decision_and_the_sensitivity_table() -> None:
     import analyses.memory_report as report
 
-    frame = _memory_frame(40, (2, 4))
+    frame = _memory_frame(60, (2, 4))
     summary = report.summarize(frame, report.curves(frame), report.backpatch_table(frame), "toy", 7)
     assert "at the last token, band 2-4 (all four tests hold" in summary["statement"]
     assert "at e1's last token, no band" in summary["statement"]
