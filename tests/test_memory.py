@@ -422,6 +422,7 @@ def test_identity_decoding_of_explicit_entities_works_above_chance(model_name: s
     """The explicit bridge's own state (hop2 prompt, the bridge's last token), written into the identity prompt's
     placeholder at its own early layer, is decoded as the bridge far more often than as the partner's bridge (an
     entity of the same type: the chance level), as the decoding analysis does it."""
+    from analyses.stats import sign_test
     from probes.models import load_model
     from prompts.loaders import load_prompts
 
@@ -441,8 +442,10 @@ def test_identity_decoding_of_explicit_entities_works_above_chance(model_name: s
     scores, base = patch_states(hooked, prompt_ids, placeholder, list(states[:, 0]), [cells] * len(chosen), tokens)
     own = torch.stack([s.rank(e.bridge) for s, e in zip(scores, chosen)])  # [items, layers]
     partner = torch.stack([s.rank(encoded[e.item.pair].bridge) for s, e in zip(scores, chosen)])
-    top1, top10, chance10 = (own == 0).double().mean(0), (own < 10).double().mean(0), (partner < 10).double().mean(0)
-    assert len(chosen) == 16 and (top1 >= 0.5).all() and (top10 - chance10 >= 0.4).all(), (top1, top10, chance10)
+    top10, chance10 = (own < 10).double().mean(0), (partner < 10).double().mean(0)
+    # at every layer the own bridge outranks the partner's for more items than chance allows (one-sided sign test)
+    p_values = [sign_test((partner[:, layer] - own[:, layer]).numpy(), alternative="greater")[0] for layer in range(4)]
+    assert len(chosen) == 16 and max(p_values) < 0.01 and (top10 - chance10 >= 0.4).all(), (p_values, top10, chance10)
     # unpatched, the identity prompt says "x" again: no bridge in first place
     assert all(base.rank(e.bridge) > 0 for e in chosen)
 
