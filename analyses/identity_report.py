@@ -19,10 +19,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analyses.plots import legend_below, save_figure  # noqa: E402
-from analyses.stats import mean_interval, sign_test  # noqa: E402
-from analyses.page import Figure, Section, render, table as page_table  # noqa: E402
-from probes.results import atomic_write  # noqa: E402
+from bridgeprobe.analyses.plots import legend_below, save_figure  # noqa: E402
+from bridgeprobe.analyses.stats import mean_interval, sign_test  # noqa: E402
+from bridgeprobe.analyses.page import Figure, Section, render, table as page_table  # noqa: E402
+from bridgeprobe.probes.results import atomic_write  # noqa: E402
 
 CONDITIONS = ("no_identity", "identity")
 COLORS = {"no_identity": "tab:gray", "identity": "tab:green", "base": "tab:blue"}

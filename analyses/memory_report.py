@@ -51,10 +51,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analyses.page import Figure, Section, doc_to_html, key_values, render  # noqa: E402
-from analyses.plots import legend_below, save_figure  # noqa: E402
-from analyses.stats import N_RESAMPLES, column_intervals, maxt_signflip  # noqa: E402
-from probes.results import atomic_write, atomic_write_csv, atomic_write_json  # noqa: E402
+from bridgeprobe.analyses.page import Figure, Section, doc_to_html, key_values, render  # noqa: E402
+from bridgeprobe.analyses.plots import legend_below, save_figure  # noqa: E402
+from bridgeprobe.analyses.stats import N_RESAMPLES, column_intervals, maxt_signflip  # noqa: E402
+from bridgeprobe.probes.results import atomic_write, atomic_write_csv, atomic_write_json  # noqa: E402
 
 MIN_GAP = 1.0  # logits: items whose explicit bridge moves the partner prompt less are left out of `value` means
 MIN_EFFECT = 0.1  # the smallest bridge-minus-control difference a test must show to hold

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analyses.aggregate import GROUPS, last_position  # noqa: E402
+from bridgeprobe.analyses.aggregate import GROUPS, last_position  # noqa: E402
 
 # One colour per target on every plot of the reports: bridge blue, answer red, matched control grey.
 TARGET_COLORS = {"bridge": "tab:blue", "answer": "tab:red", "control": "tab:gray"}

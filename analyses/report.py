@@ -8,12 +8,12 @@ from typing import Any, Sequence
 import pandas as pd
 from markupsafe import Markup
 
-from analyses import plots
-from analyses.aggregate import TOP_K, per_layer, per_prompt, summarize
-from analyses.page import (Figure, Section, count, doc_to_html, interval, key_values, missing, num, pct, render,
-                           seconds, table)
-from probes.results import atomic_write, atomic_write_csv, atomic_write_json
-from prompts.schema import PromptItem
+from bridgeprobe.analyses import plots
+from bridgeprobe.analyses.aggregate import TOP_K, per_layer, per_prompt, summarize
+from bridgeprobe.analyses.page import (Figure, Section, count, doc_to_html, interval, key_values, missing, num, pct, render,
+                                       seconds, table)
+from bridgeprobe.probes.results import atomic_write, atomic_write_csv, atomic_write_json
+from bridgeprobe.prompts.schema import PromptItem
 
 
 def write_lens_report(frame: pd.DataFrame, items: Sequence[PromptItem], out_dir: Path, run: dict[str, Any],

@@ -59,7 +59,7 @@ def _signed(block: Mapping[str, Any], key: str) -> str:
 def patching_lines(frame: pd.DataFrame, label: str, direction: str = "denoise") -> list[str]:
     """Two lines on a patching table: pairs used and kept; per site, the layer with the largest mean recovery at
     the last token (:func:`analyses.patching_report.by_layer`), with its 95% interval."""
-    from analyses.patching_report import by_layer, kept_pairs
+    from bridgeprobe.analyses.patching_report import by_layer, kept_pairs
 
     layers = by_layer(frame, direction)
     n_pairs, n_kept = frame["clean_id"].nunique(), kept_pairs(frame)["clean_id"].nunique()
@@ -102,7 +102,7 @@ def lens_run_lines(summary: Mapping[str, Any], out: Path, model: str, attributio
 
 def lens_summary(frame: pd.DataFrame) -> dict[str, Any]:
     """The summary of a lens table without writing the report (``bridgeprobe lens`` without ``--report``)."""
-    from analyses.aggregate import per_layer, per_prompt, summarize
+    from bridgeprobe.analyses.aggregate import per_layer, per_prompt, summarize
 
     return summarize(frame, per_layer(frame), per_prompt(frame))
 

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from probes.hooks import HookedModel
-from probes.states import read_states
+from bridgeprobe.probes.hooks import HookedModel
+from bridgeprobe.probes.states import read_states
 
 TEMPLATES = ("Let me tell you about {}", "Here is a short note on {}", "Yesterday we talked about {}",
              "Q: What do you know about {}")

@@ -19,9 +19,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from probes.heads import HEAD, edit_out_projection_input, n_heads
-from probes.hooks import SITES, NativeHooks, _post_hook, _pre_hook
-from probes.patching import Pair, SweepResult, _normalize, _roles, _source_run, cell_frame, patch_cells
+from bridgeprobe.probes.heads import HEAD, edit_out_projection_input, n_heads
+from bridgeprobe.probes.hooks import SITES, NativeHooks, _post_hook, _pre_hook
+from bridgeprobe.probes.patching import Pair, SweepResult, _normalize, _roles, _source_run, cell_frame, patch_cells
 
 
 def attribution_sweep(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from prompts.schema import PromptItem
+from bridgeprobe.prompts.schema import PromptItem
 
 
 def context_window(model: Any) -> int | None:

@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import pandas as pd
 import torch
 
-from probes.results import IncrementalCSV, ResumeMismatch, finish_rows
+from bridgeprobe.probes.results import IncrementalCSV, ResumeMismatch, finish_rows
 
 T = TypeVar("T")
 TIMEOUT = timedelta(hours=24)

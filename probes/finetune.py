@@ -34,9 +34,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from probes.scratch import batch_indices, load_checkpoint, save_checkpoint
-from probes.targets import target_ids
-from prompts.synthetic import Splits, prompt_text
+from bridgeprobe.probes.scratch import batch_indices, load_checkpoint, save_checkpoint
+from bridgeprobe.probes.targets import target_ids
+from bridgeprobe.prompts.synthetic import Splits, prompt_text
 
 BASE = "base"
 
@@ -157,7 +157,7 @@ def load_base(spec: str, *, quantize: str | None = None, dtype: str = "float32",
               device_map: str | None = None) -> tuple[nn.Module, Any]:
     """The base model for fine-tuning (:func:`probes.models.load_model`); with ``quantize`` (4bit/8bit, GPU hosts)
     prepared for k-bit training (QLoRA)."""
-    from probes.models import load_model
+    from bridgeprobe.probes.models import load_model
 
     model, tokenizer = load_model(spec, dtype=dtype, device=device, device_map=device_map, quantize=quantize)
     if quantize is not None:
@@ -341,7 +341,7 @@ def save_adapter(peft_model: Any, adapter: str, out_dir: Path, extra_files: Sequ
 def two_hop_stats(frame: Any) -> dict[str, float]:
     """Headline figures of a lens frame (:data:`probes.lens.COLUMNS`) of two-hop items: two-hop and hop accuracy
     at the last layer, the bridge's top-1 / top-10 rate at its best layer, and that layer."""
-    from analyses.aggregate import per_layer
+    from bridgeprobe.analyses.aggregate import per_layer
 
     layers = per_layer(frame)
     last = layers["layer"].max()

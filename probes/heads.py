@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 
 from torch import Tensor, nn
 
-from probes.hooks import HookedModel, NativeHooks
+from bridgeprobe.probes.hooks import HookedModel, NativeHooks
 
 HEAD = "head"
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from probes.architecture import head_logits, locate
+from bridgeprobe.probes.architecture import head_logits, locate
 
 SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 Site = tuple[str, int]

@@ -1,7 +1,7 @@
 """Identity-supervision experiments (Lin, Chen, Xu 2025): synthetic two-hop data sets on disk, the from-scratch
 grid (:func:`reproduce`) and LoRA fine-tuning probed before and after (:func:`finetune`), each with its report.
 
-``bridgeprobe synth`` / ``reproduce`` / ``finetune`` (:mod:`probes.cli.identity`) only turn flags into the configs
+``bridgeprobe synth`` / ``reproduce`` / ``finetune`` (:mod:`bridgeprobe.probes.cli.identity`) only turn flags into the configs
 these functions take. Runs resume: a killed grid or fine-tuning run continues from its checkpoints and incremental
 CSVs when called again with the same settings; a finished one only rebuilds its report.
 """
@@ -19,12 +19,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from analyses.summaries import files_line, identity_lines
-from probes.pipeline import ModelOptions, Timer, versions
-from probes.results import IncrementalCSV, atomic_write, atomic_write_csv
-from probes.rundir import write_finished
-from prompts.schema import PromptItem
-from prompts.synthetic import SynthConfig, Splits, generate, make_names, render_items, save_splits, training_texts
+from bridgeprobe.analyses.summaries import files_line, identity_lines
+from bridgeprobe.probes.pipeline import ModelOptions, Timer, versions
+from bridgeprobe.probes.results import IncrementalCSV, atomic_write, atomic_write_csv
+from bridgeprobe.probes.rundir import write_finished
+from bridgeprobe.prompts.schema import PromptItem
+from bridgeprobe.prompts.synthetic import SynthConfig, Splits, generate, make_names, render_items, save_splits, training_texts
 
 # Named configurations. `cpu` is the checked-in reproduction (about 15 minutes on 2 CPU cores for 3 seeds x 2
 # conditions); `gpu` a larger one for GPU hosts; `tiny` a seconds-long smoke run.
@@ -101,7 +101,7 @@ def reproduce(out: Path, base: Any, data: dict[int, SynthConfig], grid: Sequence
     """Train every (init_scale, weight_decay, identity_repeat) of ``grid`` x seed (the keys of ``data``) x condition
     from the :class:`~probes.scratch.TrainConfig` ``base`` (resumable), then write the tables, plots, page and
     run.json under ``out``; ``preset`` is the name recorded in the settings."""
-    from probes.scratch import ALIGNMENT_COLUMNS, CONDITIONS, METRIC_COLUMNS, WEIGHT_COLUMNS, train, weight_stats
+    from bridgeprobe.probes.scratch import ALIGNMENT_COLUMNS, CONDITIONS, METRIC_COLUMNS, WEIGHT_COLUMNS, train, weight_stats
 
     seeds = list(data)
     settings = {"preset": preset, "train": asdict(base), "data": asdict(data[seeds[0]]),
@@ -169,7 +169,7 @@ def reproduce(out: Path, base: Any, data: dict[int, SynthConfig], grid: Sequence
 
 def reproduce_report(out: Path) -> Path:
     """The reproduce page and tables, from the files of a finished grid (no training)."""
-    from analyses import identity_report as report
+    from bridgeprobe.analyses import identity_report as report
 
     record = json.loads((out / "run.json").read_text())
     metrics = pd.read_csv(out / "metrics.csv")
@@ -257,10 +257,10 @@ def finetune(out: Path, options: ModelOptions, data: SynthConfig, config: Any, *
     and, with ``memory``, the shared-memory analyses on ``probe_items`` items per split, and write the report."""
     from accelerate import Accelerator
 
-    from probes.finetune import (BASE, METRIC_COLUMNS, accuracy, add_adapter, eval_pairs, inner_model, load_base,
-                                 model_state, save_adapter, train_adapter)
-    from probes.hooks import NativeHooks
-    from probes.pipeline import item_pairs, run_lens, run_patching, run_record
+    from bridgeprobe.probes.finetune import (BASE, METRIC_COLUMNS, accuracy, add_adapter, eval_pairs, inner_model, load_base,
+                                             model_state, save_adapter, train_adapter)
+    from bridgeprobe.probes.hooks import NativeHooks
+    from bridgeprobe.probes.pipeline import item_pairs, run_lens, run_patching, run_record
 
     if options.backend != "native":
         raise ValueError("finetune hooks the adapted model with the native backend; drop --backend")
@@ -336,7 +336,7 @@ def finetune(out: Path, options: ModelOptions, data: SynthConfig, config: Any, *
                                      sites=["resid_pre"], method="exact", direction="denoise",
                                      settings={**settings, "state": state, "split": split})
             if memory:
-                from probes.memory import MemoryConfig, run_memory
+                from bridgeprobe.probes.memory import MemoryConfig, run_memory
 
                 with timer.section(f"memory_{state}_s"):
                     run_memory(hooked, [i for chosen in probed.values() for i in chosen], out / "memory" / state,
@@ -369,10 +369,10 @@ def _state_tables(out: Path, kind: str) -> list[pd.DataFrame]:
 
 def finetune_report(out: Path) -> Path:
     """The finetune page and tables, from the files of a finished run (no model needed)."""
-    from analyses import identity_report as report
-    from analyses.aggregate import per_layer
-    from analyses.patching_report import by_layer
-    from probes.finetune import two_hop_stats
+    from bridgeprobe.analyses import identity_report as report
+    from bridgeprobe.analyses.aggregate import per_layer
+    from bridgeprobe.analyses.patching_report import by_layer
+    from bridgeprobe.probes.finetune import two_hop_stats
 
     record = json.loads((out / "run.json").read_text())
     results = pd.read_csv(out / "results.csv")

@@ -32,9 +32,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from probes.hooks import HookedModel, pad_right
-from probes.targets import is_short, target_ids
-from prompts.schema import PromptItem
+from bridgeprobe.probes.hooks import HookedModel, pad_right
+from bridgeprobe.probes.targets import is_short, target_ids
+from bridgeprobe.prompts.schema import PromptItem
 
 # Which target each prompt kind is scored on: the two-hop prompt on both and on a control entity; the one-hop
 # prompts as controls.
@@ -269,7 +269,7 @@ def lens_memory(hooked: HookedModel, n_queries: int, n_tokens: int, *, n_sequenc
       ``10*S*n_extra*V`` for the whole-string score.
 
     An upper bound by design (checked against measured peaks in tests/benchmarks/bench_scale.py)."""
-    from probes.heads import n_heads
+    from bridgeprobe.probes.heads import n_heads
 
     config = hooked.model.config
     config = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -56,15 +56,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from probes import distributed
-from probes.alignment import alignment_rows
-from probes.hooks import HookedModel
-from probes.targets import target_ids
-from probes.results import atomic_write_json
-from probes.states import read_states
-from probes.variants import Measure, Variant, run_variants
-from prompts.sampling import sample_items
-from prompts.schema import PromptItem
+from bridgeprobe.probes import distributed
+from bridgeprobe.probes.alignment import alignment_rows
+from bridgeprobe.probes.hooks import HookedModel
+from bridgeprobe.probes.targets import target_ids
+from bridgeprobe.probes.results import atomic_write_json
+from bridgeprobe.probes.states import read_states
+from bridgeprobe.probes.variants import Measure, Variant, run_variants
+from bridgeprobe.prompts.sampling import sample_items
+from bridgeprobe.prompts.schema import PromptItem
 
 ANALYSES = ("crosspatch", "decoding", "backpatch", "alignment")
 COLUMNS = ("analysis", "prompt_id", "condition", "source_id", "receiving_id", "source_position", "source_layer",
@@ -483,7 +483,7 @@ def backpatch_rows(hooked: HookedModel, plan: Plan, sources: _Sources, group: st
 
 def lens_rows(hooked: HookedModel, plan: Plan, sources: _Sources) -> list[dict[str, Any]]:
     """Logit-lens ranks of the bridge (and the answer) read from the states the decoding patches."""
-    from probes.lens import token_ranks
+    from bridgeprobe.probes.lens import token_ranks
 
     a = plan.a
     reads = [("latent", pos, "bridge_rank", state, a.bridge) for pos, state in sources.latent.items()]

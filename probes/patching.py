@@ -29,11 +29,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from probes.heads import HEAD, n_heads, record_heads
-from probes.hooks import SITES, HookedModel, NativeHooks, check_sites
-from probes.lens import token_ranks
-from probes.targets import target_ids
-from probes.variants import Measure, Variant, full_patches, run_variants
+from bridgeprobe.probes.heads import HEAD, n_heads, record_heads
+from bridgeprobe.probes.hooks import SITES, HookedModel, NativeHooks, check_sites
+from bridgeprobe.probes.lens import token_ranks
+from bridgeprobe.probes.targets import target_ids
+from bridgeprobe.probes.variants import Measure, Variant, full_patches, run_variants
 
 DIRECTIONS = ("denoise", "noise")
 COLUMNS = ("site", "layer", "position", "head", "value", "metric", "clean_prob")

@@ -17,15 +17,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from probes import distributed
-from probes.hooks import HookedModel, NativeHooks
-from probes.lens import COLUMNS, LensQuery, auto_batch_size, batches, lens_batch, lens_queries
-from probes.models import load_model
-from probes.patching import Pair
-from probes.results import IncrementalCSV
-from probes.targets import target_ids
-from probes.variants import is_oom
-from prompts.schema import PromptItem
+from bridgeprobe.probes import distributed
+from bridgeprobe.probes.hooks import HookedModel, NativeHooks
+from bridgeprobe.probes.lens import COLUMNS, LensQuery, auto_batch_size, batches, lens_batch, lens_queries
+from bridgeprobe.probes.models import load_model
+from bridgeprobe.probes.patching import Pair
+from bridgeprobe.probes.results import IncrementalCSV
+from bridgeprobe.probes.targets import target_ids
+from bridgeprobe.probes.variants import is_oom
+from bridgeprobe.prompts.schema import PromptItem
 
 BACKENDS = ("native", "transformer-lens")
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def hook_model(model: torch.nn.Module, tokenizer: Any, backend: str = "native") 
     if backend == "native":
         return NativeHooks(model, tokenizer)
     if backend == "transformer-lens":
-        from probes.tl_backend import TransformerLensHooks
+        from bridgeprobe.probes.tl_backend import TransformerLensHooks
 
         return TransformerLensHooks(model, tokenizer)
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -257,8 +257,8 @@ def run_patching(
     patching only), ``NAME_bridge.csv``: the clean bridge's logit-lens rank after each patch, read in the same
     sweep (:class:`probes.patching.SweepResult` ``bridge``). ``method``: ``exact`` or ``attribution``;
     ``sites``: any of :data:`probes.hooks.SITES` and ``head``."""
-    from probes.attribution import attribution_sweep
-    from probes.patching import BRIDGE_COLUMNS, HEAD, head_sweep, sweep
+    from bridgeprobe.probes.attribution import attribution_sweep
+    from bridgeprobe.probes.patching import BRIDGE_COLUMNS, HEAD, head_sweep, sweep
 
     if method not in ("exact", "attribution"):
         raise ValueError(f"method must be exact or attribution, got {method!r}")

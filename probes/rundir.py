@@ -33,8 +33,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Iterator
 
-from probes import distributed
-from probes.results import RESUMED_RUNS, atomic_write_json
+from bridgeprobe.probes import distributed
+from bridgeprobe.probes.results import RESUMED_RUNS, atomic_write_json
 
 RUN_JSON = "run.json"
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "config.json", "generation_config.json",
@@ -67,7 +67,7 @@ def file_sha256(path: Path) -> str:
 def model_identity(spec: str) -> dict[str, Any]:
     """What identifies the weights ``spec`` names, cheaply: a GGUF file's sha256; a checkpoint directory's weight,
     config and tokenizer files by size and modification time; a hub name with the revision cached locally."""
-    from probes.models import EMBEDDED, ModelLoadError, check_checkpoint
+    from bridgeprobe.probes.models import EMBEDDED, ModelLoadError, check_checkpoint
 
     if spec in EMBEDDED:
         return {"embedded": spec, "gguf_sha256": file_sha256(EMBEDDED[spec].locate())}
@@ -98,8 +98,8 @@ def prompt_identity(entries: list[str] | None) -> list[str] | None:
     """``NAME sha256=...`` for each prompt file (bundled sets by their file): the content, not the path."""
     if not entries:
         return None
-    from prompts.loaders import BUNDLED, bundled_path
-    from prompts.schema import PromptSetError
+    from bridgeprobe.prompts.loaders import BUNDLED, bundled_path
+    from bridgeprobe.prompts.schema import PromptSetError
 
     found = []
     for entry in entries:

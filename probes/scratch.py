@@ -36,8 +36,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from probes.results import atomic_write
-from prompts.synthetic import Example, Splits, token_vocab
+from bridgeprobe.probes.results import atomic_write
+from bridgeprobe.prompts.synthetic import Example, Splits, token_vocab
 
 MODELS = ("gpt2", "emb_mlp")
 CONDITIONS = ("no_identity", "identity")

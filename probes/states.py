@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from probes.hooks import HookedModel, pad_right
+from bridgeprobe.probes.hooks import HookedModel, pad_right
 
 
 @torch.no_grad()

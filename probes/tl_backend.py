@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from probes.architecture import head_logits
-from probes.hooks import HookedModel, Patch, RunResult, Site
+from bridgeprobe.probes.architecture import head_logits
+from bridgeprobe.probes.hooks import HookedModel, Patch, RunResult, Site
 
 # TransformerLens hook names; for Gemma 2/3 its attn/mlp outputs are the post-norm outputs, as in ours.
 HOOK_NAMES = {

@@ -42,9 +42,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from probes.heads import HEAD, n_heads, patch_heads, record_heads
-from probes.hooks import HookedModel, NativeHooks, Patch, check_sites
-from probes.lens import free_memory
+from bridgeprobe.probes.heads import HEAD, n_heads, patch_heads, record_heads
+from bridgeprobe.probes.hooks import HookedModel, NativeHooks, Patch, check_sites
+from bridgeprobe.probes.lens import free_memory
 
 METHODS = ("auto", "fast", "batched", "naive")
 # model_type values whose fast path is tested against the naive loop (tests/test_patching.py)

@@ -16,8 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
-from prompts.sampling import sample_items
-from prompts.schema import PromptItem, PromptSetError, check_set, make_item
+from bridgeprobe.prompts.sampling import sample_items
+from bridgeprobe.prompts.schema import PromptItem, PromptSetError, check_set, make_item
 
 Mapper = str | Callable[[Mapping[str, str]], str]
 
@@ -52,7 +52,7 @@ def bundled_path(name: str) -> Path:
     """Path of a bundled prompt set (``curated``)."""
     if name not in BUNDLED:
         raise PromptSetError(name, None, None, f"no bundled prompt set of this name (have: {', '.join(BUNDLED)})")
-    return Path(str(resources.files("prompts") / "data" / BUNDLED[name]))
+    return Path(str(resources.files(__package__) / "data" / BUNDLED[name]))
 
 
 def _text(path: Path) -> str:

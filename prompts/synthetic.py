@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from prompts.schema import PromptItem, PromptSetError
+from bridgeprobe.prompts.schema import PromptItem, PromptSetError
 
 SPLITS = ("one_hop", "identity", "two_hop_train", "id_test", "ood_test")
 TASKS = ("hop1", "hop2", "identity", "two_hop")
@@ -263,7 +263,7 @@ def make_names(splits: Splits, *, seed: int = 0, tokenizer: Any = None, attempts
     ``tokenizer``, bridges (and objects) also get distinct first tokens within their set, each taken in context
     (:func:`probes.targets.target_ids`) after the first R1 (R2) template, where bridges (objects) are answered, so
     first-token readouts such as the logit lens and restricted accuracy identify them unambiguously."""
-    from probes.targets import target_ids
+    from bridgeprobe.probes.targets import target_ids
 
     rng = random.Random(f"names-{seed}")
     names: dict[str, str] = {}
@@ -365,7 +365,7 @@ _COLUMNS = ("split", "task", "head", "r1", "r2", "bridge", "target")
 def save_splits(splits: Splits, out_dir: Path, names: dict[str, str] | None = None) -> list[Path]:
     """Write ``synth.json`` (config, relation pairs, sizes, names) and ``examples.csv`` (one row per example and
     split, long format) into ``out_dir``, atomically; return the paths."""
-    from probes.results import atomic_write, atomic_write_json
+    from bridgeprobe.probes.results import atomic_write, atomic_write_json
 
     buffer = io.StringIO()
     writer = csv.writer(buffer)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from analyses.patching_report import BEST, MIN_PAIR_GAP, by_cell, by_layer, exclusion_text, pair_gaps
+from bridgeprobe.analyses.patching_report import BEST, MIN_PAIR_GAP, by_cell, by_layer, exclusion_text, pair_gaps
 
 
 def _frame(rng: np.random.Generator) -> pd.DataFrame:
@@ -98,7 +98,7 @@ def _lens_frame(n: int = 40, layers: int = 6, control: bool = True, flags: bool 
 
 
 def _summary(frame: pd.DataFrame) -> dict:
-    from analyses.aggregate import per_layer, per_prompt, summarize
+    from bridgeprobe.analyses.aggregate import per_layer, per_prompt, summarize
 
     return summarize(frame, per_layer(frame), per_prompt(frame))
 

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-import probes.pipeline
+import bridgeprobe.probes.pipeline
 from conftest import plain_hf_patched_run, requires_smollm2
-from probes.cli import main
-from probes.targets import target_ids
-from prompts.schema import PromptItem
+from bridgeprobe.probes.cli import main
+from bridgeprobe.probes.targets import target_ids
+from bridgeprobe.prompts.schema import PromptItem
 
 pytestmark = [pytest.mark.slow, requires_smollm2]
 
@@ -65,7 +65,7 @@ def test_lens_writes_long_csv_and_run_json(prompt_file: Path, tmp_path: Path) ->
 
 def test_interrupted_run_resumes_to_the_same_result(prompt_file: Path, tmp_path: Path, monkeypatch) -> None:
     assert _lens(prompt_file, tmp_path / "clean") == 0
-    real = probes.pipeline.lens_batch
+    real = bridgeprobe.probes.pipeline.lens_batch
     calls = []
 
     def dying(*args, **kwargs):
@@ -74,11 +74,11 @@ def test_interrupted_run_resumes_to_the_same_result(prompt_file: Path, tmp_path:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(probes.pipeline, "lens_batch", dying)
+    monkeypatch.setattr(bridgeprobe.probes.pipeline, "lens_batch", dying)
     with pytest.raises(KeyboardInterrupt):
         _lens(prompt_file, tmp_path / "resumed")
     assert (tmp_path / "resumed" / "lens.partial.csv").exists() and not (tmp_path / "resumed" / "lens.csv").exists()
-    monkeypatch.setattr(probes.pipeline, "lens_batch", real)
+    monkeypatch.setattr(bridgeprobe.probes.pipeline, "lens_batch", real)
     assert _lens(prompt_file, tmp_path / "resumed") == 0
     run = json.loads((tmp_path / "resumed" / "run.json").read_text())
     assert run["resumed_queries"] == 2

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from probes.cli import build_parser, main
-from probes.cli.common import default_out
-from prompts.schema import PromptItem
+from bridgeprobe.probes.cli import build_parser, main
+from bridgeprobe.probes.cli.common import default_out
+from bridgeprobe.prompts.schema import PromptItem
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from probes import distributed
-from probes.distributed import Shards, replica_placement
-from probes.results import IncrementalCSV, ResumeMismatch, finish_rows
+from bridgeprobe.probes import distributed
+from bridgeprobe.probes.distributed import Shards, replica_placement
+from bridgeprobe.probes.results import IncrementalCSV, ResumeMismatch, finish_rows
 
 PLACES = [("Alhambra", "Spain", "Madrid"), ("Atomium", "Belgium", "Brussels"), ("Matterhorn", "Switzerland", "Bern"),
           ("Uluru", "Australia", "Canberra"), ("Acropolis", "Greece", "Athens"), ("Colosseum", "Italy", "Rome"),
@@ -126,9 +126,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_patching_run_stopped_between_its_two_tables_resumes_without_duplicates(workspace: Path,
                                                                                   monkeypatch) -> None:
-    from probes.models import load_model
-    from probes.pipeline import hook_model, item_pairs, run_patching
-    from prompts.loaders import load_prompts
+    from bridgeprobe.probes.models import load_model
+    from bridgeprobe.probes.pipeline import hook_model, item_pairs, run_patching
+    from bridgeprobe.prompts.loaders import load_prompts
 
     hooked = hook_model(*load_model(str(workspace / "model")))
     pairs, _ = item_pairs(load_prompts([str(workspace / "prompts.jsonl")]), hooked.tokenizer)
@@ -170,7 +170,7 @@ def _torchrun(workspace: Path, *args: str, driver: Path | None = None, env: dict
 
 def _single(workspace: Path, *args: str) -> None:
     """The same command in this process, on one thread like each torchrun worker."""
-    from probes.cli import main
+    from bridgeprobe.probes.cli import main
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -198,7 +198,7 @@ def test_two_process_lens_equals_one_process(workspace: Path) -> None:
 
 DRIVER = """
 import os, sys
-from probes.results import IncrementalCSV
+from bridgeprobe.probes.results import IncrementalCSV
 
 rank, log, crash_after = os.environ["RANK"], os.environ["APPEND_LOG"], int(os.environ.get("CRASH_AFTER", "0"))
 real, count = IncrementalCSV.append, [0]
@@ -216,7 +216,7 @@ def append(self, rows):
 
 
 IncrementalCSV.append = append
-from probes.cli import main
+from bridgeprobe.probes.cli import main
 
 sys.exit(main(sys.argv[1:]))
 """

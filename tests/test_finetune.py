@@ -17,11 +17,11 @@ from conftest import TINY_CONFIGS, CharTokenizer, requires_smollm2
 
 pytest.importorskip("peft")
 
-from probes.finetune import (BASE, FinetuneConfig, accuracy, add_adapter, encode_texts, inner_model,  # noqa: E402
-                             load_base, model_state, save_adapter, target_loss, train_adapter)
-from probes.hooks import NativeHooks, pad_right  # noqa: E402
-from probes.lens import lens_batch, lens_queries  # noqa: E402
-from prompts.synthetic import SynthConfig, generate, make_names, render_items, save_splits  # noqa: E402
+from bridgeprobe.probes.finetune import (BASE, FinetuneConfig, accuracy, add_adapter, encode_texts, inner_model,  # noqa: E402
+                                         load_base, model_state, save_adapter, target_loss, train_adapter)
+from bridgeprobe.probes.hooks import NativeHooks, pad_right  # noqa: E402
+from bridgeprobe.probes.lens import lens_batch, lens_queries  # noqa: E402
+from bridgeprobe.prompts.synthetic import SynthConfig, generate, make_names, render_items, save_splits  # noqa: E402
 
 DATA = SynthConfig(n_subjects=6, n_bridges=3, n_objects=4, n_r1=2, n_r2=2, seed=0)
 CONFIG = FinetuneConfig(rank=4, alpha=8, lr=5e-3, steps=8, batch_size=4, warmup=2, eval_every=2,
@@ -181,8 +181,8 @@ def _tiny_dir(path: Path) -> Path:
 def test_finetune_command_writes_the_report_and_resumes_after_a_kill(tmp_path: Path, monkeypatch) -> None:
     import pandas as pd
 
-    import probes.finetune
-    from probes.cli import main
+    import bridgeprobe.probes.finetune
+    from bridgeprobe.probes.cli import main
 
     model = str(_tiny_dir(tmp_path / "model"))
     args = ["finetune", "--model", model, "--subjects", "6", "--bridges", "3", "--objects", "4", "--r1", "2",
@@ -213,17 +213,17 @@ def test_finetune_command_writes_the_report_and_resumes_after_a_kill(tmp_path: P
         assert row.patching_logit_gap == pytest.approx(gap.mean())
     assert len(patched) > 0
 
-    real, calls = probes.finetune.train_adapter, []
+    real, calls = bridgeprobe.probes.finetune.train_adapter, []
 
     def killed_in_second_condition(*a, **kw):
         calls.append(1)
         return real(*a, **kw, interrupt_at=3 if len(calls) == 2 else None)
 
-    monkeypatch.setattr(probes.finetune, "train_adapter", killed_in_second_condition)
+    monkeypatch.setattr(bridgeprobe.probes.finetune, "train_adapter", killed_in_second_condition)
     with pytest.raises(KeyboardInterrupt):  # the identity adapter is killed after step 3 (checkpoint: step 2)
         main([*args, "--out", str(tmp_path / "killed")])
     assert (tmp_path / "killed" / "checkpoints" / "identity.pt").is_file()
-    monkeypatch.setattr(probes.finetune, "train_adapter", real)
+    monkeypatch.setattr(bridgeprobe.probes.finetune, "train_adapter", real)
     assert main([*args, "--out", str(tmp_path / "killed")]) == 0
     for name in ("metrics.csv", "results.csv", "lens_summary.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "killed" / name), pd.read_csv(clean / name))
@@ -245,7 +245,7 @@ def test_qlora_path_trains_a_4bit_model(tmp_path: Path) -> None:
 @pytest.mark.slow
 @requires_smollm2
 def test_smollm2_adapter_with_zero_b_equals_plain_model_and_disable_restores_it(smollm2) -> None:
-    from probes.models import load_model
+    from bridgeprobe.probes.models import load_model
 
     plain, tokenizer = smollm2
     model, _ = load_model("smollm2-135m")  # a separate copy: peft edits the model it wraps

@@ -32,7 +32,7 @@ def gpu_check():
 @pytest.fixture(scope="module")
 def n_queries(gpu_check) -> int:
     """Lens queries of the dry run's 4 items (every probe of probes.lens applies to each)."""
-    from probes.lens import lens_queries
+    from bridgeprobe.probes.lens import lens_queries
 
     return len(lens_queries(gpu_check.prompt_items(4)))
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import CharTokenizer, requires_transformer_lens, tiny_model
-from probes.hooks import NativeHooks
-from probes.lens import LensQuery, lens_batch, lens_queries
-from probes.targets import target_ids
-from probes.tl_backend import TransformerLensHooks
-from prompts.schema import PromptItem
+from bridgeprobe.probes.hooks import NativeHooks
+from bridgeprobe.probes.lens import LensQuery, lens_batch, lens_queries
+from bridgeprobe.probes.targets import target_ids
+from bridgeprobe.probes.tl_backend import TransformerLensHooks
+from bridgeprobe.prompts.schema import PromptItem
 
 
 def reference_lens(model, tokenizer, final_norm, query: LensQuery) -> list[dict]:

@@ -14,15 +14,15 @@ import pandas as pd
 import pytest
 import torch
 
-import probes.memory
+import bridgeprobe.probes.memory
 from conftest import requires_gemma3, requires_smollm2, tiny_model
-from probes.alignment import LinearProbe, alignment_rows, jackknife_cka, cosine, linear_cka
-from probes.hooks import NativeHooks
-from probes.variants import run_variants
-from probes.memory import (MemoryConfig, backpatch_cells, crosspatch_cells, decoding_cells, encode, identity_prompt,
-                           make_plans, patch_states, read_states, run_memory, span_end_position)
-from prompts.sampling import sample_items
-from prompts.schema import PromptItem
+from bridgeprobe.probes.alignment import LinearProbe, alignment_rows, jackknife_cka, cosine, linear_cka
+from bridgeprobe.probes.hooks import NativeHooks
+from bridgeprobe.probes.variants import run_variants
+from bridgeprobe.probes.memory import (MemoryConfig, backpatch_cells, crosspatch_cells, decoding_cells, encode, identity_prompt,
+                                       make_plans, patch_states, read_states, run_memory, span_end_position)
+from bridgeprobe.prompts.sampling import sample_items
+from bridgeprobe.prompts.schema import PromptItem
 
 TOL = 1e-4
 
@@ -168,7 +168,7 @@ def test_job_rows_equal_plain_hf_and_cover_every_analysis(tmp_path: Path, monkey
         variants.extend(batch)
         return run_variants(hooked, ids, batch, measure, **kwargs)
 
-    monkeypatch.setattr(probes.memory, "run_variants", counting)
+    monkeypatch.setattr(bridgeprobe.probes.memory, "run_variants", counting)
     frame = _run(hooked, tmp_path / "o", batch_items=2, backpatch_groups=("correct", "hop_failed"))
     assert set(frame["analysis"]) == {"crosspatch", "decoding", "lens", "backpatch", "alignment", "item"}
     patched = frame[frame.analysis.isin(["crosspatch", "backpatch", "decoding"]) & frame.source_layer.notna()]
@@ -212,8 +212,7 @@ def job_frame(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
 
 
 def test_report_curves_are_means_of_the_rows(job_frame: pd.DataFrame, monkeypatch) -> None:
-    import analyses.memory_report as report
-
+    import bridgeprobe.analyses.memory_report as report
     monkeypatch.setattr(report, "MIN_GAP", -np.inf)  # a random model: keep every item
     frame = job_frame
     layers = report.curves(frame)
@@ -238,7 +237,7 @@ def test_report_curves_are_means_of_the_rows(job_frame: pd.DataFrame, monkeypatc
 
 @pytest.mark.slow  # plotting takes several seconds
 def test_report_writes_every_output(job_frame: pd.DataFrame, tmp_path: Path) -> None:
-    from analyses.memory_report import write_memory_outputs
+    from bridgeprobe.analyses.memory_report import write_memory_outputs
 
     summary = write_memory_outputs(job_frame, tmp_path, {"model": "tiny", "n_layers": 3, "settings": {}})
     for name in ("memory_cells.csv", "memory_layers.csv", "memory_backpatch.csv", "memory_summary.json",
@@ -262,7 +261,7 @@ def test_batched_over_items_equals_one_at_a_time(tmp_path: Path) -> None:
 def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch) -> None:
     hooked = _hooked("llama")
     clean = _run(hooked, tmp_path / "clean", batch_items=2)
-    real = probes.memory.decoding_rows
+    real = bridgeprobe.probes.memory.decoding_rows
     calls = []
 
     def dying(*args, **kwargs):
@@ -271,10 +270,10 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch)
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(probes.memory, "decoding_rows", dying)
+    monkeypatch.setattr(bridgeprobe.probes.memory, "decoding_rows", dying)
     with pytest.raises(KeyboardInterrupt):
         _run(hooked, tmp_path / "cut", batch_items=2)
-    monkeypatch.setattr(probes.memory, "decoding_rows", real)
+    monkeypatch.setattr(bridgeprobe.probes.memory, "decoding_rows", real)
     result = run_memory(hooked, ITEMS, tmp_path / "cut", MemoryConfig(batch_items=2), settings={"model": "tiny"})
     assert result.info["resumed_items"] == 2
     pd.testing.assert_frame_equal(clean, result.frame)
@@ -284,11 +283,11 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch)
 def test_resumed_run_times_the_whole_analysis(tmp_path: Path, monkeypatch) -> None:
     """The first session commits one chunk whose decoding takes >= PAUSE s, then dies; the resumed session's
     run.json timings (``run_memory_section``) must include that chunk's seconds, and no ledger may remain."""
-    from probes.cli.memory import run_memory_section
-    from probes.pipeline import Timer
+    from bridgeprobe.probes.cli.memory import run_memory_section
+    from bridgeprobe.probes.pipeline import Timer
 
     pause, hooked, out = 0.5, _hooked("llama"), tmp_path / "cut"
-    real = probes.memory.decoding_rows
+    real = bridgeprobe.probes.memory.decoding_rows
     calls = []
 
     def slow_then_dying(*args, **kwargs):
@@ -298,12 +297,12 @@ def test_resumed_run_times_the_whole_analysis(tmp_path: Path, monkeypatch) -> No
         time.sleep(pause)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(probes.memory, "decoding_rows", slow_then_dying)
+    monkeypatch.setattr(bridgeprobe.probes.memory, "decoding_rows", slow_then_dying)
     with pytest.raises(KeyboardInterrupt):
         _run(hooked, out, batch_items=2)
     ledger = json.loads((out / ".memory.timings.json").read_text())
     assert ledger["sessions"] == 1 and ledger["elapsed_s"] >= pause and ledger["analyses"]["decoding_s"] >= pause
-    monkeypatch.setattr(probes.memory, "decoding_rows", real)
+    monkeypatch.setattr(bridgeprobe.probes.memory, "decoding_rows", real)
     timer, started = Timer(), time.perf_counter()
     done = run_memory_section(hooked, ITEMS, out, MemoryConfig(batch_items=2), {"model": "tiny"}, timer)
     this_session = time.perf_counter() - started
@@ -422,9 +421,9 @@ def test_identity_decoding_of_explicit_entities_works_above_chance(model_name: s
     """The explicit bridge's own state (hop2 prompt, the bridge's last token), written into the identity prompt's
     placeholder at its own early layer, is decoded as the bridge far more often than as the partner's bridge (an
     entity of the same type: the chance level), as the decoding analysis does it."""
-    from analyses.stats import sign_test
-    from probes.models import load_model
-    from prompts.loaders import load_prompts
+    from bridgeprobe.analyses.stats import sign_test
+    from bridgeprobe.probes.models import load_model
+    from bridgeprobe.prompts.loaders import load_prompts
 
     model, tokenizer = load_model(model_name)
     hooked = NativeHooks(model, tokenizer)
@@ -453,7 +452,7 @@ def test_identity_decoding_of_explicit_entities_works_above_chance(model_name: s
 @pytest.mark.slow
 @requires_smollm2
 def test_memory_command_end_to_end(tmp_path: Path) -> None:
-    from probes.cli import main
+    from bridgeprobe.probes.cli import main
 
     out = tmp_path / "m"
     args = ["memory", "--model", "smollm2-135m", "--prompts", "curated", "--items", "4", "--map-items", "2",
@@ -474,8 +473,7 @@ def test_memory_command_end_to_end(tmp_path: Path) -> None:
 def test_probe_is_trained_without_the_hop2_prompts_of_its_test_relations(monkeypatch) -> None:
     """probe_latent: no training row is the explicit hop2 state of a relation its test items use; the partner
     rows say when the probe names the partner's bridge instead."""
-    import probes.alignment as alignment
-
+    import bridgeprobe.probes.alignment as alignment
     trained: list[torch.Tensor] = []
 
     class Recording(alignment.LinearProbe):
@@ -544,8 +542,7 @@ def _memory_frame(n_items: int, band: tuple[int, int] | None, seed: int = 0, lay
 
 
 def test_band_test_finds_a_planted_band_and_nothing_else() -> None:
-    import analyses.memory_report as report
-
+    import bridgeprobe.analyses.memory_report as report
     frame = _memory_frame(60, (2, 4))
     differences = report.paired_differences(frame)
     assert set(differences.columns.get_level_values("test")) == set(report.TESTS)
@@ -563,8 +560,7 @@ def test_band_test_finds_a_planted_band_and_nothing_else() -> None:
 
 
 def test_band_test_says_when_items_are_too_few_and_old_files_lack_the_probe_control() -> None:
-    import analyses.memory_report as report
-
+    import bridgeprobe.analyses.memory_report as report
     few = report.decide(report.band_test(_memory_frame(5, (2, 4), noise=0.3), n_resamples=999), "last")
     assert few["status"] == "undecided" and few["n"]["probe"] == 5
     old = _memory_frame(60, (2, 4))
@@ -574,8 +570,7 @@ def test_band_test_says_when_items_are_too_few_and_old_files_lack_the_probe_cont
 
 
 def test_memory_summary_states_the_decision_and_the_sensitivity_table() -> None:
-    import analyses.memory_report as report
-
+    import bridgeprobe.analyses.memory_report as report
     frame = _memory_frame(60, (2, 4))
     summary = report.summarize(frame, report.curves(frame), report.backpatch_table(frame), "toy", 7)
     assert "at the last token, band 2-4 (all four tests hold" in summary["statement"]

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from conftest import requires_gemma3, requires_smollm2
-from probes.targets import target_ids
-from prompts.loaders import load_prompts, parse_columns
-from prompts.schema import PromptSetError
+from bridgeprobe.probes.targets import target_ids
+from bridgeprobe.prompts.loaders import load_prompts, parse_columns
+from bridgeprobe.prompts.schema import PromptSetError
 
 HOPPING = Path(__file__).resolve().parents[2] / "shared" / "data" / "hopping_too_late"
 
@@ -42,7 +42,7 @@ def test_curated_set_shape() -> None:
 def _tokenizer(alias: str):
     from transformers import AutoTokenizer
 
-    from probes.models import EMBEDDED, convert_gguf
+    from bridgeprobe.probes.models import EMBEDDED, convert_gguf
 
     return AutoTokenizer.from_pretrained(convert_gguf(EMBEDDED[alias].locate()))
 

@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, CohereConfig, GraniteConfig
 
 from conftest import CharTokenizer, tiny_model
-from probes.hooks import NativeHooks
-from probes.lens import lens_batch, lens_queries
-from prompts.schema import PromptItem
+from bridgeprobe.probes.hooks import NativeHooks
+from bridgeprobe.probes.lens import lens_batch, lens_queries
+from bridgeprobe.prompts.schema import PromptItem
 
 SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)

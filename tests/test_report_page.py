@@ -18,13 +18,13 @@ import torch
 
 from conftest import tiny_model
 from test_memory import ITEMS, WordTokenizer
-from analyses.memory_report import memory_section, write_memory_outputs
-from analyses.patching_report import attribution_section
-from analyses.report import write_lens_report
-from probes.hooks import NativeHooks
-from probes.lens import lens_batch, lens_queries
-from probes.memory import MemoryConfig, run_memory
-from probes.pipeline import item_pairs, run_patching
+from bridgeprobe.analyses.memory_report import memory_section, write_memory_outputs
+from bridgeprobe.analyses.patching_report import attribution_section
+from bridgeprobe.analyses.report import write_lens_report
+from bridgeprobe.probes.hooks import NativeHooks
+from bridgeprobe.probes.lens import lens_batch, lens_queries
+from bridgeprobe.probes.memory import MemoryConfig, run_memory
+from bridgeprobe.probes.pipeline import item_pairs, run_patching
 
 RAW_MARKUP = (":func:`", ":data:`", ":mod:`", ":class:`", ":meth:`", "``")
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
@@ -138,7 +138,7 @@ def test_page_in_a_headless_browser(page: Path, tmp_path: Path) -> None:
 
 
 def test_docstring_markup_and_numbers_are_written_for_people() -> None:
-    from analyses.page import count, doc_to_html, interval, seconds
+    from bridgeprobe.analyses.page import count, doc_to_html, interval, seconds
 
     html = doc_to_html("Definitions (see :func:`layer_evidence`):\n- ``rank`` below ``TOP_K``;\n- effect of at least "
                        ":data:`MIN_EFFECT`", {"TOP_K": 10, "MIN_EFFECT": 0.1})

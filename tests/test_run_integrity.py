@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_model
-from probes.cli import main
+from bridgeprobe.probes.cli import main
 
 PLACES = [("Alhambra", "Spain", "Madrid"), ("Atomium", "Belgium", "Brussels"), ("Matterhorn", "Switzerland", "Bern"),
           ("Uluru", "Australia", "Canberra"), ("Acropolis", "Greece", "Athens"), ("Colosseum", "Italy", "Rome"),
@@ -127,8 +127,7 @@ def reference(ws: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
 KILLER = textwrap.dedent('''
     """Run bridgeprobe, SIGKILLing (or stalling) this process at a chosen point of its output writes."""
     import os, signal, sys, time
-    import probes.results as results
-
+    import bridgeprobe.probes.results as results
     how, n, fraction = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     count = [0]
 
@@ -158,7 +157,7 @@ KILLER = textwrap.dedent('''
                     stop()
             return real_replace(src, dst)
         os.replace = replace
-    from probes.cli import main
+    from bridgeprobe.probes.cli import main
     sys.exit(main(sys.argv[4:]))
 ''')
 
@@ -453,7 +452,7 @@ def test_debug_shows_the_traceback(ws: Path, tmp_path: Path) -> None:
 
 
 def test_bom_pretty_json_and_long_csv_fields_load(tmp_path: Path) -> None:
-    from prompts.loaders import load_prompts
+    from bridgeprobe.prompts.loaders import load_prompts
 
     items = _items()
     bom = _write(tmp_path / "bom.jsonl", "".join(json.dumps(i) + "\n" for i in items).encode("utf-8-sig"))

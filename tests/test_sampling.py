@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from prompts.loaders import load_prompts
-from prompts.sampling import sample_items, sample_pairs
-from prompts.schema import PromptItem
+from bridgeprobe.prompts.loaders import load_prompts
+from bridgeprobe.prompts.sampling import sample_items, sample_pairs
+from bridgeprobe.prompts.schema import PromptItem
 
 
 def make_set(sizes: dict[str, int], paired: bool = False) -> list[PromptItem]:

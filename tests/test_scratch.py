@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from probes.scratch import (TrainConfig, Vocab, alignment, batch_indices, build_model, load_checkpoint, train,
-                            weight_stats)
-from prompts.synthetic import SynthConfig, generate
+from bridgeprobe.probes.scratch import (TrainConfig, Vocab, alignment, batch_indices, build_model, load_checkpoint, train,
+                                        weight_stats)
+from bridgeprobe.prompts.synthetic import SynthConfig, generate
 
 TINY_DATA = SynthConfig(n_subjects=12, n_bridges=6, n_objects=6, n_r1=2, n_r2=2, seed=1)
 
@@ -152,8 +152,8 @@ def test_gpt2_is_built_from_config_with_scaled_init() -> None:
 def test_reproduce_command_writes_outputs_and_resumes_after_a_kill(tmp_path: Path, monkeypatch) -> None:
     import pandas as pd
 
-    import probes.scratch
-    from probes.cli import main
+    import bridgeprobe.probes.scratch
+    from bridgeprobe.probes.cli import main
 
     args = ["reproduce", "--preset", "tiny", "--seeds", "0", "--steps", "20", "--checkpoint-every", "10"]
     assert main([*args, "--out", str(tmp_path / "clean")]) == 0
@@ -169,16 +169,16 @@ def test_reproduce_command_writes_outputs_and_resumes_after_a_kill(tmp_path: Pat
     metrics = pd.read_csv(clean / "metrics.csv")
     assert len(metrics) == 2 * 3 and set(metrics["step"]) == {0, 10, 20}
 
-    real, calls = probes.scratch.train, []
+    real, calls = bridgeprobe.probes.scratch.train, []
 
     def killed_in_second_run(*a, **kw):
         calls.append(1)
         return real(*a, **kw, interrupt_at=15 if len(calls) == 2 else None)
 
-    monkeypatch.setattr(probes.scratch, "train", killed_in_second_run)
+    monkeypatch.setattr(bridgeprobe.probes.scratch, "train", killed_in_second_run)
     with pytest.raises(KeyboardInterrupt):
         main([*args, "--out", str(tmp_path / "killed")])
-    monkeypatch.setattr(probes.scratch, "train", real)
+    monkeypatch.setattr(bridgeprobe.probes.scratch, "train", real)
     assert main([*args, "--out", str(tmp_path / "killed")]) == 0
     for name in ("metrics.csv", "alignment.csv", "weights.csv", "spectrum.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "killed" / name), pd.read_csv(clean / name))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from analyses import stats
+from bridgeprobe.analyses import stats
 
 
 def test_t_interval_matches_scipy():

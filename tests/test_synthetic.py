@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from conftest import requires_smollm2
-from probes.targets import target_ids
-from prompts.loaders import load_prompts
-from prompts.schema import PromptSetError
-from prompts.synthetic import (SPLITS, SynthConfig, check_splits, generate, load_splits, make_names, render_items,
-                               save_splits, token_vocab, training_texts)
+from bridgeprobe.probes.targets import target_ids
+from bridgeprobe.prompts.loaders import load_prompts
+from bridgeprobe.prompts.schema import PromptSetError
+from bridgeprobe.prompts.synthetic import (SPLITS, SynthConfig, check_splits, generate, load_splits, make_names, render_items,
+                                           save_splits, token_vocab, training_texts)
 
 class ChunkTokenizer:
     """Words cut into 3-character chunks, each chunk one id (made-up names often share their first chunk)."""
@@ -153,7 +153,7 @@ def test_split_names_cover_every_split() -> None:
 
 
 def test_synth_command_writes_checked_files(tmp_path: Path) -> None:
-    from probes.cli import main
+    from bridgeprobe.probes.cli import main
 
     out = tmp_path / "synth"
     assert main(["synth", "--subjects", "12", "--bridges", "4", "--objects", "5", "--r1", "2", "--r2", "3",
@@ -173,7 +173,7 @@ def test_synth_command_writes_checked_files(tmp_path: Path) -> None:
 def test_lens_runs_on_a_synthetic_prompt_set(tmp_path: Path) -> None:
     import pandas as pd
 
-    from probes.cli import main
+    from bridgeprobe.probes.cli import main
 
     out = tmp_path / "synth"
     assert main(["synth", "--subjects", "6", "--bridges", "3", "--objects", "4", "--r1", "2", "--r2", "2",

@@ -17,12 +17,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from probes.hooks import NativeHooks
-from probes.lens import control_bridges, flag_queries, lens_batch, lens_queries
-from probes.memory import encode
-from probes.pipeline import item_pairs
-from probes.targets import target_ids
-from prompts.schema import PromptItem
+from bridgeprobe.probes.hooks import NativeHooks
+from bridgeprobe.probes.lens import control_bridges, flag_queries, lens_batch, lens_queries
+from bridgeprobe.probes.memory import encode
+from bridgeprobe.probes.pipeline import item_pairs
+from bridgeprobe.probes.targets import target_ids
+from bridgeprobe.prompts.schema import PromptItem
 
 CORPUS = [
     "The capital of the country where the Eiffel Tower is located is Paris.",
@@ -181,7 +181,7 @@ def test_lens_scores_the_in_context_token_on_a_llama2_style_tokenizer() -> None:
 def test_pairs_memory_and_names_use_the_in_context_tokens() -> None:
     """Pair patching, the memory analyses and made-up names under a Llama-2-style tokenizer: the old
     convention gave '▁' for both answers ("same token") and every name."""
-    from prompts.synthetic import SynthConfig, generate, make_names
+    from bridgeprobe.prompts.synthetic import SynthConfig, generate, make_names
 
     tokenizer = hf_tokenizer("llama2")
     space = tokenizer.convert_tokens_to_ids("▁")
@@ -214,7 +214,7 @@ def test_fallback_when_the_join_merges_across_the_boundary(caplog: pytest.LogCap
     head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     joint = tokenizer(prompt + target, add_special_tokens=False)["input_ids"]
     assert joint[: len(head)] != head  # the case the fallback is for
-    with caplog.at_level(logging.WARNING, logger="probes.targets"):
+    with caplog.at_level(logging.WARNING, logger="bridgeprobe.probes.targets"):
         ids = target_ids(tokenizer, prompt, target, sep="")
     assert "not a prefix" in caplog.text
     common = next(i for i, (a, b) in enumerate(zip(head, joint)) if a != b)
@@ -263,8 +263,8 @@ def test_real_tokenizers_keep_their_curated_targets(alias: str) -> None:
     Gemma's have no dummy prefix: every one of them)."""
     from transformers import AutoTokenizer
 
-    from probes.models import resolve
-    from prompts.loaders import load_prompts
+    from bridgeprobe.probes.models import resolve
+    from bridgeprobe.prompts.loaders import load_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(resolve(alias))
     queries = lens_queries(load_prompts("curated"))

@@ -13,12 +13,12 @@ import logging
 import sys
 from typing import NoReturn, Sequence
 
-from probes.cli import fidelity, identity, lens, memory, patch
-from probes.cli.common import EPILOG
-from probes.models import ModelLoadError
-from probes.results import ResumeMismatch
-from probes.rundir import RunComplete, RunDirError
-from prompts.schema import PromptSetError
+from bridgeprobe.probes.cli import fidelity, identity, lens, memory, patch
+from bridgeprobe.probes.cli.common import EPILOG
+from bridgeprobe.probes.models import ModelLoadError
+from bridgeprobe.probes.results import ResumeMismatch
+from bridgeprobe.probes.rundir import RunComplete, RunDirError
+from bridgeprobe.prompts.schema import PromptSetError
 
 COMMANDS = (lens, patch, fidelity, memory, identity)
 DESCRIPTION = """Probe where a language model keeps the bridge entity of two-hop questions.

@@ -1,7 +1,7 @@
-"""``python -m probes.cli`` runs ``bridgeprobe`` (where the console script is not installed)."""
+"""``python -m bridgeprobe.probes.cli`` runs ``bridgeprobe`` (where the console script is not installed)."""
 
 import sys
 
-from probes.cli import main
+from bridgeprobe.probes.cli import main
 
 sys.exit(main())

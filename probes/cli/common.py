@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from probes.models import DTYPES, EMBEDDED
-from probes.pipeline import BACKENDS, ModelOptions
-from prompts.loaders import PRESETS, load_prompts, parse_columns
-from prompts.sampling import SAMPLES
-from prompts.schema import PromptItem
+from bridgeprobe.probes.models import DTYPES, EMBEDDED
+from bridgeprobe.probes.pipeline import BACKENDS, ModelOptions
+from bridgeprobe.prompts.loaders import PRESETS, load_prompts, parse_columns
+from bridgeprobe.prompts.sampling import SAMPLES
+from bridgeprobe.prompts.schema import PromptItem
 
 EPILOG = f"""embedded models (no hub needed): {', '.join(f'{k} ({v.description})' for k, v in EMBEDDED.items())}.
 Any other MODEL is a local checkpoint directory, a .gguf file, or a hub name."""
@@ -86,7 +86,7 @@ def rundir_args(parser: argparse.ArgumentParser) -> None:
 def fingerprint(args: argparse.Namespace, command: str, **options: Any) -> dict[str, Any]:
     """Everything that determines a job's numbers (:mod:`probes.rundir`): the model's identity and loading
     options, the prompt files' content, the prompt selection, the job's own ``options``, seed and versions."""
-    from probes.rundir import model_identity, prompt_identity
+    from bridgeprobe.probes.rundir import model_identity, prompt_identity
 
     def version(name: str) -> str | None:
         try:
@@ -165,7 +165,7 @@ def load_items(args: argparse.Namespace, paths: Sequence[str] | None = None, lim
 
 def prompt_settings(args: argparse.Namespace) -> dict:
     """The prompt flags as recorded in run.json (enough to reload the same items)."""
-    from prompts.loaders import BUNDLED
+    from bridgeprobe.prompts.loaders import BUNDLED
 
     prompts = [p if p in BUNDLED else str(Path(p).resolve()) for p in map(str, args.prompts)]
     return {"prompts": prompts, "preset": args.preset, "columns": args.columns, "limit": args.limit,

@@ -11,18 +11,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from analyses.summaries import files_line
-from probes.checks import check_context_length
-from probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, positive_int,
-                               prompt_args, prompt_settings, rundir_args)
-from probes.fidelity import COLUMNS, compare_lens, compare_patching, summary
-from probes.hooks import SITES
-from probes.models import DTYPES
-from probes.pipeline import ModelOptions, Timer, item_pairs, run_lens, run_patching, run_record
-from probes.results import atomic_write_csv, atomic_write_json
-from probes.rundir import RunDirectory, run_directory
-from prompts.sampling import sample_pairs
-from prompts.schema import PromptItem
+from bridgeprobe.analyses.summaries import files_line
+from bridgeprobe.probes.checks import check_context_length
+from bridgeprobe.probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, positive_int,
+                                           prompt_args, prompt_settings, rundir_args)
+from bridgeprobe.probes.fidelity import COLUMNS, compare_lens, compare_patching, summary
+from bridgeprobe.probes.hooks import SITES
+from bridgeprobe.probes.models import DTYPES
+from bridgeprobe.probes.pipeline import ModelOptions, Timer, item_pairs, run_lens, run_patching, run_record
+from bridgeprobe.probes.results import atomic_write_csv, atomic_write_json
+from bridgeprobe.probes.rundir import RunDirectory, run_directory
+from bridgeprobe.prompts.sampling import sample_pairs
+from bridgeprobe.prompts.schema import PromptItem
 
 VARIANTS = ("8bit", "4bit", *sorted(DTYPES))
 

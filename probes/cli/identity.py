@@ -9,11 +9,11 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from analyses.summaries import files_line
-from probes.cli.common import EPILOG, RUNS, check_options, fingerprint, model_args, model_options, rundir_args
-from probes.identity import FINETUNE_DATA, REPRODUCE_PRESETS, finetune, reproduce, write_synth
-from probes.models import DEFAULT_MODEL
-from prompts.synthetic import SynthConfig
+from bridgeprobe.analyses.summaries import files_line
+from bridgeprobe.probes.cli.common import EPILOG, RUNS, check_options, fingerprint, model_args, model_options, rundir_args
+from bridgeprobe.probes.identity import FINETUNE_DATA, REPRODUCE_PRESETS, finetune, reproduce, write_synth
+from bridgeprobe.probes.models import DEFAULT_MODEL
+from bridgeprobe.prompts.synthetic import SynthConfig
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -153,7 +153,7 @@ MODEL_FLAGS = ("model", "dtype", "quantize", "device", "device_map", "max_memory
 
 def _run_directory(args: argparse.Namespace) -> Any:
     """Lock ``args.out`` for this command with a fingerprint of all its options (:mod:`probes.rundir`)."""
-    from probes.rundir import run_directory
+    from bridgeprobe.probes.rundir import run_directory
 
     check_options(args)
     model_flags = MODEL_FLAGS if hasattr(args, "backend") else ()  # the fingerprint has the model flags already
@@ -174,7 +174,7 @@ def _synth(args: argparse.Namespace, run: Any) -> None:
     if args.tokenizer_model:
         from transformers import AutoTokenizer
 
-        from probes.models import resolve
+        from bridgeprobe.probes.models import resolve
 
         tokenizer = AutoTokenizer.from_pretrained(resolve(args.tokenizer_model))
     splits = write_synth(_data_config(args, {}, args.seed), args.out, tokenizer)
@@ -187,7 +187,7 @@ def _synth(args: argparse.Namespace, run: Any) -> None:
 
 
 def _train_config(args: argparse.Namespace, preset: dict[str, Any]) -> Any:
-    from probes.scratch import TrainConfig
+    from bridgeprobe.probes.scratch import TrainConfig
 
     values = dict(preset)
     for flag, field in (("model", "model"), ("steps", "steps"), ("batch_size", "batch_size"), ("lr", "lr"),
@@ -215,7 +215,7 @@ def reproduce_job(args: argparse.Namespace) -> Path:
 
 def finetune_job(args: argparse.Namespace) -> Path:
     """The flags as model options, data and LoRA configs, run by :func:`probes.identity.finetune`."""
-    from probes.finetune import FinetuneConfig
+    from bridgeprobe.probes.finetune import FinetuneConfig
 
     config = FinetuneConfig(rank=args.rank, alpha=args.alpha, target_modules=args.target_modules, lr=args.lr,
                             weight_decay=args.weight_decay, steps=args.steps, batch_size=args.batch_size,

@@ -9,19 +9,19 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from analyses.summaries import lens_run_lines, lens_summary
-from probes.checks import check_context_length
-from probes.cli.common import (EPILOG, check_options, default_out, fingerprint, load_items, model_args,
-                               model_options, prompt_args, prompt_settings, run_args, rundir_args)
-from probes.cli.memory import (memory_config, memory_flags, memory_report_section, read_memory_csv,  # memory section
-                               run_memory_section)
-from probes.hooks import HookedModel
-from probes.models import DEFAULT_MODEL
-from probes.pipeline import ModelOptions, PatchingRun, Timer, item_pairs, run_lens, run_patching, run_record
-from probes.rundir import RunDirError, RunDirectory, check_rows, run_directory
-from prompts.loaders import load_prompts, parse_columns
-from prompts.sampling import sample_pairs
-from prompts.schema import PromptItem
+from bridgeprobe.analyses.summaries import lens_run_lines, lens_summary
+from bridgeprobe.probes.checks import check_context_length
+from bridgeprobe.probes.cli.common import (EPILOG, check_options, default_out, fingerprint, load_items, model_args,
+                                           model_options, prompt_args, prompt_settings, run_args, rundir_args)
+from bridgeprobe.probes.cli.memory import (memory_config, memory_flags, memory_report_section, read_memory_csv,  # memory section
+                                           run_memory_section)
+from bridgeprobe.probes.hooks import HookedModel
+from bridgeprobe.probes.models import DEFAULT_MODEL
+from bridgeprobe.probes.pipeline import ModelOptions, PatchingRun, Timer, item_pairs, run_lens, run_patching, run_record
+from bridgeprobe.probes.rundir import RunDirError, RunDirectory, check_rows, run_directory
+from bridgeprobe.prompts.loaders import load_prompts, parse_columns
+from bridgeprobe.prompts.sampling import sample_pairs
+from bridgeprobe.prompts.schema import PromptItem
 
 
 RUN_MEMORY_ITEMS, RUN_MEMORY_MAP_ITEMS, RUN_MEMORY_STRIDE = 24, 12, 6  # memory section of `run`
@@ -114,8 +114,8 @@ def _lens_run(args: argparse.Namespace, report: bool, out: Path, items: list[Pro
         extra["memory"] = memory.info
     record = run_record(args.command, hooked, options, settings, timer, extra)
     if report:
-        from analyses.patching_report import attribution_section
-        from analyses.report import write_lens_report
+        from bridgeprobe.analyses.patching_report import attribution_section
+        from bridgeprobe.analyses.report import write_lens_report
 
         sections = [attribution_section(attribution[0].frame, out, args.model)] if attribution is not None else []
         if memory is not None:
@@ -145,7 +145,7 @@ def _attribution_run(hooked: HookedModel, items: list[PromptItem], out: Path, ar
 
 def report_job(out: Path) -> None:
     """Regenerate the report of a finished run from its lens.csv and run.json."""
-    from analyses.report import write_lens_report
+    from bridgeprobe.analyses.report import write_lens_report
 
     if not (out / "lens.csv").is_file() or not (out / "run.json").is_file():
         raise RunDirError(f"{out} has no finished run (lens.csv and run.json)")
@@ -154,8 +154,8 @@ def report_job(out: Path) -> None:
 
 
 def _report(out: Path) -> None:
-    from analyses.patching_report import attribution_section
-    from analyses.report import write_lens_report
+    from bridgeprobe.analyses.patching_report import attribution_section
+    from bridgeprobe.analyses.report import write_lens_report
 
     check_rows(out, "lens.csv")
     record = json.loads((out / "run.json").read_text())

@@ -11,19 +11,19 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
-from analyses.summaries import MEMORY_FILES, files_line, memory_lines
-from probes.checks import check_context_length
-from probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, positive_int,
-                               prompt_args, prompt_settings, rundir_args)
-from probes.hooks import HookedModel
-from probes.memory import ANALYSES, MemoryConfig, MemoryRun, run_memory
-from probes.pipeline import ModelOptions, Timer, run_record
-from probes.rundir import RunDirError, RunDirectory, check_rows, run_directory
-from probes.variants import METHODS
-from prompts.schema import PromptItem
+from bridgeprobe.analyses.summaries import MEMORY_FILES, files_line, memory_lines
+from bridgeprobe.probes.checks import check_context_length
+from bridgeprobe.probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, positive_int,
+                                           prompt_args, prompt_settings, rundir_args)
+from bridgeprobe.probes.hooks import HookedModel
+from bridgeprobe.probes.memory import ANALYSES, MemoryConfig, MemoryRun, run_memory
+from bridgeprobe.probes.pipeline import ModelOptions, Timer, run_record
+from bridgeprobe.probes.rundir import RunDirError, RunDirectory, check_rows, run_directory
+from bridgeprobe.probes.variants import METHODS
+from bridgeprobe.prompts.schema import PromptItem
 
 if TYPE_CHECKING:
-    from analyses.page import Section
+    from bridgeprobe.analyses.page import Section
 
 DESCRIPTION = """Locate the shared latent memory: where the bridge entity computed inside a two-hop prompt lives
 relative to where hop 2 reads an explicitly written bridge. Per item and its 'pair' partner (same composition,
@@ -118,7 +118,7 @@ def read_memory_csv(out: Path) -> pd.DataFrame:
 
 def memory_report_section(frame: pd.DataFrame, out: Path, record: dict) -> Section:
     """Write the memory tables, plots and summary into ``out`` and return the HTML report's section."""
-    from analyses.memory_report import memory_section, write_memory_outputs
+    from bridgeprobe.analyses.memory_report import memory_section, write_memory_outputs
 
     summary = write_memory_outputs(frame, out, record)
     return memory_section(summary, [out / name for name in summary["figures"]])
@@ -148,7 +148,7 @@ def _memory_run(args: argparse.Namespace, config: MemoryConfig, items: list[Prom
     if done.frame is None:  # another process of a data-parallel run: rank 0 writes the outputs
         return args.out
     record = run_record("memory", hooked, options, settings, timer, {"memory": done.info})
-    from analyses.memory_report import write_memory_outputs
+    from bridgeprobe.analyses.memory_report import write_memory_outputs
 
     with timer.section("report_s"):
         summary = write_memory_outputs(done.frame, args.out, record)
@@ -161,7 +161,7 @@ def _memory_run(args: argparse.Namespace, config: MemoryConfig, items: list[Prom
 
 def memory_report_job(out: Path) -> None:
     """Rebuild the memory outputs of a finished run from its memory.csv and run.json."""
-    from analyses.memory_report import write_memory_outputs
+    from bridgeprobe.analyses.memory_report import write_memory_outputs
 
     if not (out / "memory.csv").is_file() or not (out / "run.json").is_file():
         raise RunDirError(f"{out} has no finished memory run (memory.csv and run.json)")

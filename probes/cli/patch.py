@@ -7,16 +7,16 @@ from pathlib import Path
 
 import torch
 
-from analyses.summaries import PATCH_FILES, files_line, patching_lines
-from probes.checks import check_context_length
-from probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, prompt_args,
-                               prompt_settings, rundir_args)
-from probes.hooks import SITES
-from probes.patching import HEAD
-from probes.pipeline import ModelOptions, Timer, item_pairs, run_patching, run_record
-from probes.rundir import RunDirectory, prompt_identity, run_directory
-from prompts.sampling import sample_pairs
-from prompts.schema import PromptItem
+from bridgeprobe.analyses.summaries import PATCH_FILES, files_line, patching_lines
+from bridgeprobe.probes.checks import check_context_length
+from bridgeprobe.probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, prompt_args,
+                                           prompt_settings, rundir_args)
+from bridgeprobe.probes.hooks import SITES
+from bridgeprobe.probes.patching import HEAD
+from bridgeprobe.probes.pipeline import ModelOptions, Timer, item_pairs, run_patching, run_record
+from bridgeprobe.probes.rundir import RunDirectory, prompt_identity, run_directory
+from bridgeprobe.prompts.sampling import sample_pairs
+from bridgeprobe.prompts.schema import PromptItem
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -69,7 +69,7 @@ def patch_job(args: argparse.Namespace) -> Path:
 
 def _patch_run(args: argparse.Namespace, items: list[PromptItem], corrupt: list[PromptItem] | None,
                sites: list[str], options: ModelOptions, run: RunDirectory) -> Path:
-    from analyses.patching_report import write_patching_outputs
+    from bridgeprobe.analyses.patching_report import write_patching_outputs
 
     timer = Timer()
     with timer.section("load_model_s"):

@@ -16,12 +16,12 @@ import time
 
 import pandas as pd
 
-from probes.attribution import attribution_sweep
-from probes.hooks import NativeHooks
-from probes.models import load_model
-from probes.patching import sweep
-from probes.pipeline import item_pairs
-from prompts.loaders import load_prompts
+from bridgeprobe.probes.attribution import attribution_sweep
+from bridgeprobe.probes.hooks import NativeHooks
+from bridgeprobe.probes.models import load_model
+from bridgeprobe.probes.patching import sweep
+from bridgeprobe.probes.pipeline import item_pairs
+from bridgeprobe.prompts.loaders import load_prompts
 
 SITES = ("resid_pre", "attn_out", "mlp_out")
 

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from probes.hooks import NativeHooks
-from probes.lens import batches, lens_batch, lens_queries
-from probes.models import load_model
-from probes.targets import target_ids
-from prompts.loaders import load_prompts
+from bridgeprobe.probes.hooks import NativeHooks
+from bridgeprobe.probes.lens import batches, lens_batch, lens_queries
+from bridgeprobe.probes.models import load_model
+from bridgeprobe.probes.targets import target_ids
+from bridgeprobe.prompts.loaders import load_prompts
 
 
 def transformer_lens_loop(model: torch.nn.Module, tokenizer, queries) -> dict[tuple, int]:
     """First-target-token rank per (query key, layer) via one run_with_cache per distinct prompt."""
-    from probes.tl_backend import TransformerLensHooks
+    from bridgeprobe.probes.tl_backend import TransformerLensHooks
 
     bridge = TransformerLensHooks(model, tokenizer).bridge
     n_layers = bridge.cfg.n_layers

@@ -130,12 +130,12 @@ def weight_formula(model: torch.nn.Module, quantize: str | None, dtype: torch.dt
 
 
 def bench_model(spec: str, variant: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from probes.hooks import NativeHooks
-    from probes.lens import _encode, auto_batch_size, batches, lens_batch, lens_memory, lens_queries
-    from probes.models import DTYPES, load_model
-    from probes.patching import sweep
-    from probes.pipeline import item_pairs
-    from prompts.loaders import load_prompts
+    from bridgeprobe.probes.hooks import NativeHooks
+    from bridgeprobe.probes.lens import _encode, auto_batch_size, batches, lens_batch, lens_memory, lens_queries
+    from bridgeprobe.probes.models import DTYPES, load_model
+    from bridgeprobe.probes.patching import sweep
+    from bridgeprobe.probes.pipeline import item_pairs
+    from bridgeprobe.prompts.loaders import load_prompts
 
     quantize = variant if variant in ("8bit", "4bit") else None
     dtype = args.compute_dtype if quantize else variant

@@ -92,7 +92,7 @@ def shape_configs(tiny: bool) -> dict[str, Any]:
 
 def prompt_items(n: int) -> list:
     """``n`` two-hop items with one-hop prompts, every word one token, 12 to 19 tokens per two-hop prompt."""
-    from prompts.schema import PromptItem
+    from bridgeprobe.prompts.schema import PromptItem
 
     fillers = ["old", "stone", "tower", "by", "the", "green", "river", "near", "a", "market"]
     items = []
@@ -122,7 +122,7 @@ def word_tokenizer(items: list, vocab_size: int) -> Any:
 
 def patch_pair(tokenizer: Any, length: int) -> Any:
     """A clean/corrupted pair of ``length`` tokens that differ in one word, answers ``city1`` vs ``city2``."""
-    from probes.patching import Pair
+    from bridgeprobe.probes.patching import Pair
 
     words = [f"w{k % 300}" for k in range(length - 1)]
     clean = " ".join(["landmark1", *words])
@@ -238,14 +238,14 @@ def bench_scale() -> Any:
 
 
 def lens_rows(hooked: Any, queries: list, size: int) -> list[dict]:
-    """Lens rows of ``queries`` in batches of ``size`` (as :func:`probes.pipeline.run_lens` plans them)."""
-    from probes.lens import batches, lens_batch
+    """Lens rows of ``queries`` in batches of ``size`` (as :func:`bridgeprobe.probes.pipeline.run_lens` plans them)."""
+    from bridgeprobe.probes.lens import batches, lens_batch
 
     return [row for batch in batches(queries, hooked.tokenizer, size) for row in lens_batch(hooked, batch)]
 
 
 def lens_and_sweep(hooked: Any, queries: list, pair: Any) -> tuple[list[dict], Any]:
-    from probes.patching import sweep
+    from bridgeprobe.probes.patching import sweep
 
     return lens_rows(hooked, queries, 8), sweep(hooked, pair, "resid_pre", method="fast")
 
@@ -289,7 +289,7 @@ class Shape:
     def __init__(self, name: str, config: Any, args: argparse.Namespace) -> None:
         from transformers import AutoModelForCausalLM
 
-        from probes.hooks import NativeHooks
+        from bridgeprobe.probes.hooks import NativeHooks
 
         self.name, self.config = name, config
         self.dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -327,7 +327,7 @@ def check_build(shape: Shape) -> dict[str, Any]:
 
 
 def check_lens(shape: Shape, args: argparse.Namespace, clock: Clock) -> dict[str, Any]:
-    from probes.lens import _encode, auto_batch_size, batches, free_memory, lens_batch, lens_memory, lens_queries
+    from bridgeprobe.probes.lens import _encode, auto_batch_size, batches, free_memory, lens_batch, lens_memory, lens_queries
 
     hooked = shape.hooked
     queries = lens_queries(shape.items)
@@ -381,8 +381,8 @@ def patching_memory(shape: Shape, length: int) -> dict[str, int]:
 
 
 def check_sweep(shape: Shape) -> dict[str, Any]:
-    from probes.lens import free_memory
-    from probes.patching import sweep
+    from bridgeprobe.probes.lens import free_memory
+    from bridgeprobe.probes.patching import sweep
 
     hooked, pair = shape.hooked, shape.pair
     free = free_memory(hooked)
@@ -405,7 +405,7 @@ def check_sweep(shape: Shape) -> dict[str, Any]:
 
 
 def check_attribution(shape: Shape) -> dict[str, Any]:
-    from probes.attribution import attribution_sweep
+    from bridgeprobe.probes.attribution import attribution_sweep
 
     hooked, pair = shape.hooked, shape.pair
     ids = pair.ids("corrupted")
@@ -425,9 +425,9 @@ def check_attribution(shape: Shape) -> dict[str, Any]:
 
 
 def check_oom_lens(shape: Shape) -> dict[str, Any]:
-    import probes.pipeline
-    from probes.lens import MAX_AUTO_BATCH, _encode, lens_memory, lens_queries
-    from probes.pipeline import run_lens
+    import bridgeprobe.probes.pipeline
+    from bridgeprobe.probes.lens import MAX_AUTO_BATCH, _encode, lens_memory, lens_queries
+    from bridgeprobe.probes.pipeline import run_lens
 
     hooked = shape.hooked
     first = MAX_AUTO_BATCH if cuda() else 16
@@ -441,7 +441,7 @@ def check_oom_lens(shape: Shape) -> dict[str, Any]:
         else:
             headroom = None
             trigger = "simulated: torch.cuda.OutOfMemoryError above 4 queries (no CUDA)"
-            cap = simulated_oom(probes.pipeline, "lens_batch", lambda h, batch, *a: len(batch) > 4, simulated)
+            cap = simulated_oom(bridgeprobe.probes.pipeline, "lens_batch", lambda h, batch, *a: len(batch) > 4, simulated)
         with cap:
             backed = run_lens(hooked, shape.items, Path(tmp) / "oom", settings={}, batch_size=first)
         ooms = num_ooms() - before
@@ -456,8 +456,8 @@ def check_oom_lens(shape: Shape) -> dict[str, Any]:
 
 
 def check_oom_sweep(shape: Shape) -> dict[str, Any]:
-    import probes.variants
-    from probes.patching import sweep
+    import bridgeprobe.probes.variants
+    from bridgeprobe.probes.patching import sweep
 
     hooked = shape.hooked
     pair = patch_pair(shape.tokenizer, 256 if cuda() else 24)
@@ -469,7 +469,7 @@ def check_oom_sweep(shape: Shape) -> dict[str, Any]:
         trigger, cap, budget = "real: torch.cuda.set_per_process_memory_fraction", capped_gpu(1 << 30), huge
     else:
         trigger = "simulated: torch.cuda.OutOfMemoryError above 2 variants per pass (no CUDA)"
-        cap = simulated_oom(probes.variants, "_fast_pass", lambda h, group, *a: len(group) > 2, simulated)
+        cap = simulated_oom(bridgeprobe.probes.variants, "_fast_pass", lambda h, group, *a: len(group) > 2, simulated)
         budget = None
     with cap:
         backed = sweep(hooked, pair, "resid_pre", layers=layers, method="fast", memory_budget=budget)
@@ -522,9 +522,9 @@ def split_map(path: Path) -> dict[str, Any]:
 
 
 def check_device_map(ckpt: Path, items: list) -> dict[str, Any]:
-    from probes.hooks import NativeHooks
-    from probes.lens import lens_queries
-    from probes.models import load_model
+    from bridgeprobe.probes.hooks import NativeHooks
+    from bridgeprobe.probes.lens import lens_queries
+    from bridgeprobe.probes.models import load_model
 
     queries = lens_queries(items[:16])
     results = {}
@@ -568,10 +568,10 @@ def quantized_unavailable() -> str | None:
 
 
 def check_quantized(ckpt: Path, items: list) -> dict[str, Any]:
-    from probes.fidelity import spearman
-    from probes.hooks import NativeHooks
-    from probes.lens import auto_batch_size, lens_queries
-    from probes.models import load_model
+    from bridgeprobe.probes.fidelity import spearman
+    from bridgeprobe.probes.hooks import NativeHooks
+    from bridgeprobe.probes.lens import auto_batch_size, lens_queries
+    from bridgeprobe.probes.models import load_model
 
     version = bitsandbytes_version()
     weights = bench_scale().weight_formula
