@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bridgeprobe.analyses.stats import mean_interval, paired_difference, proportion_interval, proportion_intervals, sign_test
+from bridgeprobe.analyses.stats import paired_difference, proportion_interval, proportion_intervals, sign_test
 
 TOP_K = 10
 TOPK_RATES = (1, 5, 10)

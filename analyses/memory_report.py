@@ -40,7 +40,6 @@ bridge-specific when written into some other target layer (the best target of th
 from __future__ import annotations
 
 import html
-import math
 from pathlib import Path
 from typing import Any
 

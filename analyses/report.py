@@ -69,9 +69,9 @@ def _html(summary: dict[str, Any], layers: pd.DataFrame, prompts: pd.DataFrame, 
                     f"grey = matched control entity (where the run has one).")
     lens = Section(
         "Where the bridge is readable (logit lens)", _lens_findings(summary, layers),
-        f"<p>Each block's output is read through the model's final norm and unembedding and scored on the bridge "
-        f"entity (hop 1's result) and the answer. Ranks are 0-based over the vocabulary; correctness is the model's "
-        f"own greedy first token.</p>",
+        "<p>Each block's output is read through the model's final norm and unembedding and scored on the bridge "
+        "entity (hop 1's result) and the answer. Ranks are 0-based over the vocabulary; correctness is the model's "
+        "own greedy first token.</p>",
         [Figure(figures[0], rank_caption)])
     by_group = Section(
         "By outcome", _group_findings(summary),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +27,38 @@ TINY_CONFIGS = {
         final_logit_softcapping=30.0,
     ),
 }
+
+
+PLACES = [("Alhambra", "Spain", "Madrid"), ("Atomium", "Belgium", "Brussels"), ("Matterhorn", "Switzerland", "Bern"),
+          ("Uluru", "Australia", "Canberra"), ("Acropolis", "Greece", "Athens"), ("Colosseum", "Italy", "Rome"),
+          ("Fuji", "Japan", "Tokyo"), ("Kremlin", "Russia", "Moscow")]
+PLACE_TEMPLATE = "The capital of the country where {} is located is"
+
+
+def place_items() -> list[dict]:
+    """Eight landmark -> country -> capital items with one-hop prompts and a composition, paired two by two."""
+    return [{"id": landmark.lower(), "two_hop": PLACE_TEMPLATE.format(landmark), "bridge": country, "answer": capital,
+             "pair": PLACES[i ^ 1][0].lower(), "hop1": f"{landmark} is located in",
+             "hop2": f"The capital of {country} is", "r1": "located_in", "r2": "capital"}
+            for i, (landmark, country, capital) in enumerate(PLACES)]
+
+
+def save_tiny_checkpoint(path: Path) -> None:
+    """A tiny Llama saved with safetensors and a word-level tokenizer that needs no hub in ``path/model`` (every word
+    of :func:`place_items` one token, plus "word"), and those items in ``path/prompts.jsonl``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    items = place_items()
+    words = sorted({w for item in items for field in ("two_hop", "bridge", "answer", "hop1", "hop2")
+                    for w in item[field].split()} | {"word"})
+    raw = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    model = tiny_model("llama")
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.save_pretrained(path / "model")
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]").save_pretrained(path / "model")
+    (path / "prompts.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
 
 
 def tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:

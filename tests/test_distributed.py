@@ -13,14 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import PLACES, save_tiny_checkpoint
 from bridgeprobe.probes import distributed
 from bridgeprobe.probes.distributed import Shards, replica_placement
 from bridgeprobe.probes.results import IncrementalCSV, ResumeMismatch, finish_rows
 
-PLACES = [("Alhambra", "Spain", "Madrid"), ("Atomium", "Belgium", "Brussels"), ("Matterhorn", "Switzerland", "Bern"),
-          ("Uluru", "Australia", "Canberra"), ("Acropolis", "Greece", "Athens"), ("Colosseum", "Italy", "Rome"),
-          ("Fuji", "Japan", "Tokyo"), ("Kremlin", "Russia", "Moscow")]
 
 
 # --------------------------------------------------------------------------------------------- mechanism
@@ -94,27 +91,6 @@ def test_replica_placement() -> None:
 
 
 # --------------------------------------------------------------------------------------------- torchrun
-
-
-def save_tiny_checkpoint(path: Path) -> None:
-    """A tiny Llama saved with safetensors and a word-level tokenizer that needs no hub in ``path/model``, and
-    ``path/prompts.jsonl``: eight items with one-hop prompts, paired two by two, every word one token."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    text = "The capital of the country where {} is located is"
-    items = [{"id": landmark.lower(), "two_hop": text.format(landmark), "bridge": country, "answer": capital,
-              "pair": PLACES[i ^ 1][0].lower(), "hop1": f"{landmark} is located in",
-              "hop2": f"The capital of {country} is"} for i, (landmark, country, capital) in enumerate(PLACES)]
-    words = sorted({w for item in items for field in ("two_hop", "bridge", "answer", "hop1", "hop2")
-                    for w in item[field].split()})
-    raw = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    model = tiny_model("llama")
-    model.config.architectures = ["LlamaForCausalLM"]
-    model.save_pretrained(path / "model")
-    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]").save_pretrained(path / "model")
-    (path / "prompts.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
 
 
 @pytest.fixture(scope="module")

@@ -11,45 +11,21 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import tiny_model
+from conftest import place_items, save_tiny_checkpoint
 from bridgeprobe.probes.cli import main
 
-PLACES = [("Alhambra", "Spain", "Madrid"), ("Atomium", "Belgium", "Brussels"), ("Matterhorn", "Switzerland", "Bern"),
-          ("Uluru", "Australia", "Canberra"), ("Acropolis", "Greece", "Athens"), ("Colosseum", "Italy", "Rome"),
-          ("Fuji", "Japan", "Tokyo"), ("Kremlin", "Russia", "Moscow")]
-TEXT = "The capital of the country where {} is located is"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _items() -> list[dict]:
-    return [{"id": landmark.lower(), "two_hop": TEXT.format(landmark), "bridge": country, "answer": capital,
-             "pair": PLACES[i ^ 1][0].lower(), "hop1": f"{landmark} is located in",
-             "hop2": f"The capital of {country} is", "r1": "located_in", "r2": "capital"}
-            for i, (landmark, country, capital) in enumerate(PLACES)]
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``ws/model``: a tiny Llama with a word-level tokenizer (no hub); ``ws/prompts.jsonl``: eight paired items."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     path = tmp_path_factory.mktemp("integrity")
-    items = _items()
-    words = sorted({w for item in items for field in ("two_hop", "bridge", "answer", "hop1", "hop2")
-                    for w in item[field].split()} | {"word"})
-    raw = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    model = tiny_model("llama")
-    model.config.architectures = ["LlamaForCausalLM"]
-    model.save_pretrained(path / "model")
-    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]").save_pretrained(path / "model")
-    (path / "prompts.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    save_tiny_checkpoint(path)
     return path
 
 
@@ -348,7 +324,7 @@ BAD = {
     "not a gguf": (lambda ws, tmp: ["--model", str(_write(tmp / "x.gguf", b"PK\x03\x04 not gguf"))],
                    "is not a GGUF file"),
     "non-UTF-8 prompts": (lambda ws, tmp: ["--prompts", str(_write(tmp / "latin.jsonl", "".join(
-        json.dumps(i, ensure_ascii=False).replace("Belgium", "België") + "\n" for i in _items()).encode("latin-1")))],
+        json.dumps(i, ensure_ascii=False).replace("Belgium", "België") + "\n" for i in place_items()).encode("latin-1")))],
         "latin.jsonl:2: not UTF-8 text (byte 0xeb"),
     "bad JSON line": (lambda ws, tmp: ["--prompts", str(_write(tmp / "b.jsonl", b'{"id": "a",\n'))],
                       "b.jsonl:2: not valid JSON"),
@@ -385,7 +361,7 @@ def _csv(tmp: Path) -> Path:
         writer = csv.DictWriter(fh, fieldnames=["landmark", "two_hop", "bridge", "answer"])
         writer.writeheader()
         writer.writerows({"landmark": i["id"], "two_hop": i["two_hop"], "bridge": i["bridge"], "answer": i["answer"]}
-                         for i in _items())
+                         for i in place_items())
     return path
 
 
@@ -454,7 +430,7 @@ def test_debug_shows_the_traceback(ws: Path, tmp_path: Path) -> None:
 def test_bom_pretty_json_and_long_csv_fields_load(tmp_path: Path) -> None:
     from bridgeprobe.prompts.loaders import load_prompts
 
-    items = _items()
+    items = place_items()
     bom = _write(tmp_path / "bom.jsonl", "".join(json.dumps(i) + "\n" for i in items).encode("utf-8-sig"))
     pretty = _write(tmp_path / "pretty.json", json.dumps(items, indent=2).encode())
     stream = _write(tmp_path / "stream.jsonl", "\n".join(json.dumps(i, indent=2) for i in items).encode())

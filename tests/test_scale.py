@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import bridgeprobe.probes.pipeline
-from conftest import CharTokenizer, requires_smollm2, tiny_model
-from test_distributed import save_tiny_checkpoint
+from conftest import CharTokenizer, requires_smollm2, save_tiny_checkpoint, tiny_model
 from bridgeprobe.probes.fidelity import compare_lens, compare_patching, spearman
 from bridgeprobe.probes.hooks import NativeHooks
 from bridgeprobe.probes.lens import (DEFAULT_BATCH_SIZE, MAX_AUTO_BATCH, _encode, auto_batch_size, lens_batch, lens_memory,

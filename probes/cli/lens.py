@@ -145,8 +145,6 @@ def _attribution_run(hooked: HookedModel, items: list[PromptItem], out: Path, ar
 
 def report_job(out: Path) -> None:
     """Regenerate the report of a finished run from its lens.csv and run.json."""
-    from bridgeprobe.analyses.report import write_lens_report
-
     if not (out / "lens.csv").is_file() or not (out / "run.json").is_file():
         raise RunDirError(f"{out} has no finished run (lens.csv and run.json)")
     with RunDirectory.locked(out):
