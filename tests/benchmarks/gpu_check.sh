@@ -9,7 +9,10 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu_check}
 mkdir -p "$OUT"
-export OUT HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# the library imports as bridgeprobe.probes/.prompts/.analyses (pyproject's package-dir); should the editable install
+# below fail (an old setuptools without network), a namespace of links to the folders stands in for it
+ns=$(mktemp -d)/site && mkdir -p "$ns/bridgeprobe" && for pkg in probes prompts analyses; do ln -s "$PWD/$pkg" "$ns/bridgeprobe/$pkg"; done
+export OUT HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH="$ns:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 {
   if compgen -G ".whl/*.whl" >/dev/null; then
@@ -17,7 +20,7 @@ PY=${PYTHON:-python3}
       && export PYTHONPATH="$PYTHONPATH:/tmp/site"
   fi
   # the console script (tests/test_distributed.py runs it); without network, so no build isolation
-  "$PY" -m pip install -q --no-deps --no-build-isolation -e . || echo "pip install -e . failed: PYTHONPATH=$PWD is used"
+  "$PY" -m pip install -q --no-deps --no-build-isolation -e . || echo "pip install -e . failed: the namespace below is used"
   nvidia-smi
   "$PY" -m pip list 2>/dev/null | grep -i -E '^(torch|transformers|accelerate|peft|bitsandbytes|pytest|tokenizers) '
 } >"$OUT/install.log" 2>&1
