@@ -17,6 +17,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
+from conftest import requires_gemma3, requires_smollm2
 from bridgeprobe.probes.hooks import NativeHooks
 from bridgeprobe.probes.lens import control_bridges, flag_queries, lens_batch, lens_queries
 from bridgeprobe.probes.memory import encode
@@ -256,7 +257,8 @@ def test_flags_and_controls() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m"])
+@pytest.mark.parametrize("alias", [pytest.param("smollm2-135m", marks=requires_smollm2),
+                                   pytest.param("gemma3-270m", marks=requires_gemma3)])
 def test_real_tokenizers_keep_their_curated_targets(alias: str) -> None:
     """Both embedded models' tokenizers on the curated set: target_ids equal the in-context tokens from the
     offsets, and equal the old ``tokenizer(" " + target)`` ids wherever those were right (byte-level BPE and
