@@ -88,18 +88,6 @@ def interval(values: Mapping[str, Any], key: str, fmt: Callable[[Any], str] = pc
     return text
 
 
-def ordinal_range(layers: Sequence[int]) -> str:
-    """Layers as runs: [1, 2, 3, 7] -> '1–3, 7'."""
-    layers = sorted(int(x) for x in layers)
-    runs: list[list[int]] = []
-    for layer in layers:
-        if runs and layer == runs[-1][1] + 1:
-            runs[-1][1] = layer
-        else:
-            runs.append([layer, layer])
-    return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in runs) or "none"
-
-
 # ------------------------------------------------------------------------------------------------ HTML parts
 
 _ROLE = re.compile(r":(?:func|data|mod|class|meth|attr|obj):`~?([^`]+)`")

@@ -262,7 +262,3 @@ def maxt_signflip(matrix: np.ndarray | pd.DataFrame, n_resamples: int = N_RESAMP
         table.index = matrix.columns
     return table
 
-
-def format_interval(mean: float, low: float, high: float, n: int, pct: bool = False, reason: str = "") -> str:
-    """The text of a table row's interval (as :meth:`Interval.text`)."""
-    return Interval(float(mean), float(low), float(high), int(n), "", reason or TOO_FEW).text(pct)
