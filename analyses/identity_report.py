@@ -20,7 +20,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bridgeprobe.analyses.plots import legend_below, save_figure  # noqa: E402
-from bridgeprobe.analyses.stats import mean_interval, sign_test  # noqa: E402
+from bridgeprobe.analyses.stats import (MIN_N, mean_interval, paired_difference, proportion_interval, sign_test,  # noqa: E402
+                                       signflip_test)
 from bridgeprobe.analyses.page import Figure, Section, render, table as page_table  # noqa: E402
 from bridgeprobe.probes.results import atomic_write  # noqa: E402
 
@@ -63,8 +64,110 @@ def comparison_table(results: pd.DataFrame, keys: Sequence[str],
                 row[f"{metric} delta n"] = interval.n
                 row[f"{metric} identity higher"] = f"{int((delta > 0).sum())}/{len(delta)}"
                 row[f"{metric} sign test p"] = sign_test(delta.to_numpy())[0]
+                row[f"{metric} signflip p"] = (signflip_test(delta.to_numpy(), alternative="greater")
+                                               if len(delta) >= MIN_N else np.nan)  # as intervals: none below 3
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# the columns that tell grid cells apart: (column, where in run.json settings, default for older records)
+CELL_KEYS = (("model", ("train", "model"), None), ("tied", ("train", "tie_embeddings"), True),
+             ("residual", ("train", "residual"), True), ("d_model", ("train", "d_model"), None),
+             ("steps", ("train", "steps"), None), ("lr", ("train", "lr"), None),
+             ("subjects", ("data", "n_subjects"), None), ("bridges", ("data", "n_bridges"), None),
+             ("ood", ("data", "ood"), "relation_pair"), ("identity_form", ("data", "identity_form"), "relation"),
+             ("two_hop_training", ("data", "two_hop_training"), True))
+GRID_METRICS = ("ood_two_hop_acc", "id_two_hop_acc", "one_hop_acc")
+
+
+def grid_results(run_dirs: Sequence[Path]) -> pd.DataFrame:
+    """The results.csv rows of finished ``reproduce`` runs, each with the :data:`CELL_KEYS` columns of its
+    settings, so runs that differ in model, data or training fall into separate grid cells."""
+    import json
+
+    frames = []
+    for run_dir in run_dirs:
+        settings = json.loads((run_dir / "run.json").read_text())["settings"]
+        frame = pd.read_csv(run_dir / "results.csv")
+        for column, (part, key), default in CELL_KEYS:
+            frame[column] = settings[part].get(key, default)
+        frames.append(frame.assign(run_dir=str(run_dir)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def grid_table(results: pd.DataFrame, chance: float | None = None) -> pd.DataFrame:
+    """:func:`comparison_table` over every grid cell (:data:`CELL_KEYS` and the knobs reproduce sweeps), with
+    whether the cell meets the paper's claim as the issue states it: ID two-hop >= 0.9 in both conditions, OOD
+    without identity within 0.05 of ``chance``, OOD with identity >= 0.5, identity higher in every seed, >= 5
+    seeds."""
+    keys = [c for c, _, _ in CELL_KEYS] + ["init_scale", "weight_decay", "identity_repeat"]
+    table = comparison_table(results, keys, GRID_METRICS)
+    ood = "ood_two_hop_acc"
+    higher = table[f"{ood} identity higher"].str.split("/", expand=True).astype(int)
+    table["claim met"] = ((table["id_two_hop_acc no_identity mean"] >= 0.9) & (table["id_two_hop_acc identity mean"] >= 0.9)
+                          & (table[f"{ood} identity mean"] >= 0.5) & (higher[0] == higher[1]) & (table["seeds"] >= 5)
+                          & ((table[f"{ood} no_identity mean"] - chance).abs() <= 0.05 if chance is not None else True))
+    return table.sort_values(f"{ood} delta mean", ascending=False, ignore_index=True)
+
+
+def grid_markdown(table: pd.DataFrame) -> str:
+    """The grid as a Markdown table: one row per cell, the knobs that vary, OOD and ID two-hop per condition
+    (mean over seeds), the OOD difference with its t interval, seeds where identity is higher, and the tests."""
+    varying = [c for c in [k for k, _, _ in CELL_KEYS] + ["init_scale", "weight_decay", "identity_repeat"]
+               if table[c].nunique() > 1]
+    ood = "ood_two_hop_acc"
+    header = [*varying, "seeds", "ID without", "ID with", "OOD without", "OOD with", "OOD Δ [95% t]", "higher",
+              "sign p", "sign-flip p", "claim"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table.to_dict("records"):
+        cells = [str(row[k]) for k in varying] + [str(row["seeds"])]
+        cells += [f"{row[f'{m} {c} mean']:.2f}" for m, c in (("id_two_hop_acc", "no_identity"),
+                                                               ("id_two_hop_acc", "identity"),
+                                                               (ood, "no_identity"), (ood, "identity"))]
+        cells += [_delta(row, ood), row[f"{ood} identity higher"], f"{row[f'{ood} sign test p']:.2g}",
+                  f"{row[f'{ood} signflip p']:.2g}", "yes" if row["claim met"] else "no"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def item_comparison(items: pd.DataFrame) -> pd.DataFrame:
+    """Identity vs no identity on the same evaluation items, per split: each state's entity-level accuracy pooled
+    over seeds with its exact interval and the per-seed values; the paired difference (identity minus
+    no_identity, per item) with its BCa interval; the exact McNemar test (a sign test on the items where the two
+    adapters disagree) and the seeds where identity is higher. ``items``: items.csv rows (seed, state, split,
+    item, entity)."""
+    rows = []
+    for split, part in items.groupby("split", sort=False):
+        wide = part.pivot_table(index=["seed", "item"], columns="state", values="entity")
+        row: dict[str, Any] = {"split": split, "seeds": int(part["seed"].nunique()), "items": len(wide)}
+        for state in [s for s in ("base", *CONDITIONS) if s in wide]:
+            rate = proportion_interval(int(wide[state].sum()), int(wide[state].notna().sum()))
+            row.update({f"{state} acc": rate.estimate, f"{state} ci_low": rate.low, f"{state} ci_high": rate.high})
+            row[f"{state} per seed"] = " ".join(f"{v:.3f}" for v in wide[state].groupby(level="seed").mean())
+        if all(c in wide for c in CONDITIONS):
+            delta = wide["identity"] - wide["no_identity"]
+            diff = paired_difference(wide["identity"], wide["no_identity"])
+            per_seed = delta.groupby(level="seed").mean()
+            row.update({"delta": diff.estimate, "delta ci_low": diff.low, "delta ci_high": diff.high,
+                        "identity better": int((delta > 0).sum()), "no_identity better": int((delta < 0).sum()),
+                        "mcnemar p": sign_test(delta)[0],
+                        "seeds identity higher": f"{int((per_seed > 0).sum())}/{len(per_seed)}"})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def comparison_lines(table: pd.DataFrame, splits: Sequence[str]) -> list[str]:
+    """One line per split of :func:`item_comparison`: both conditions with intervals, the difference and its test."""
+    lines = []
+    for row in table[table["split"].isin(splits)].to_dict("records"):
+        if "delta" not in row:
+            continue
+        rate = {c: f"{row[f'{c} acc']:.3f} [{row[f'{c} ci_low']:.3f}, {row[f'{c} ci_high']:.3f}]" for c in CONDITIONS}
+        lines.append(f"{row['split']}: identity {rate['identity']} vs no_identity {rate['no_identity']}; "
+                     f"difference {row['delta']:+.3f} [{row['delta ci_low']:+.3f}, {row['delta ci_high']:+.3f}], "
+                     f"McNemar p = {row['mcnemar p']:.2g}, identity higher in {row['seeds identity higher']} seeds "
+                     f"(n = {row['items']} items over {row['seeds']} seeds)")
+    return lines
 
 
 def markdown_table(table: pd.DataFrame, keys: Sequence[str], metrics: Sequence[str] = ACCURACIES) -> str:
@@ -133,20 +236,53 @@ def learning_curves(metrics: pd.DataFrame, keys: Sequence[str], path: Path, titl
     return save_figure(fig, path)
 
 
+def alignment_subset(alignment: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The alignment rows of the queries through OOD bridges where the run has them (bridge-level OOD split; the
+    bridges the identity task should align), else those of all queries; with a phrase naming which."""
+    if "bridges" in alignment and (alignment["bridges"] == "ood").any():
+        return alignment[alignment["bridges"] == "ood"], "queries through OOD bridges"
+    if "bridges" in alignment:
+        return alignment[alignment["bridges"] == "all"], "all queries"
+    return alignment, "all queries"
+
+
 def final_alignment(alignment: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
-    """Per run (``keys``, condition, seed): ``alignment_top1``, the share of (e1, r1) queries whose middle-layer state
-    (query layer ``max // 2``: the only state of the Emb-MLP, layer 1 of a 2-layer GPT-2) is nearest to its own
-    bridge's embedding-layer state, at the last evaluated step."""
+    """Per run (``keys``, condition, seed): ``alignment_top1``, the share of (e1, r1) queries (through OOD bridges
+    where there are: :func:`alignment_subset`) whose middle-layer state (query layer ``max // 2``: the only state of
+    the Emb-MLP, layer 1 of a 2-layer GPT-2) is nearest to its own bridge's embedding-layer state, at the last
+    evaluated step."""
+    alignment = alignment_subset(alignment)[0]
     mid = int(alignment["query_layer"].max()) // 2
     last = alignment[alignment["step"] == alignment.groupby("run")["step"].transform("max")]
     last = last[(last["query_layer"] == mid) & (last["bridge_layer"] == 0)]
     return last[[*keys, "condition", "seed", "top1"]].rename(columns={"top1": "alignment_top1"})
 
 
+def alignment_vs_accuracy(metrics: pd.DataFrame, alignment: pd.DataFrame, path: Path, title: str) -> Path:
+    """The mechanism against the behaviour: at every evaluated step of every run, the middle-layer alignment of the
+    hop-1 state with the explicit bridge (:func:`final_alignment`'s measure, at that step) against OOD two-hop
+    accuracy; one colour per condition."""
+    subset, which = alignment_subset(alignment)
+    mid = int(subset["query_layer"].max()) // 2
+    points = subset[(subset["query_layer"] == mid) & (subset["bridge_layer"] == 0)][["run", "step", "condition", "top1"]]
+    points = points.merge(metrics[["run", "step", "ood_two_hop_acc"]], on=["run", "step"])
+    fig, ax = plt.subplots(figsize=(4.8, 3.8))
+    for condition, part in points.groupby("condition"):
+        ax.scatter(part["top1"], part["ood_two_hop_acc"], s=10, alpha=0.6, color=COLORS.get(condition),
+                   label=condition)
+    ax.set(xlabel=f"alignment (nearest bridge is its own), {which}", ylabel="OOD two-hop accuracy",
+           xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+    legend_below(ax, ncol=2, title="one point per run and evaluated step", title_fontsize=7)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
 def alignment_curves(alignment: pd.DataFrame, keys: Sequence[str], path: Path, title: str) -> Path:
-    """Share of (e1, r1) queries whose nearest bridge state (bridge layer 0: how hop 2 reads an explicit bridge)
-    is their own bridge, per query layer, over training; one panel per configuration and query layer."""
-    sub = alignment[alignment["bridge_layer"] == 0]
+    """Share of (e1, r1) queries (through OOD bridges where there are) whose nearest bridge state (bridge layer 0:
+    how hop 2 reads an explicit bridge) is their own bridge, per query layer, over training; one panel per
+    configuration and query layer."""
+    sub = alignment_subset(alignment)[0]
+    sub = sub[sub["bridge_layer"] == 0]
     groups = list(sub.groupby(list(keys), sort=True)) if keys else [((), sub)]
     layers = sorted(sub["query_layer"].unique())
     fig, axes = plt.subplots(len(groups), len(layers), figsize=(3.4 * len(layers), 2.6 * len(groups)), squeeze=False)

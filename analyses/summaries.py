@@ -107,11 +107,17 @@ def lens_summary(frame: pd.DataFrame) -> dict[str, Any]:
     return summarize(frame, per_layer(frame), per_prompt(frame))
 
 
+ACCURACY_NAMES = {"ood_two_hop_acc": "OOD two-hop", "id_two_hop_acc": "ID two-hop", "one_hop_acc": "one-hop",
+                  "reverse_test_acc": "reversed, never seen (OOD)", "reverse_train_acc": "reversed, trained",
+                  "forward_acc": "forward"}
+
+
 def identity_lines(results: pd.DataFrame, by: str = "condition") -> list[str]:
-    """Final OOD / ID two-hop accuracy per condition (mean over seeds and grid cells, with their count)."""
+    """Final accuracies per condition (mean over seeds and grid cells, with their count): OOD, ID and one-hop for
+    two-hop runs, the reversed and forward questions for reversal runs."""
+    shown = [c for c in ACCURACY_NAMES if c in results]
     lines = []
     for condition, part in results.groupby(by, sort=False):
-        lines.append(f"{condition}: OOD two-hop accuracy {part['ood_two_hop_acc'].mean():.1%}, ID two-hop "
-                     f"{part['id_two_hop_acc'].mean():.1%}, one-hop {part['one_hop_acc'].mean():.1%}"
+        lines.append(f"{condition}: " + ", ".join(f"{ACCURACY_NAMES[c]} {part[c].mean():.1%}" for c in shown)
                      + (f" (mean of {len(part)} runs)" if len(part) > 1 else ""))
     return lines

@@ -29,14 +29,13 @@ import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from bridgeprobe.probes.scratch import batch_indices, load_checkpoint, save_checkpoint
 from bridgeprobe.probes.targets import target_ids
-from bridgeprobe.prompts.synthetic import Splits, prompt_text
 
 BASE = "base"
 
@@ -58,19 +57,35 @@ class FinetuneConfig:
     checkpoint_every: int = 32
     identity_repeat: int = 4
     eval_limit: int = 32  # examples per evaluation split
+    layers: int = 0  # adapt only the last N blocks (0: all); backward then stops at the first adapted block
 
     def __post_init__(self) -> None:
         if self.checkpoint_every % self.eval_every or self.steps % self.eval_every:
             raise ValueError("steps and checkpoint_every must be multiples of eval_every")
         if min(self.rank, self.steps, self.batch_size, self.eval_every, self.identity_repeat) < 1:
             raise ValueError("rank, steps, batch_size, eval_every and identity_repeat must be positive")
+        if self.layers < 0:
+            raise ValueError(f"layers must be 0 (all blocks) or positive, got {self.layers}")
 
-    def lora(self) -> Any:
+    def lora(self, model: nn.Module) -> Any:
+        """The peft config for ``model``; with :attr:`layers`, its target modules are named one by one: the linear
+        layers (all, or those of :attr:`target_modules`) inside the last ``layers`` blocks."""
         from peft import LoraConfig
 
         targets: str | list[str] = self.target_modules
         if targets != "all-linear":
             targets = [t.strip() for t in targets.split(",") if t.strip()]
+        if self.layers:
+            n_layers = model.config.num_hidden_layers
+            if self.layers > n_layers:
+                raise ValueError(f"cannot adapt the last {self.layers} blocks of a {n_layers}-block model")
+            blocks = next(name for name, m in model.named_modules()
+                          if isinstance(m, nn.ModuleList) and len(m) == n_layers)
+            chosen = tuple(f"{blocks}.{i}." for i in range(n_layers - self.layers, n_layers))
+            linear = [name.removesuffix(".base_layer") for name, m in model.named_modules()  # a wrapped layer
+                      if isinstance(m, nn.Linear) and ".lora_" not in name]  # (an earlier adapter's) own weights
+            targets = [name for name in linear if name.startswith(chosen)
+                       and (targets == "all-linear" or name.rsplit(".", 1)[-1] in targets)]
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
                           bias="none", task_type="CAUSAL_LM")
 
@@ -118,36 +133,62 @@ def target_loss(model: nn.Module, rows: Sequence[tuple[list[int], list[int]]], p
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def eval_pairs(splits: Splits, names: dict[str, str], limit: int, seed: int) -> dict[str, list[tuple[str, str]]]:
-    """(prompt, target) pairs per evaluation split, at most ``limit`` each (a fixed random subset)."""
-    sources = {"one_hop": splits.examples["one_hop"], "id_two_hop": splits.examples["id_test"],
-               "ood_two_hop": splits.examples["ood_test"], "train_two_hop": splits.examples["two_hop_train"],
-               "identity": splits.examples["identity"]}
+class TextTask(Protocol):
+    """What an adapter learns and is scored on: :class:`prompts.synthetic.TwoHopTexts` or
+    :class:`prompts.reversal.ReversalData`."""
+
+    def training(self, identity: bool, identity_repeat: int = 1) -> list[tuple[str, str]]: ...
+
+    def eval_sets(self) -> dict[str, list[tuple[str, str]]]: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+
+def eval_pairs(task: TextTask, limit: int, seed: int) -> dict[str, list[tuple[str, str]]]:
+    """(prompt, target) pairs per evaluation split of ``task``, at most ``limit`` each (a fixed random subset)."""
     out = {}
-    for n, (name, examples) in enumerate(sources.items()):
-        if len(examples) > limit:
-            keep = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 7919 * n))[:limit]
-            examples = [examples[i] for i in sorted(keep.tolist())]
-        out[name] = [(prompt_text(splits, e, names), names[e.target]) for e in examples]
+    for n, (name, pairs) in enumerate(task.eval_sets().items()):
+        if len(pairs) > limit:
+            keep = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + 7919 * n))[:limit]
+            pairs = [pairs[i] for i in sorted(keep.tolist())]
+        out[name] = pairs
     return out
 
 
+def metric_columns(task: TextTask) -> tuple[str, ...]:
+    """The learning-curve columns of ``task``: step, loss, learning rate and one accuracy per evaluation split."""
+    return ("step", "train_loss", "lr", *(f"{name}_acc" for name in task.eval_sets()))
+
+
 @torch.no_grad()
-def accuracy(model: nn.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> float:
-    """Share of prompts whose greedy next token is the first token of the target after the prompt
-    (:func:`probes.targets.target_ids`), the lens's notion of answered; NaN for an empty set."""
-    if not pairs:
-        return float("nan")
+def item_scores(model: nn.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]],
+                batch_size: int = 16) -> list[tuple[bool, bool]]:
+    """Per (prompt, target): whether the greedy next token is the target's first token after the prompt
+    (:func:`probes.targets.target_ids`; the lens's notion of answered), and whether greedy decoding reproduces
+    every token of the target (teacher-forced argmax at each target position: the whole entity)."""
     device = model.get_input_embeddings().weight.device
-    correct = 0
+    scores = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        ids, mask, positions = left_pad([list(tokenizer(p)["input_ids"]) for p, _ in chunk], _pad_id(tokenizer))
-        last = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                     logits_to_keep=1).logits[:, -1]
-        targets = torch.tensor([target_ids(tokenizer, p, t)[0] for p, t in chunk], device=device)
-        correct += int((last.argmax(-1) == targets).sum())
-    return correct / len(pairs)
+        heads = [list(tokenizer(p)["input_ids"]) for p, _ in chunk]
+        tails = [target_ids(tokenizer, p, t) for p, t in chunk]
+        ids, mask, positions = left_pad([h + t for h, t in zip(heads, tails)], _pad_id(tokenizer))
+        keep = max(len(t) for t in tails) + 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                       logits_to_keep=keep).logits
+        greedy = logits.argmax(-1).cpu()  # [B, keep]: column j predicts the token at width - keep + j + 1
+        for row, tail in enumerate(tails):
+            predicted = greedy[row, keep - 1 - len(tail) : keep - 1].tolist()
+            scores.append((predicted[0] == tail[0], predicted == tail))
+    return scores
+
+
+def accuracy(model: nn.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> float:
+    """Share of prompts whose greedy next token is the first token of the target (:func:`item_scores`); NaN for an
+    empty set."""
+    if not pairs:
+        return float("nan")
+    return sum(first for first, _ in item_scores(model, tokenizer, pairs, batch_size)) / len(pairs)
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -173,11 +214,12 @@ def add_adapter(model: nn.Module, name: str, config: FinetuneConfig, seed: int) 
     from peft import PeftModel, get_peft_model
 
     torch.manual_seed(seed)
+    lora = config.lora(model.get_base_model() if isinstance(model, PeftModel) else model)
     if isinstance(model, PeftModel):
-        model.add_adapter(name, config.lora())
+        model.add_adapter(name, lora)
         model.set_adapter(name)
         return model
-    return get_peft_model(model, config.lora(), adapter_name=name)
+    return get_peft_model(model, lora, adapter_name=name)
 
 
 @contextmanager
@@ -198,10 +240,6 @@ def inner_model(peft_model: Any) -> nn.Module:
 
 # -------------------------------------------------------------------------------------------------- training
 
-METRIC_COLUMNS = ("step", "train_loss", "lr", "one_hop_acc", "id_two_hop_acc", "ood_two_hop_acc",
-                  "train_two_hop_acc", "identity_acc")
-
-
 def _lora_state(peft_model: Any, adapter: str) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
@@ -212,8 +250,7 @@ def train_adapter(
     peft_model: Any,
     adapter: str,
     tokenizer: Any,
-    splits: Splits,
-    names: dict[str, str],
+    task: TextTask,
     config: FinetuneConfig,
     *,
     identity: bool,
@@ -224,8 +261,8 @@ def train_adapter(
     accelerator: Any = None,
     interrupt_at: int | None = None,
 ) -> dict[str, Any]:
-    """Train adapter ``adapter`` (already added, e.g. by :func:`add_adapter`) on the condition's sentences and
-    return the final metrics row. ``on_eval(row)`` gets a :data:`METRIC_COLUMNS` row at step 0 and every
+    """Train adapter ``adapter`` (already added, e.g. by :func:`add_adapter`) on the condition's sentences of
+    ``task`` and return the final metrics row. ``on_eval(row)`` gets a :func:`metric_columns` row at step 0 and every
     ``eval_every`` steps. With ``checkpoint``, resumes from it when it exists and saves it every
     ``checkpoint_every`` steps and at the end. ``accelerator``: an :class:`accelerate.Accelerator` (one is made
     when None). ``interrupt_at`` raises KeyboardInterrupt after that step (tests)."""
@@ -237,16 +274,13 @@ def train_adapter(
     if config.batch_size % world:
         raise ValueError(f"batch size {config.batch_size} is not divisible by the {world} processes")
     peft_model.set_adapter(adapter)
-    texts = [(prompt_text(splits, e, names), names[e.target])
-             for e in splits.training(identity, config.identity_repeat)]
-    rows = encode_texts(tokenizer, texts)
-    sets = eval_pairs(splits, names, config.eval_limit, seed)
+    rows = encode_texts(tokenizer, task.training(identity, config.identity_repeat))
+    sets = eval_pairs(task, config.eval_limit, seed)
     params = [p for n, p in peft_model.named_parameters() if p.requires_grad and f".{adapter}." in n]
     if not params:
         raise ValueError(f"adapter {adapter!r} has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    key = {"config": asdict(config), "identity": identity, "seed": seed, "adapter": adapter,
-           "data": splits.summary(), "names": names}
+    key = {"config": asdict(config), "identity": identity, "seed": seed, "adapter": adapter, "data": task.summary()}
     step, loss_sum, final = 0, torch.zeros((), dtype=torch.float64), None
     if checkpoint is not None and checkpoint.is_file():
         state = load_checkpoint(checkpoint)

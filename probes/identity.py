@@ -24,25 +24,56 @@ from bridgeprobe.probes.pipeline import ModelOptions, Timer, versions
 from bridgeprobe.probes.results import IncrementalCSV, atomic_write, atomic_write_csv
 from bridgeprobe.probes.rundir import write_finished
 from bridgeprobe.prompts.schema import PromptItem
-from bridgeprobe.prompts.synthetic import SynthConfig, Splits, generate, make_names, render_items, save_splits, training_texts
+from bridgeprobe.prompts.reversal import generate_reversal
+from bridgeprobe.prompts.synthetic import (SynthConfig, Splits, TwoHopTexts, generate, make_names, people, render_items,
+                                           save_splits, training_texts)
 
-# Named configurations. `cpu` is the checked-in reproduction (about 15 minutes on 2 CPU cores for 3 seeds x 2
-# conditions); `gpu` a larger one for GPU hosts; `tiny` a seconds-long smoke run.
-REPRODUCE_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "cpu": {"data": dict(n_subjects=100, n_bridges=20, n_objects=20, n_r1=4, n_r2=4),
-            "train": dict(model="gpt2", n_layer=2, d_model=64, n_head=4, d_mlp=256, steps=2000, batch_size=128,
-                          lr=1e-3, eval_every=100, checkpoint_every=500, identity_repeat=10)},
-    "gpu": {"data": dict(n_subjects=2000, n_bridges=200, n_objects=200, n_r1=6, n_r2=6),
-            "train": dict(model="gpt2", n_layer=4, d_model=256, n_head=8, d_mlp=1024, steps=20000, batch_size=1024,
-                          lr=5e-4, eval_every=500, checkpoint_every=2000, identity_repeat=10, eval_limit=2000)},
+# Named configurations. `cpu` is the default: the grid's best cell that runs in at most 15 minutes on 2 CPU cores
+# for 5 seeds x 2 conditions (docs/identity.md: 2-layer GPT-2, untied embeddings, zero-hop identity, weight decay
+# 1, bridge-level OOD); `gpu` a larger one for GPU hosts (not run here); `tiny` a seconds-long smoke run.
+REPRODUCE_PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {"data": dict(n_subjects=100, n_bridges=20, n_objects=20, n_r1=4, n_r2=4, identity_form="zero_hop"),
+            "train": dict(model="gpt2", n_layer=2, d_model=64, n_head=4, d_mlp=256, tie_embeddings=False,
+                          steps=5000, batch_size=128, lr=2e-3, weight_decay=1.0, eval_every=500,
+                          checkpoint_every=500, identity_repeat=10),
+            "seeds": [0, 1, 2, 3, 4]},
+    "gpu": {"data": dict(n_subjects=2000, n_bridges=200, n_objects=200, n_r1=6, n_r2=6, identity_form="zero_hop"),
+            "train": dict(model="gpt2", n_layer=4, d_model=256, n_head=8, d_mlp=1024, tie_embeddings=False,
+                          steps=20000, batch_size=1024, lr=5e-4, weight_decay=1.0, eval_every=500,
+                          checkpoint_every=2000, identity_repeat=10, eval_limit=2000),
+            "seeds": [0, 1, 2, 3, 4]},
     "tiny": {"data": dict(n_subjects=16, n_bridges=6, n_objects=6, n_r1=2, n_r2=2),
              "train": dict(model="gpt2", n_layer=2, d_model=32, n_head=2, d_mlp=64, steps=40, batch_size=16,
-                           lr=3e-3, warmup=5, eval_every=10, checkpoint_every=20)},
+                           lr=3e-3, warmup=5, eval_every=10, checkpoint_every=20),
+             "seeds": [0]},
 }
-FINETUNE_DATA = dict(n_subjects=16, n_bridges=8, n_objects=16, n_r1=3, n_r2=3, ood_pair_fraction=0.25)
+# LoRA data: at least 256 ID and 256 OOD two-hop queries per seed (bridge split), about 530 training sentences
+FINETUNE_DATA = dict(n_subjects=112, n_bridges=16, n_objects=32, n_r1=2, n_r2=4, two_hop_train_fraction=0.4)
 
 
 # ------------------------------------------------------------------------------------------------------ synth
+
+REVERSAL_DEFINITION = ("reverse_test: reversed questions of pairs whose reversal is never trained (the OOD "
+                       "split); reverse_train: reversed questions that are trained; forward: the trained facts.")
+OOD_DEFINITIONS = {
+    "bridge": "OOD two-hop queries go through OOD bridges: no trained two-hop query goes through them, so their hop-2 "
+              "facts are seen only as explicit one-hop facts, never with the bridge as a latent intermediate.",
+    "relation_pair": "OOD two-hop queries compose relation pairs (r1, r2) never composed in training (every bridge "
+                     "still serves as a latent bridge in trained compositions).",
+}
+
+
+def ood_kind(data: dict[str, Any]) -> str:
+    """The OOD notion of a recorded data config (records written before the bridge split hold relation pairs)."""
+    return data.get("ood", "relation_pair")
+
+
+def ood_text(data: dict[str, Any]) -> str:
+    """One phrase for a recorded data config's OOD split, e.g. 'OOD: half of the bridges'."""
+    if ood_kind(data) == "bridge":
+        return f"OOD bridges: a share {data['ood_bridge_fraction']} of E2"
+    return f"OOD relation pairs: a share {data['ood_pair_fraction']}"
+
 
 
 def write_synth(config: SynthConfig, out: Path, tokenizer: Any = None) -> Splits:
@@ -69,7 +100,7 @@ def write_text_sets(splits: Splits, names: dict[str, str], out: Path, tokenizer:
 
 
 REPRODUCE_FILES = ("index.html", "results.csv", "comparison.md", "metrics.csv", "alignment.csv", "run.json")
-FINETUNE_FILES = ("index.html", "results.csv", "lens_summary.csv", "metrics.csv", "adapters/", "run.json")
+FINETUNE_FILES = ("index.html", "comparison.csv", "items.csv", "results.csv", "metrics.csv", "adapters/", "run.json")
 
 
 def summary_text(out: Path, results: pd.DataFrame, files: Sequence[str]) -> str:
@@ -187,7 +218,10 @@ def reproduce_report(out: Path) -> Path:
     figures = {
         "curves": report.learning_curves(metrics, keys, out / "learning_curves.png", title),
         "alignment": report.alignment_curves(alignment, keys, out / "alignment.png",
-                                             "Nearest bridge state is the right one (bridge layer 0)"),
+                                             "Nearest bridge state is the right one (bridge layer 0; "
+                                             f"{report.alignment_subset(alignment)[1]})"),
+        "mechanism": report.alignment_vs_accuracy(metrics, alignment, out / "alignment_vs_ood.png",
+                                                  "Alignment and OOD accuracy over training"),
         "spectrum": report.spectrum_plot(spectrum, keys, out / "spectrum.png", "Final singular values (normalized)",
                                          weights=[w for w in dict.fromkeys(spectrum["weight"])
                                                   if any(k in w for k in ("wte", "embed", "c_fc", "mlp.0"))]),
@@ -199,28 +233,36 @@ def reproduce_report(out: Path) -> Path:
         "model": f"{train['model']} ({train['n_layer']} layers, d={train['d_model']}, "
                  f"{'tied' if train['tie_embeddings'] else 'untied'} embeddings)",
         "data": f"|E1|={data['n_subjects']}, |E2|={data['n_bridges']}, |E3|={data['n_objects']}, "
-                f"|R1|={data['n_r1']}, |R2|={data['n_r2']}, OOD pair fraction {data['ood_pair_fraction']}, "
+                f"|R1|={data['n_r1']}, |R2|={data['n_r2']}, {ood_text(data)}, "
                 f"two-hop training {'on' if data['two_hop_training'] else 'off'} "
                 f"(fraction {data['two_hop_train_fraction']})",
-        "training": f"{train['steps']} steps x {train['batch_size']}, AdamW lr {train['lr']}",
+        "training": f"{train['steps']} steps x {train['batch_size']}, AdamW lr {train['lr']}, "
+                    + ", ".join(f"{name.replace('_', ' ')} {'/'.join(sorted({f'{g[name]:g}' for g in settings['grid']}))}"
+                                for name in GRID_KEYS)
+                    + f" (identity form: {data.get('identity_form', 'relation')})"
+                    + ("" if train["model"] != "emb_mlp" else f", residual {train.get('residual', True)}"),
         "seeds": ", ".join(map(str, settings["seeds"])),
         "timings (s)": ", ".join(f"{k} {v}" for k, v in record["timings"].items()) + f" ({record['threads']} threads)",
         "versions": ", ".join(f"{k} {v}" for k, v in record["versions"].items()),
     }
-    intro = ("Accuracies are greedy over the whole vocabulary at the last position, at the end of training. "
-             "OOD two-hop queries compose relation pairs (r1, r2) never composed in training; ID two-hop queries are "
-             "unseen queries of composed pairs. Mid-layer alignment: share of (e1, r1) queries whose middle-layer "
-             "hidden state is nearest (centred cosine) to the embedding-layer state of their own bridge (chance "
-             "1/|E2|). Δ: identity minus no_identity for the same seed (mean ± std over seeds; in parentheses, seeds "
-             "where identity is higher).")
+    intro = ("Accuracies are greedy over the whole vocabulary at the last position, at the end of training "
+             f"(chance on two-hop queries: 1/|E3| = {1 / data['n_objects']:.3f}). {OOD_DEFINITIONS[ood_kind(data)]} "
+             "ID two-hop queries are unseen queries through in-distribution bridges and relation pairs. Mid-layer "
+             "alignment: share of (e1, r1) queries (through OOD bridges where there are) whose middle-layer hidden "
+             "state is nearest (centred cosine) to the embedding-layer state of their own bridge (chance 1/|E2|). "
+             "Δ: identity minus no_identity for the same seed (mean ± std over seeds), its 95% t interval over seeds "
+             "(none below 3), the seeds where identity is higher, the exact sign test and the one-sided paired "
+             "sign-flip test.")
     sections = [
         ("With vs without identity", report.comparison_html(table, keys, shown), []),
         ("Learning curves", "<p>Mean over seeds; the band spans the seeds.</p>", [figures["curves"]]),
         ("Alignment of the hop-1 state with the bridge",
          "<p>Share of (e1, r1) queries whose hidden state (at each query layer, last position) is closest, by centred "
          "cosine, to the state of its own bridge e2 read as an input token (layer 0); chance is 1/|E2|. "
-         "alignment.csv has every layer pair, the mean cosines with the right and the other bridges.</p>",
-         [figures["alignment"]]),
+         "alignment.csv has every layer pair, the mean cosines with the right and the other bridges, for the "
+         "queries through OOD bridges, through the others, and all (column bridges). The second plot puts this "
+         "alignment beside OOD accuracy at every evaluated step of every run.</p>",
+         [figures["alignment"], figures["mechanism"]]),
         ("Weight spectra", "<p>Singular values of the final embedding and MLP input weights, each normalized by its "
                            "largest, and the nuclear norm of all weight matrices over training; weights.csv has every "
                            "matrix's nuclear and Frobenius norm and effective rank at each evaluation.</p>",
@@ -230,6 +272,37 @@ def reproduce_report(out: Path) -> Path:
     print(summary_text(out, results, REPRODUCE_FILES))
     return out
 
+
+
+def reproduce_runs(paths: Sequence[Path]) -> list[Path]:
+    """The finished ``reproduce`` run directories among ``paths`` and below them."""
+    found = []
+    for path in paths:
+        for record in sorted([path / "run.json"] if (path / "run.json").is_file() else path.rglob("run.json")):
+            data = json.loads(record.read_text())
+            if data.get("command") == "reproduce" and data.get("status", "finished") == "finished":
+                found.append(record.parent)
+    return found
+
+
+GRID_FILES = ("grid.csv", "grid.md")
+
+
+def write_grid(paths: Sequence[Path], out: Path) -> pd.DataFrame:
+    """Collect the finished reproduce runs under ``paths`` into one table, a row per grid cell (model, data,
+    training and the swept knobs; :func:`analyses.identity_report.grid_table`): ``out``/grid.csv and grid.md."""
+    from bridgeprobe.analyses import identity_report as report
+
+    runs = reproduce_runs(paths)
+    if not runs:
+        raise ValueError(f"no finished reproduce run under {', '.join(map(str, paths))}")
+    results = report.grid_results(runs)
+    chances = {1 / json.loads((r / "run.json").read_text())["settings"]["data"]["n_objects"] for r in runs}
+    table = report.grid_table(results, chance=chances.pop() if len(chances) == 1 else None)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_csv(out / "grid.csv", table)
+    atomic_write(out / "grid.md", report.grid_markdown(table))
+    return table
 
 
 # --------------------------------------------------------------------------------------------------- finetune
@@ -249,78 +322,109 @@ def select_split_items(items: Sequence[PromptItem], split: str, n: int) -> list[
     return list(chosen.values())
 
 
-def finetune(out: Path, options: ModelOptions, data: SynthConfig, config: Any, *,
+def _task_data(kind: str, config: Any, tokenizer: Any, out: Path) -> tuple[Any, list[Path], list[PromptItem]]:
+    """The text task of one seed (``two_hop``: :class:`TwoHopTexts`; ``reversal``: :class:`ReversalData`), saved
+    under ``out``; with its files and, for two-hop, the natural-language prompt items the lens reads."""
+    if kind == "reversal":
+        data = generate_reversal(config, people(2 * config.n_pairs, seed=config.seed))
+        rows = [{"split": split, **asdict(fact)} for split in data.examples for fact in data.examples[split]]
+        atomic_write(out / "reversal.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write(out / "reversal.json", json.dumps(data.summary(), indent=1))
+        return data, [out / "reversal.jsonl", out / "reversal.json"], []
+    splits = generate(config)
+    names = make_names(splits, seed=config.seed, tokenizer=tokenizer)
+    files = save_splits(splits, out, names)
+    items = write_text_sets(splits, names, out, tokenizer)
+    return TwoHopTexts(splits, names), files + [out / "prompts.jsonl", out / "train.jsonl"], items
+
+
+def adapter_name(condition: str, seed: int) -> str:
+    """The adapter (and model-state) name of one condition and seed, e.g. ``identity_seed0``."""
+    return f"{condition}_seed{seed}"
+
+
+def finetune(out: Path, options: ModelOptions, data: dict[int, Any], config: Any, *, task: str = "two_hop",
              conditions: Sequence[str] = ("no_identity", "identity"), probe_items: int = 16, patch_pairs: int = 2,
              memory: bool = False, keep_checkpoints: bool = False) -> Path:
-    """Train one LoRA adapter per condition (:class:`~probes.finetune.FinetuneConfig` ``config``; resumable) on the
-    synthetic data of ``data``, evaluate base and adapters, run the lens, exact patching (``patch_pairs`` per split)
-    and, with ``memory``, the shared-memory analyses on ``probe_items`` items per split, and write the report."""
+    """Train one LoRA adapter per seed (the keys of ``data``, each with its own data set) and condition
+    (:class:`~probes.finetune.FinetuneConfig` ``config``; resumable) on ``task`` (``two_hop`` with
+    :class:`SynthConfig` data, or ``reversal`` with :class:`ReversalConfig` data); score base and adapters on every
+    evaluation item (``config.eval_limit`` per split) -> items.csv; for two-hop, run the lens, exact patching
+    (``patch_pairs`` per split) and, with ``memory``, the shared-memory analyses on ``probe_items`` items per split
+    of the first seed; and write the report."""
     from accelerate import Accelerator
 
-    from bridgeprobe.probes.finetune import (BASE, METRIC_COLUMNS, accuracy, add_adapter, eval_pairs, inner_model, load_base,
-                                             model_state, save_adapter, train_adapter)
+    from bridgeprobe.probes.finetune import (BASE, add_adapter, eval_pairs, inner_model, item_scores, load_base,
+                                             metric_columns, model_state, save_adapter, train_adapter)
     from bridgeprobe.probes.hooks import NativeHooks
     from bridgeprobe.probes.pipeline import item_pairs, run_lens, run_patching, run_record
 
     if options.backend != "native":
         raise ValueError("finetune hooks the adapted model with the native backend; drop --backend")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    if accelerator.num_processes > 1 and len(conditions) > 1:
-        raise ValueError("with several processes, train one condition per launch (--conditions identity)")
+    if accelerator.num_processes > 1 and len(conditions) * len(data) > 1:
+        raise ValueError("with several processes, train one condition and seed per launch (--conditions identity)")
     timer = Timer()
-    seed = data.seed
+    seeds = list(data)
     with timer.section("load_model_s"):
         base, tokenizer = load_base(options.model, quantize=options.quantize, dtype=options.dtype,
                                     device=options.device, device_map=options.device_map)
-    splits = generate(data)
-    names = make_names(splits, seed=seed, tokenizer=tokenizer)
-    data_files = save_splits(splits, out / "data", names)
-    items = write_text_sets(splits, names, out / "data", tokenizer)
-    data_files += [out / "data" / "prompts.jsonl", out / "data" / "train.jsonl"]
-    settings = {"model": options.model, "quantize": options.quantize, "dtype": options.dtype,
-                "finetune": asdict(config), "data": asdict(splits.config), "conditions": list(conditions),
-                "seed": seed, "probe_items": probe_items, "patch_pairs": patch_pairs, "memory": memory}
-
+    tasks, data_files, items = {}, {}, {}
+    for seed, data_config in data.items():
+        tasks[seed], data_files[seed], items[seed] = _task_data(task, data_config, tokenizer, out / "data" / f"seed{seed}")
+    settings = {"model": options.model, "quantize": options.quantize, "dtype": options.dtype, "task": task,
+                "finetune": asdict(config), "data": asdict(data[seeds[0]]), "seeds": seeds,
+                "conditions": list(conditions), "probe_items": probe_items, "patch_pairs": patch_pairs,
+                "memory": memory}
     if finished(out, settings):
         print(f"{out} holds a finished run with these settings; rebuilding its report")
         return finetune_report(out)
-    store = IncrementalCSV(out, "metrics", ("condition", "seed", *METRIC_COLUMNS), settings)
-    done = store.done(["condition", "step"])
+    columns = metric_columns(tasks[seeds[0]])
+    store = IncrementalCSV(out, "metrics", ("condition", "seed", *columns), settings)
+    done = store.done(["condition", "seed", "step"])
     peft_model, results = base, []
-    bar = tqdm(total=len(conditions) * config.steps, desc="finetune", unit="step",
-               disable=not accelerator.is_main_process)
+    runs = [(seed, condition) for seed in seeds for condition in conditions]
+    bar = tqdm(total=len(runs) * config.steps, desc="finetune", unit="step", disable=not accelerator.is_main_process)
     with timer.section("train_s"):
-        for index, condition in enumerate(conditions):
-            peft_model = add_adapter(peft_model, condition, config, seed)
-            bar.set_postfix_str(condition)
+        for index, (seed, condition) in enumerate(runs):
+            adapter = adapter_name(condition, seed)
+            peft_model = add_adapter(peft_model, adapter, config, seed)
+            bar.set_postfix_str(adapter)
 
-            def on_eval(row: dict, condition: str = condition) -> None:
-                if (condition, str(row["step"])) not in done:
+            def on_eval(row: dict, condition: str = condition, seed: int = seed) -> None:
+                if (condition, str(seed), str(row["step"])) not in done:
                     store.append([{"condition": condition, "seed": seed, **row}])
 
             started = time.perf_counter()
-            final = train_adapter(peft_model, condition, tokenizer, splits, names, config,
+            final = train_adapter(peft_model, adapter, tokenizer, tasks[seed], config,
                                   identity=condition == "identity", seed=seed,
-                                  checkpoint=out / "checkpoints" / f"{condition}.pt", on_eval=on_eval,
+                                  checkpoint=out / "checkpoints" / f"{adapter}.pt", on_eval=on_eval,
                                   progress=lambda step, offset=index * config.steps: bar.update(offset + step - bar.n),
                                   accelerator=accelerator)
-            timer.timings[f"train_{condition}_s"] = round(time.perf_counter() - started, 2)
-            results.append({"condition": condition, "seed": seed,
-                            **{k: final[k] for k in ("ood_two_hop_acc", "id_two_hop_acc", "one_hop_acc",
-                                                     "identity_acc", "train_two_hop_acc")}})
+            timer.timings[f"train_{adapter}_s"] = round(time.perf_counter() - started, 2)
+            results.append({"condition": condition, "seed": seed, **{k: final[k] for k in columns[3:]}})
             if accelerator.is_main_process:
-                save_adapter(peft_model, condition, out / "adapters", data_files, base_model=options.model)
+                save_adapter(peft_model, adapter, out / "adapters", data_files[seed], base_model=options.model)
     bar.close()
     if not accelerator.is_main_process:
         return out
-    with timer.section("base_eval_s"), model_state(peft_model, BASE):
-        base_scores = {f"{name}_acc": accuracy(peft_model, tokenizer, pairs)
-                       for name, pairs in eval_pairs(splits, names, config.eval_limit, seed).items()}
+    rows = []
+    with timer.section("item_scores_s"):
+        for seed in seeds:
+            sets = eval_pairs(tasks[seed], config.eval_limit, seed)
+            for state in (BASE, *conditions):
+                with model_state(peft_model, state if state == BASE else adapter_name(state, seed)):
+                    for split, pairs in sets.items():
+                        scores = item_scores(peft_model, tokenizer, pairs)
+                        rows += [{"seed": seed, "state": state, "split": split, "item": n, "prompt": prompt,
+                                  "target": target, "first_token": int(first), "entity": int(entity)}
+                                 for n, ((prompt, target), (first, entity)) in enumerate(zip(pairs, scores))]
+    atomic_write_csv(out / "items.csv", pd.DataFrame(rows))
     hooked = NativeHooks(inner_model(peft_model), tokenizer)
-    probed = {split: select_split_items(items, split, probe_items) for split in ("id_test", "ood_test")}
-    states = [BASE, *conditions]
-    for state in states:
-        with model_state(peft_model, state):
+    probed = {split: select_split_items(items[seeds[0]], split, probe_items) for split in ("id_test", "ood_test")}
+    for state in (BASE, *conditions) if task == "two_hop" else ():
+        named = state if state == BASE else adapter_name(state, seeds[0])
+        with model_state(peft_model, named):
             for split, chosen in probed.items():
                 if not chosen:
                     continue
@@ -340,22 +444,30 @@ def finetune(out: Path, options: ModelOptions, data: SynthConfig, config: Any, *
 
                 with timer.section(f"memory_{state}_s"):
                     run_memory(hooked, [i for chosen in probed.values() for i in chosen], out / "memory" / state,
-                               MemoryConfig(analyses=("decoding", "alignment"), seed=seed),
+                               MemoryConfig(analyses=("decoding", "alignment"), seed=seeds[0]),
                                settings={**settings, "state": state})
     record = run_record("finetune", hooked, options, settings, timer, {
-        "results": results, "base": base_scores, "n_probe_items": {k: len(v) for k, v in probed.items()},
-        "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        "results": results, "n_probe_items": {k: len(v) for k, v in probed.items()} if task == "two_hop" else {},
+        "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad) // len(runs),
         "threads": torch.get_num_threads(),
     })
-    atomic_write_csv(out / "results.csv", pd.DataFrame(
-        [{"condition": BASE, "seed": seed, **base_scores}] + results))
-    store.finish(sort_by=["condition", "step"])  # last: a crash before here resumes with every row kept
-    write_finished(out, record, summary_text(out, pd.read_csv(out / "results.csv"), FINETUNE_FILES))
+    atomic_write_csv(out / "results.csv", state_accuracies(pd.DataFrame(rows)))
+    store.finish(sort_by=["condition", "seed", "step"])  # last: a crash before here resumes with every row kept
+    from bridgeprobe.analyses.identity_report import item_comparison
+
+    write_finished(out, record, finetune_summary(out, item_comparison(pd.DataFrame(rows)), task))
     if not keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return finetune_report(out)
 
 
+def state_accuracies(items: pd.DataFrame) -> pd.DataFrame:
+    """One row per seed and model state: entity-level accuracy per split (``<split>_acc``) and the first-token
+    rate (``<split>_first_token``), from items.csv rows."""
+    table = items.pivot_table(index=["state", "seed"], columns="split", values=["entity", "first_token"],
+                              aggfunc="mean", sort=False)
+    table.columns = [f"{split}_{'acc' if kind == 'entity' else 'first_token'}" for kind, split in table.columns]
+    return table.reset_index().rename(columns={"state": "condition"})
 
 
 def _state_tables(out: Path, kind: str) -> list[pd.DataFrame]:
@@ -377,10 +489,11 @@ def finetune_report(out: Path) -> Path:
     record = json.loads((out / "run.json").read_text())
     results = pd.read_csv(out / "results.csv")
     metrics = pd.read_csv(out / "metrics.csv")
+    comparison = report.item_comparison(pd.read_csv(out / "items.csv"))
+    atomic_write_csv(out / "comparison.csv", comparison)
     lens_tables, patch_tables = _state_tables(out, "lens"), _state_tables(out, "patching")
     figures = [report.learning_curves(metrics, [], out / "learning_curves.png", f"LoRA fine-tuning, {record['model']}",
-                                      columns=("ood_two_hop_acc", "id_two_hop_acc", "one_hop_acc", "identity_acc",
-                                               "train_loss"))]
+                                      columns=(*[c for c in metrics if c.endswith("_acc")], "train_loss"))]
     probes_rows, sections = [], []
     if lens_tables:
         layers = pd.concat([per_layer(t).assign(state=t["state"].iloc[0], split=t["split"].iloc[0])
@@ -408,13 +521,24 @@ def finetune_report(out: Path) -> Path:
         "LoRA": f"rank {settings['finetune']['rank']}, alpha {settings['finetune']['alpha']}, "
                 f"{settings['finetune']['target_modules']}, {record['trainable_parameters']} trainable parameters",
         "training": f"{settings['finetune']['steps']} steps x {settings['finetune']['batch_size']} sentences, "
-                    f"AdamW lr {settings['finetune']['lr']}, seed {settings['seed']}",
-        "data": ", ".join(f"{k}={v}" for k, v in settings["data"].items()),
+                    f"AdamW lr {settings['finetune']['lr']}, weight decay {settings['finetune']['weight_decay']}, "
+                    f"identity sentences x{settings['finetune']['identity_repeat']}",
+        "task and seeds": f"{settings['task']}; seeds {', '.join(map(str, settings['seeds']))} (each its own data, "
+                          f"names and LoRA initialization)",
+        "data": ", ".join(f"{k}={v}" for k, v in settings["data"].items() if k != "seed"),
         "timings (s)": ", ".join(f"{k} {v}" for k, v in record["timings"].items()) + f" ({record['threads']} threads)",
         "versions": ", ".join(f"{k} {v}" for k, v in record["versions"].items()),
     }
-    sections.append(("Accuracy: base vs adapters", "<p>Greedy first token of the target, final step. "
-                     "OOD: relation pairs never composed in training.</p>" + report.html_table(results), []))
+    split_text = (REVERSAL_DEFINITION if settings["task"] == "reversal" else OOD_DEFINITIONS[ood_kind(settings["data"])])
+    sections.append(("With vs without identity, item by item",
+                     "<p>Entity-level accuracy (greedy decoding reproduces every token of the target) on the same "
+                     f"evaluation items for both adapters, pooled over seeds. {split_text} Intervals: exact "
+                     "(Clopper-Pearson) for rates, BCa bootstrap over items for the paired difference; McNemar: exact "
+                     "test on the items where the two adapters disagree. Items of different seeds come from "
+                     "different data sets and adapters; the per-seed columns show the spread between seeds.</p>"
+                     + report.html_table(comparison), []))
+    sections.append(("Accuracy per seed: base vs adapters", "<p>Entity-level accuracy (_acc) and the rate of "
+                     "a correct first token (_first_token), final step.</p>" + report.html_table(results), []))
     sections.append(("Learning curves", "", [figures[0]]))
     if probes_rows:
         sections.append(("Logit lens and patching before / after",
@@ -426,8 +550,18 @@ def finetune_report(out: Path) -> Path:
                          "that does not tell the two answers apart, like the base model, which does not know the "
                          "facts) the normalized recovery is noise.</p>" + report.html_table(pd.DataFrame(probes_rows)),
                          figures[1:]))
-    report.write_page(out / "index.html", f"Identity fine-tuning: {record['model']}",
-                      "LoRA adapters trained on made-up two-hop facts with and without identity supervision, and "
-                      "the base model, from one PeftModel.", facts, sections)
-    print(summary_text(out, results, FINETUNE_FILES))
+    report.write_page(out / "index.html", f"Identity fine-tuning ({settings['task']}): {record['model']}",
+                      f"LoRA adapters trained on made-up {'facts' if settings['task'] == 'reversal' else 'two-hop facts'}"
+                      " with and without identity supervision, and the base model, from one PeftModel.", facts,
+                      sections)
+    print(finetune_summary(out, comparison, settings["task"]))
     return out
+
+
+def finetune_summary(out: Path, comparison: pd.DataFrame, task: str) -> str:
+    """The lines a finished finetune run prints: the with/without-identity comparison on the held-out splits."""
+    from bridgeprobe.analyses.identity_report import comparison_lines
+
+    shown = ("reverse_test", "reverse_train", "forward") if task == "reversal" else ("ood_two_hop", "id_two_hop",
+                                                                                      "one_hop")
+    return "\n".join([*comparison_lines(comparison, shown), files_line(out, FINETUNE_FILES, check=False)])

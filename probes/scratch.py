@@ -54,6 +54,7 @@ class TrainConfig:
     n_head: int = 4
     d_mlp: int = 256
     tie_embeddings: bool = True
+    residual: bool = True  # emb_mlp: h <- h + MLP(h + E[r]) (True) or h <- MLP(h + E[r]) (False)
     init_scale: float = 1.0
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -149,11 +150,14 @@ def eval_sets(splits: Splits, vocab: Vocab, limit: int, seed: int) -> dict[str, 
 
 
 class EmbMLP(nn.Module):
-    """``h_0 = E[head]``; ``h_t = h_{t-1} + MLP(h_{t-1} + E[relation_t])``; logits ``U h_last`` (``U = E^T`` when
-    tied). One shared two-layer ReLU MLP does every hop."""
+    """``h_0 = E[head]``; ``h_t = h_{t-1} + MLP(h_{t-1} + E[relation_t])`` (``residual``; without it
+    ``h_t = MLP(h_{t-1} + E[relation_t])``, so a hop's output is the next hop's whole input); logits ``U h_last``
+    (``U = E^T`` when tied). One shared two-layer ReLU MLP does every hop."""
 
-    def __init__(self, vocab_size: int, d_model: int, d_mlp: int, tie: bool, init_scale: float) -> None:
+    def __init__(self, vocab_size: int, d_model: int, d_mlp: int, tie: bool, init_scale: float,
+                 residual: bool = True) -> None:
         super().__init__()
+        self.residual = residual
         self.embed = nn.Embedding(vocab_size, d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, d_mlp), nn.ReLU(), nn.Linear(d_mlp, d_model))
         self.unembed = nn.Linear(d_model, vocab_size, bias=False)
@@ -171,7 +175,7 @@ class EmbMLP(nn.Module):
         h = self.embed(ids[:, 0])
         out = [h]
         for t in range(1, ids.shape[1]):
-            step = h + self.mlp(h + self.embed(ids[:, t]))
+            step = self.mlp(h + self.embed(ids[:, t])) + (h if self.residual else 0)
             h = torch.where((t < lengths)[:, None], step, h)
             out.append(h)
         return torch.stack(out, 1)[None]
@@ -210,7 +214,8 @@ def build_model(config: TrainConfig, vocab_size: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if config.model == "gpt2":
         return GPT2Scratch(vocab_size, config)
-    return EmbMLP(vocab_size, config.d_model, config.d_mlp, config.tie_embeddings, config.init_scale)
+    return EmbMLP(vocab_size, config.d_model, config.d_mlp, config.tie_embeddings, config.init_scale,
+                  config.residual)
 
 
 def weight_matrices(model: nn.Module) -> dict[str, Tensor]:
@@ -248,7 +253,7 @@ def evaluate(model: nn.Module, sets: dict[str, Encoded], batch: int = 1024) -> d
     return out
 
 
-ALIGNMENT_COLUMNS = ("query_layer", "bridge_layer", "cos_bridge", "cos_other", "top1")
+ALIGNMENT_COLUMNS = ("bridges", "query_layer", "bridge_layer", "cos_bridge", "cos_other", "top1")
 
 
 @torch.no_grad()
@@ -259,7 +264,10 @@ def alignment(model: nn.Module, splits: Splits, vocab: Vocab, limit: int = 500, 
     ``e2`` in a sequence that starts with ``e2`` (as hop 2 reads it), after ``bridge_layer`` (0 = embeddings). Each
     set is centred (its mean removed: positions and relation tokens add shared offsets), then ``cos_bridge`` is
     the mean cosine with the correct bridge, ``cos_other`` the mean with the other bridges, and ``top1`` the share
-    of queries whose nearest bridge (by cosine) is the correct one (chance: 1 / number of bridges)."""
+    of queries whose nearest bridge (by cosine) is the correct one (chance: 1 / number of bridges). ``bridges``:
+    the rows cover the queries of every bridge (``all``) and, under the bridge-level OOD split, those whose bridge
+    is an OOD bridge (``ood``: never a latent bridge in training, where the identity task should matter) or not
+    (``id``)."""
     model.eval()
     facts = [e for e in splits.examples["one_hop"] if e.task == "hop1"]
     if len(facts) > limit:
@@ -272,6 +280,10 @@ def alignment(model: nn.Module, splits: Splits, vocab: Vocab, limit: int = 500, 
     lengths = torch.ones(len(splits.bridges), dtype=torch.long, device=device)
     bridge_states = model.states(bridge_ids, lengths)[:, :, 0].float().cpu()  # [S, N, d]
     truth = torch.tensor([splits.bridges.index(e.target) for e in facts])
+    held_out = torch.tensor([e.target in set(splits.ood_bridges) for e in facts])
+    subsets = {"all": torch.ones_like(held_out)}
+    if held_out.any():
+        subsets.update({"id": ~held_out, "ood": held_out})
     rows = []
     for lq in range(query_states.shape[0]):
         q = nn.functional.normalize(query_states[lq] - query_states[lq].mean(0), dim=-1)
@@ -280,8 +292,11 @@ def alignment(model: nn.Module, splits: Splits, vocab: Vocab, limit: int = 500, 
             cos = q @ b.T  # [Q, N]
             correct = cos[torch.arange(len(truth)), truth]
             other = (cos.sum(1) - correct) / max(1, cos.shape[1] - 1)
-            rows.append({"query_layer": lq, "bridge_layer": lb, "cos_bridge": float(correct.mean()),
-                         "cos_other": float(other.mean()), "top1": float((cos.argmax(1) == truth).float().mean())})
+            hit = (cos.argmax(1) == truth).float()
+            for name, keep in subsets.items():
+                rows.append({"bridges": name, "query_layer": lq, "bridge_layer": lb,
+                             "cos_bridge": float(correct[keep].mean()), "cos_other": float(other[keep].mean()),
+                             "top1": float(hit[keep].mean())})
     model.train()
     return rows
 

@@ -2,19 +2,24 @@
 
 Entity sets E1 (subjects), E2 (bridges), E3 (objects); relations R1 (E1 -> E2) and R2 (E2 -> E3), each a random
 function. Atomic facts ``(e1, r1) -> e2`` and ``(e2, r2) -> e3``; two-hop queries ``(e1, r1, r2) -> e3`` through
-the bridge ``e2``; the zero-hop identity task ``(e2, r_id) -> e2`` for every bridge.
+the bridge ``e2``; the zero-hop identity task ``(e2, r_id) -> e2`` (or ``e2 -> e2`` without a relation token,
+``identity_form="zero_hop"``) for every bridge.
 
-Splits (:class:`Splits`):
+Splits (:class:`Splits`), under one of two notions of out of distribution (``SynthConfig.ood``):
 
-- ``one_hop``: every atomic fact, all in training;
-- ``identity``: the identity examples (trained only in the ``identity`` condition);
-- ``two_hop_train``: compositions of the in-distribution (ID) relation pairs, ``two_hop_train_fraction`` of each;
-- ``id_test``: the other compositions of the ID pairs (unseen queries, seen relation pairs);
-- ``ood_test``: every composition of the out-of-distribution pairs: ``(r1, r2)`` never composed in training.
+- ``bridge`` (default; the Grokked Transformers' OOD, where the paper's "complete failure" without identity
+  holds): a random ``ood_bridge_fraction`` of the bridges are OOD bridges. No trained two-hop query goes through
+  them: their hop-2 facts are seen only as explicit one-hop facts, never with the bridge as a latent
+  intermediate. ``ood_test`` = every two-hop query through an OOD bridge; every relation pair is composed in
+  training (through the other bridges).
+- ``relation_pair``: a random ``ood_pair_fraction`` of the (r1, r2) pairs is never composed in training;
+  ``ood_test`` = every composition of those pairs. Every r1 and r2 keeps at least one ID pair, and every bridge
+  serves as a latent bridge in trained compositions, so this tests composing relations, not bridges.
 
-Every r1 and every r2 keeps at least one ID pair, so OOD pairs combine relations that are each composed in
-training, only never with each other. With ``two_hop_training=False`` there is no two-hop training data at all:
-every pair is OOD and ``id_test`` is empty.
+In both: ``one_hop`` holds every atomic fact, all trained; ``identity`` the identity example of every bridge
+(trained only in the ``identity`` condition); ``two_hop_train`` a ``two_hop_train_fraction`` of each ID relation
+pair's in-distribution queries; ``id_test`` the other in-distribution queries. With ``two_hop_training=False``
+there is no two-hop training data at all: every query is OOD and ``id_test`` is empty.
 
 Renderings: token level (:func:`token_vocab` / :meth:`Example.tokens`: one token per entity and relation, for the
 from-scratch models in ``probes.scratch``) and natural language with made-up names (:func:`render_items` gives
@@ -37,6 +42,8 @@ from bridgeprobe.prompts.schema import PromptItem, PromptSetError
 SPLITS = ("one_hop", "identity", "two_hop_train", "id_test", "ood_test")
 TASKS = ("hop1", "hop2", "identity", "two_hop")
 IDENTITY = "r_id"
+OOD_KINDS = ("bridge", "relation_pair")
+IDENTITY_FORMS = ("relation", "zero_hop")
 
 
 @dataclass(frozen=True)
@@ -48,20 +55,32 @@ class SynthConfig:
     n_objects: int = 40  # |E3|
     n_r1: int = 4  # |R1|
     n_r2: int = 4  # |R2|
-    ood_pair_fraction: float = 0.25  # share of the (r1, r2) pairs held out of two-hop training
-    two_hop_train_fraction: float = 0.5  # share of each ID pair's compositions that are trained
-    two_hop_training: bool = True  # False: no two-hop training data at all (every pair OOD)
+    ood_pair_fraction: float = 0.25  # relation_pair OOD: share of the (r1, r2) pairs held out of two-hop training
+    two_hop_train_fraction: float = 0.5  # share of each ID pair's in-distribution compositions that are trained
+    two_hop_training: bool = True  # False: no two-hop training data at all (every query OOD)
     seed: int = 0
+    ood: str = "bridge"  # "bridge" or "relation_pair": what the OOD queries hold out (module docstring)
+    ood_bridge_fraction: float = 0.5  # bridge OOD: share of the bridges never used as a latent bridge in training
+    identity_form: str = "relation"  # "relation": (e2, r_id) -> e2; "zero_hop": (e2) -> e2, no relation token
 
     def __post_init__(self) -> None:
         for name in ("n_subjects", "n_bridges", "n_objects", "n_r1", "n_r2"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("ood_pair_fraction", "two_hop_train_fraction"):
+        for name in ("ood_pair_fraction", "two_hop_train_fraction", "ood_bridge_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.identity_form not in IDENTITY_FORMS:
+            raise ValueError(f"identity_form must be one of {', '.join(IDENTITY_FORMS)}, got {self.identity_form!r}")
+        if self.ood not in OOD_KINDS:
+            raise ValueError(f"ood must be one of {', '.join(OOD_KINDS)}, got {self.ood!r}")
+        n_ood = round(self.ood_bridge_fraction * self.n_bridges)
+        if self.ood == "bridge" and self.two_hop_training and not 0 < n_ood < self.n_bridges:
+            raise ValueError(f"ood_bridge_fraction {self.ood_bridge_fraction} of {self.n_bridges} bridges must leave "
+                             f"at least one OOD and one in-distribution bridge")
         n_pairs = self.n_r1 * self.n_r2
-        if self.two_hop_training and round(self.ood_pair_fraction * n_pairs) > n_pairs - max(self.n_r1, self.n_r2):
+        if (self.ood == "relation_pair" and self.two_hop_training
+                and round(self.ood_pair_fraction * n_pairs) > n_pairs - max(self.n_r1, self.n_r2)):
             raise ValueError(f"ood_pair_fraction {self.ood_pair_fraction} leaves too few ID pairs for every relation "
                              f"to be composed in training ({n_pairs} pairs, need {max(self.n_r1, self.n_r2)} ID)")
 
@@ -70,7 +89,8 @@ class SynthConfig:
 class Example:
     """One training or test example. Entities and relations are names such as ``e1_17``, ``r2_3``, ``r_id``.
 
-    ``task``: ``hop1`` (e1, r1 -> e2), ``hop2`` (e2, r2 -> e3), ``identity`` (e2, r_id -> e2) or ``two_hop``
+    ``task``: ``hop1`` (e1, r1 -> e2), ``hop2`` (e2, r2 -> e3), ``identity`` (e2, r_id -> e2; or e2 -> e2, the
+    ``zero_hop`` form, whose token-level rendering is the entity alone) or ``two_hop``
     (e1, r1, r2 -> e3 through e2)."""
 
     task: str
@@ -98,6 +118,7 @@ class Splits:
     hop2: dict[tuple[str, str], str]  # (e2, r2) -> e3
     id_pairs: list[tuple[str, str]]
     ood_pairs: list[tuple[str, str]]
+    ood_bridges: list[str] = field(default_factory=list)  # bridge OOD: never a latent bridge in training
     examples: dict[str, list[Example]] = field(default_factory=dict)
 
     @property
@@ -120,7 +141,7 @@ class Splits:
 
     def summary(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "id_pairs": [list(p) for p in self.id_pairs],
-                "ood_pairs": [list(p) for p in self.ood_pairs],
+                "ood_pairs": [list(p) for p in self.ood_pairs], "ood_bridges": list(self.ood_bridges),
                 "sizes": {name: len(self.examples[name]) for name in SPLITS}}
 
 
@@ -130,6 +151,8 @@ def _split_pairs(config: SynthConfig, r1: list[str], r2: list[str], rng: random.
     pairs = [(a, b) for a in r1 for b in r2]
     if not config.two_hop_training:
         return [], pairs
+    if config.ood == "bridge":
+        return pairs, []
     n_ood = round(config.ood_pair_fraction * len(pairs))
     order = pairs[:]
     rng.shuffle(order)
@@ -156,22 +179,31 @@ def generate(config: SynthConfig) -> Splits:
     hop1 = {(e, r): rng.choice(bridges) for e in subjects for r in r1}
     hop2 = {(e, r): rng.choice(objects) for e in bridges for r in r2}
     id_pairs, ood_pairs = _split_pairs(config, r1, r2, rng)
-    splits = Splits(config, subjects, bridges, objects, r1, r2, hop1, hop2, id_pairs, ood_pairs)
+    ood_bridges: list[str] = []
+    if config.ood == "bridge":
+        n_ood = round(config.ood_bridge_fraction * len(bridges)) if config.two_hop_training else len(bridges)
+        ood_bridges = sorted(rng.sample(bridges, n_ood), key=bridges.index)
+    splits = Splits(config, subjects, bridges, objects, r1, r2, hop1, hop2, id_pairs, ood_pairs, ood_bridges)
     one_hop = ([Example("hop1", e, (r,), b) for (e, r), b in hop1.items()]
                + [Example("hop2", e, (r,), o) for (e, r), o in hop2.items()])
+    held_out = set(ood_bridges)
     train, id_test = [], []
     for a, b in id_pairs:
-        queries = [splits.two_hop(e, a, b) for e in subjects]
+        queries = [q for q in (splits.two_hop(e, a, b) for e in subjects) if q.bridge not in held_out]
         rng.shuffle(queries)
         n_train = round(config.two_hop_train_fraction * len(queries))
         train += queries[:n_train]
         id_test += queries[n_train:]
+    every = [(a, b) for a in r1 for b in r2]
+    ood_test = ([q for a, b in every for q in (splits.two_hop(e, a, b) for e in subjects) if q.bridge in held_out]
+                if config.ood == "bridge" else [splits.two_hop(e, a, b) for a, b in ood_pairs for e in subjects])
     splits.examples = {
         "one_hop": one_hop,
-        "identity": [Example("identity", b, (IDENTITY,), b) for b in bridges],
+        "identity": [Example("identity", b, (IDENTITY,) if config.identity_form == "relation" else (), b)
+                     for b in bridges],
         "two_hop_train": train,
         "id_test": id_test,
-        "ood_test": [splits.two_hop(e, a, b) for a, b in ood_pairs for e in subjects],
+        "ood_test": ood_test,
     }
     return splits
 
@@ -197,12 +229,21 @@ def check_splits(splits: Splits) -> None:
     for a, b in (("two_hop_train", "id_test"), ("two_hop_train", "ood_test"), ("id_test", "ood_test")):
         if keys[a] & keys[b]:
             raise ValueError(f"splits {a} and {b} share {len(keys[a] & keys[b])} queries")
-    trained_pairs = {i.relations for i in ex["two_hop_train"]}
-    ood = {i.relations for i in ex["ood_test"]}
-    if trained_pairs & ood:
-        raise ValueError(f"OOD relation pairs composed in training: {sorted(trained_pairs & ood)}")
-    if set(map(tuple, splits.ood_pairs)) != ood and ex["ood_test"]:
-        raise ValueError("ood_test does not cover exactly the OOD relation pairs")
+    if splits.config.ood == "bridge":
+        held_out = set(splits.ood_bridges)
+        latent = {i.bridge for i in ex["two_hop_train"] + ex["id_test"]} & held_out
+        if latent:
+            raise ValueError(f"OOD bridges used as a latent bridge in training or the ID test: {sorted(latent)}")
+        expected = {(e, (a, b)) for (e, a), bridge in splits.hop1.items() if bridge in held_out for b in splits.r2}
+        if {(i.head, i.relations) for i in ex["ood_test"]} != expected or len(ex["ood_test"]) != len(expected):
+            raise ValueError("ood_test does not hold exactly the two-hop queries through the OOD bridges")
+    else:
+        trained_pairs = {i.relations for i in ex["two_hop_train"]}
+        ood = {i.relations for i in ex["ood_test"]}
+        if trained_pairs & ood:
+            raise ValueError(f"OOD relation pairs composed in training: {sorted(trained_pairs & ood)}")
+        if set(map(tuple, splits.ood_pairs)) != ood and ex["ood_test"]:
+            raise ValueError("ood_test does not cover exactly the OOD relation pairs")
     if len(ex["one_hop"]) != len(splits.hop1) + len(splits.hop2):
         raise ValueError("one_hop must hold every atomic fact")
 
@@ -256,6 +297,19 @@ def _person(rng: random.Random) -> str:
 
 def _town(rng: random.Random) -> str:
     return (_syllable(rng) + rng.choice(_TOWN_ENDS)).capitalize()
+
+
+def people(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct made-up person names ("Thaesha Tryrchaerk"), the same for the same ``seed``."""
+    rng = random.Random(f"people-{seed}")
+    names: dict[str, None] = {}
+    for _ in range(50 * n):
+        if len(names) == n:
+            break
+        names.setdefault(_person(rng))
+    if len(names) < n:
+        raise ValueError(f"could not make {n} distinct names")
+    return list(names)
 
 
 def make_names(splits: Splits, *, seed: int = 0, tokenizer: Any = None, attempts: int = 200) -> dict[str, str]:
@@ -318,6 +372,27 @@ def training_texts(splits: Splits, examples: Iterable[Example], names: dict[str,
     return [(prompt_text(splits, e, names), names[e.target]) for e in examples]
 
 
+@dataclass
+class TwoHopTexts:
+    """The natural-language two-hop task a LoRA adapter learns: training (prompt, target) pairs per condition and
+    evaluation pairs per split (keys = metric names without ``_acc``)."""
+
+    splits: Splits
+    names: dict[str, str]
+
+    def training(self, identity: bool, identity_repeat: int = 1) -> list[tuple[str, str]]:
+        return training_texts(self.splits, self.splits.training(identity, identity_repeat), self.names)
+
+    def eval_sets(self) -> dict[str, list[tuple[str, str]]]:
+        sources = {"one_hop": "one_hop", "id_two_hop": "id_test", "ood_two_hop": "ood_test",
+                   "train_two_hop": "two_hop_train", "identity": "identity"}
+        return {name: training_texts(self.splits, self.splits.examples[split], self.names)
+                for name, split in sources.items()}
+
+    def summary(self) -> dict[str, Any]:
+        return {"task": "two_hop", **self.splits.summary(), "names": self.names}
+
+
 def render_items(splits: Splits, names: dict[str, str], split_names: Sequence[str] = ("id_test", "ood_test"),
                  *, tokenizer: Any = None) -> list[PromptItem]:
     """Two-hop examples of ``split_names`` as prompt items (ids ``synth-<split>-<n>``), with hop-1 and hop-2
@@ -372,7 +447,8 @@ def save_splits(splits: Splits, out_dir: Path, names: dict[str, str] | None = No
     writer.writerow(_COLUMNS)
     for split in SPLITS:
         for e in splits.examples[split]:
-            writer.writerow([split, e.task, e.head, e.relations[0], e.relations[1] if len(e.relations) > 1 else "",
+            writer.writerow([split, e.task, e.head, e.relations[0] if e.relations else "",
+                             e.relations[1] if len(e.relations) > 1 else "",
                              e.bridge or "", e.target])
     meta = {**splits.summary(), "names": names or {}}
     atomic_write_json(out_dir / "synth.json", meta)
@@ -389,8 +465,8 @@ def load_splits(out_dir: Path) -> tuple[Splits, dict[str, str]]:
         if not path.is_file():
             raise PromptSetError(str(path), None, None, "file not found")
     meta = json.loads(meta_path.read_text())
-    try:
-        config = SynthConfig(**meta["config"])
+    try:  # files written before the bridge-level split existed hold relation-pair splits
+        config = SynthConfig(**{"ood": "relation_pair", **meta["config"]})
     except (TypeError, KeyError) as err:
         raise PromptSetError(str(meta_path), None, "config", f"not a synthetic dataset config: {err}") from err
     splits = generate(config)

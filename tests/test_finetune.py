@@ -18,10 +18,13 @@ from conftest import TINY_CONFIGS, CharTokenizer, requires_smollm2
 pytest.importorskip("peft")
 
 from bridgeprobe.probes.finetune import (BASE, FinetuneConfig, accuracy, add_adapter, encode_texts, inner_model,  # noqa: E402
-                                         load_base, model_state, save_adapter, target_loss, train_adapter)
+                                         item_scores, load_base, model_state, save_adapter, target_loss,
+                                         train_adapter)
+from bridgeprobe.probes.targets import target_ids  # noqa: E402
 from bridgeprobe.probes.hooks import NativeHooks, pad_right  # noqa: E402
 from bridgeprobe.probes.lens import lens_batch, lens_queries  # noqa: E402
-from bridgeprobe.prompts.synthetic import SynthConfig, generate, make_names, render_items, save_splits  # noqa: E402
+from bridgeprobe.prompts.synthetic import (SynthConfig, TwoHopTexts, generate, make_names, render_items,  # noqa: E402
+                                           save_splits)
 
 DATA = SynthConfig(n_subjects=6, n_bridges=3, n_objects=4, n_r1=2, n_r2=2, seed=0)
 CONFIG = FinetuneConfig(rank=4, alpha=8, lr=5e-3, steps=8, batch_size=4, warmup=2, eval_every=2,
@@ -96,7 +99,7 @@ def test_disable_adapter_gives_the_base_model_back_after_training() -> None:
     model = _tiny()
     reference = copy.deepcopy(model)
     peft_model = add_adapter(model, "identity", CONFIG, seed=0)
-    train_adapter(peft_model, "identity", tokenizer, splits, names, CONFIG, identity=True, seed=0)
+    train_adapter(peft_model, "identity", tokenizer, TwoHopTexts(splits, names), CONFIG, identity=True, seed=0)
     assert (_logits(peft_model) - _logits(reference)).abs().max() > 1e-3  # training changed the adapted model
     with model_state(peft_model, BASE):
         assert torch.equal(_logits(peft_model), _logits(reference))
@@ -115,7 +118,7 @@ def test_tiny_finetuning_reduces_loss_in_both_conditions() -> None:
     for condition in ("no_identity", "identity"):
         rows = []
         peft_model = add_adapter(peft_model, condition, CONFIG, seed=0)
-        final = train_adapter(peft_model, condition, CharTokenizer(), splits, names, CONFIG,
+        final = train_adapter(peft_model, condition, CharTokenizer(), TwoHopTexts(splits, names), CONFIG,
                               identity=condition == "identity", seed=0, on_eval=rows.append)
         assert [r["step"] for r in rows] == [0, 2, 4, 6, 8]
         assert rows[-1]["train_loss"] < 0.8 * rows[1]["train_loss"], condition
@@ -132,10 +135,10 @@ def test_killed_finetuning_resumes_bit_identical(tmp_path: Path) -> None:
         kwargs = dict(identity=True, seed=1, checkpoint=tmp_path / f"{name}.pt", on_eval=rows.append)
         if interrupt:
             with pytest.raises(KeyboardInterrupt):  # killed after step 6; the last checkpoint is step 4
-                train_adapter(peft_model, "identity", CharTokenizer(), splits, names, CONFIG,
+                train_adapter(peft_model, "identity", CharTokenizer(), TwoHopTexts(splits, names), CONFIG,
                               interrupt_at=interrupt, **kwargs)
             peft_model = add_adapter(_tiny(), "identity", CONFIG, seed=1)  # a fresh process
-        final = train_adapter(peft_model, "identity", CharTokenizer(), splits, names, CONFIG, **kwargs)
+        final = train_adapter(peft_model, "identity", CharTokenizer(), TwoHopTexts(splits, names), CONFIG, **kwargs)
         runs[name] = (peft_model, final, rows)
     clean, killed = runs["clean"][0].state_dict(), runs["killed"][0].state_dict()
     for key, value in clean.items():
@@ -151,7 +154,7 @@ def test_adapter_is_saved_as_safetensors_and_reloads(tmp_path: Path) -> None:
 
     splits, names = _task()
     peft_model = add_adapter(_tiny(), "identity", CONFIG, seed=0)
-    train_adapter(peft_model, "identity", CharTokenizer(), splits, names, CONFIG, identity=True, seed=0)
+    train_adapter(peft_model, "identity", CharTokenizer(), TwoHopTexts(splits, names), CONFIG, identity=True, seed=0)
     files = save_splits(splits, tmp_path / "data", names)
     path = save_adapter(peft_model, "identity", tmp_path / "adapters", files)
     assert {p.name for p in path.iterdir()} >= {"adapter_model.safetensors", "adapter_config.json", "synth.json",
@@ -185,24 +188,37 @@ def test_finetune_command_writes_the_report_and_resumes_after_a_kill(tmp_path: P
     from bridgeprobe.probes.cli import main
 
     model = str(_tiny_dir(tmp_path / "model"))
-    args = ["finetune", "--model", model, "--subjects", "6", "--bridges", "3", "--objects", "4", "--r1", "2",
+    args = ["finetune", "--model", model, "--subjects", "10", "--bridges", "4", "--objects", "6", "--r1", "2",
             "--r2", "2", "--rank", "4", "--alpha", "8", "--lr", "5e-3", "--steps", "4", "--batch-size", "4",
-            "--eval-every", "2", "--checkpoint-every", "2", "--probe-items", "4", "--patch-pairs", "1", "--memory"]
+            "--eval-every", "2", "--checkpoint-every", "2", "--probe-items", "4", "--patch-pairs", "1", "--memory",
+            "--seeds", "0", "1", "--eval-items", "8"]
     clean = tmp_path / "clean"
     assert main([*args, "--out", str(clean)]) == 0
-    for name in ("metrics.csv", "results.csv", "lens_summary.csv", "lens_layers.csv", "learning_curves.png",
-                 "index.html", "data/synth.json", "data/prompts.jsonl", "adapters/identity/adapter_config.json",
-                 "adapters/identity/adapter_model.safetensors", "adapters/no_identity/synth.json",
-                 "memory/base/memory.csv", "memory/identity/memory.csv"):
+    for name in ("metrics.csv", "results.csv", "items.csv", "comparison.csv", "lens_summary.csv", "lens_layers.csv",
+                 "learning_curves.png", "index.html", "data/seed0/synth.json", "data/seed1/prompts.jsonl",
+                 "adapters/identity_seed0/adapter_config.json", "adapters/identity_seed1/adapter_model.safetensors",
+                 "adapters/no_identity_seed0/synth.json", "memory/base/memory.csv", "memory/identity/memory.csv"):
         assert (clean / name).stat().st_size > 0, name
     assert not (clean / "checkpoints").exists()
-    adapter_config = json.loads((clean / "adapters" / "identity" / "adapter_config.json").read_text())
+    adapter_config = json.loads((clean / "adapters" / "identity_seed0" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == model  # as given, not a cache path
     assert not (clean / "adapters" / "README.md").exists()  # peft's model-card template is dropped
     run = json.loads((clean / "run.json").read_text())
-    assert [r["condition"] for r in run["results"]] == ["no_identity", "identity"]
-    assert all({"seed", "ood_two_hop_acc", "id_two_hop_acc", "one_hop_acc"} <= set(r) for r in run["results"])
-    assert list(pd.read_csv(clean / "results.csv")["condition"]) == ["base", "no_identity", "identity"]
+    assert [(r["condition"], r["seed"]) for r in run["results"]] == [
+        ("no_identity", 0), ("identity", 0), ("no_identity", 1), ("identity", 1)]
+    assert all({"ood_two_hop_acc", "id_two_hop_acc", "one_hop_acc"} <= set(r) for r in run["results"])
+    results = pd.read_csv(clean / "results.csv")
+    assert sorted(zip(results["condition"], results["seed"])) == sorted(
+        (c, s) for c in ("base", "no_identity", "identity") for s in (0, 1))
+    # results.csv and comparison.csv are both summaries of items.csv (every split, state and seed scored)
+    items = pd.read_csv(clean / "items.csv")
+    assert items.groupby(["seed", "state", "split"]).size().max() <= 8
+    mean = items[(items["state"] == "identity") & (items["seed"] == 1) & (items["split"] == "ood_two_hop")]["entity"]
+    row = results[(results["condition"] == "identity") & (results["seed"] == 1)].iloc[0]
+    assert row["ood_two_hop_acc"] == pytest.approx(mean.mean())
+    comparison = pd.read_csv(clean / "comparison.csv").set_index("split")
+    assert comparison.loc["ood_two_hop", "items"] == len(mean) + len(items[
+        (items["state"] == "identity") & (items["seed"] == 0) & (items["split"] == "ood_two_hop")])
     summary = pd.read_csv(clean / "lens_summary.csv")
     assert set(zip(summary["state"], summary["split"])) == {(s, p) for s in ("base", "no_identity", "identity")
                                                              for p in ("id_test", "ood_test")}
@@ -222,46 +238,90 @@ def test_finetune_command_writes_the_report_and_resumes_after_a_kill(tmp_path: P
     monkeypatch.setattr(bridgeprobe.probes.finetune, "train_adapter", killed_in_second_condition)
     with pytest.raises(KeyboardInterrupt):  # the identity adapter is killed after step 3 (checkpoint: step 2)
         main([*args, "--out", str(tmp_path / "killed")])
-    assert (tmp_path / "killed" / "checkpoints" / "identity.pt").is_file()
+    assert (tmp_path / "killed" / "checkpoints" / "identity_seed0.pt").is_file()
     monkeypatch.setattr(bridgeprobe.probes.finetune, "train_adapter", real)
     assert main([*args, "--out", str(tmp_path / "killed")]) == 0
-    for name in ("metrics.csv", "results.csv", "lens_summary.csv"):
+    for name in ("metrics.csv", "results.csv", "items.csv", "comparison.csv", "lens_summary.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "killed" / name), pd.read_csv(clean / name))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
-def test_qlora_path_trains_a_4bit_model(tmp_path: Path) -> None:
-    _tiny_dir(tmp_path)
-    base, tokenizer = load_base(str(tmp_path), quantize="4bit", device="cpu")
-    assert any("bitsandbytes" in type(m).__module__ for m in base.modules())
+def test_reversal_command_scores_the_held_out_reversals(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from bridgeprobe.probes.cli import main
+
+    model = str(_tiny_dir(tmp_path / "model"))
+    out = tmp_path / "reversal"
+    assert main(["finetune", "--model", model, "--task", "reversal", "--pairs", "12", "--relations", "2",
+                 "--rank", "4", "--alpha", "8", "--lr", "5e-3", "--steps", "4", "--batch-size", "4",
+                 "--eval-every", "2", "--checkpoint-every", "2", "--seeds", "0", "1", "--eval-items", "6",
+                 "--out", str(out)]) == 0
+    items = pd.read_csv(out / "items.csv")
+    assert set(items["split"]) == {"forward", "reverse_train", "reverse_test", "identity"}
+    assert set(items["state"]) == {"base", "no_identity", "identity"}
+    # the OOD questions are the reversals that were never trained, for each seed's own pairs
+    for seed in (0, 1):
+        facts = [json.loads(line) for line in (out / "data" / f"seed{seed}" / "reversal.jsonl").open()]
+        trained = {f["prompt"] for f in facts if f["split"] in ("forward", "reverse_train")}
+        tested = items[(items["seed"] == seed) & (items["split"] == "reverse_test")]
+        assert len(tested) > 0 and not set(tested["prompt"]) & trained
+    assert "reverse_test" in set(pd.read_csv(out / "comparison.csv")["split"])
+    assert not (out / "lens").exists()  # the lens reads two-hop prompts; a reversal run has none
+
+
+class _NoSpaceTokenizer(CharTokenizer):
+    """Characters as ids, spaces dropped: a target's tokens after a prompt are exactly its characters, so the
+    model's own greedy continuation, decoded, is a target it answers correctly."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return super().__call__(text.replace(" ", ""), add_special_tokens)
+
+
+def _greedy(model: torch.nn.Module, head: list[int], n: int) -> list[int]:
+    """``n`` tokens of plain greedy decoding, one unpadded full forward per token (no generation config)."""
+    ids = list(head)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(head):]
+
+
+def test_item_scores_equal_greedy_generation_one_at_a_time() -> None:
+    """Entity-level scores from one left-padded, teacher-forced forward equal plain greedy decoding per prompt."""
+    model = _tiny(seed=3)
+    tokenizer = _NoSpaceTokenizer()
+    pairs = [("The town Ab is called", "Ab"), ("Xy was born in", "Qwerty"), ("The mayor of Q is", "Zed"),
+             ("Ab", "b")]
+    for prompt, _ in list(pairs):  # the greedy continuations: right by construction, 1 to 3 tokens long
+        new = _greedy(model, list(tokenizer(prompt)["input_ids"]), 3)
+        for length in (1, 3):
+            ids = new[:length]
+            if 0 not in ids and 33 not in ids:  # BOS and space do not survive re-tokenization
+                pairs.append((prompt, tokenizer.decode(ids)))
+    pairs.append((pairs[-1][0], pairs[-1][1] + "q"))  # right first tokens, wrong last one (most likely)
+    scores = item_scores(model, tokenizer, pairs, batch_size=3)
+    for (prompt, target), (first, entity) in zip(pairs, scores):
+        tail = target_ids(tokenizer, prompt, target)
+        greedy = _greedy(model, list(tokenizer(prompt)["input_ids"]), len(tail))
+        assert entity == (greedy == tail), (prompt, target)
+        assert first == (greedy[0] == tail[0])
+    assert any(entity for _, entity in scores) and not all(entity for _, entity in scores)
+
+
+def test_lora_layers_adapts_only_the_last_blocks() -> None:
+    model = _tiny()
+    n = model.config.num_hidden_layers
+    peft_model = add_adapter(model, "identity", FinetuneConfig(rank=4, layers=1), seed=0)
+    adapted = {int(name.split(".layers.")[1].split(".")[0]) for name, _ in peft_model.named_parameters()
+               if "lora_A" in name}
+    assert adapted == {n - 1}
     splits, names = _task()
-    peft_model = add_adapter(base, "identity", CONFIG, seed=0)
-    rows = []
-    train_adapter(peft_model, "identity", tokenizer, splits, names, CONFIG, identity=True, seed=0, on_eval=rows.append)
-    assert all(r["train_loss"] == r["train_loss"] for r in rows[1:])  # finite
-    assert any(torch.count_nonzero(p) > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
-
-
-@pytest.mark.slow
-@requires_smollm2
-def test_smollm2_adapter_with_zero_b_equals_plain_model_and_disable_restores_it(smollm2) -> None:
-    from bridgeprobe.probes.models import load_model
-
-    plain, tokenizer = smollm2
-    model, _ = load_model("smollm2-135m")  # a separate copy: peft edits the model it wraps
-    peft_model = add_adapter(model, "identity", FinetuneConfig(rank=8), seed=0)
-    ids, mask = pad_right([tokenizer("The town Flythstead is called")["input_ids"], tokenizer("Hi")["input_ids"]])
-    with torch.no_grad():
-        reference = plain(input_ids=ids, attention_mask=mask).logits * mask[..., None]
-        untrained = peft_model(input_ids=ids, attention_mask=mask).logits * mask[..., None]
-    assert torch.equal(untrained, reference)  # tolerance 0: B = 0 adds exact zeros
-    splits = generate(DATA)
-    names = make_names(splits, seed=0, tokenizer=tokenizer)
-    config = FinetuneConfig(rank=8, steps=2, batch_size=2, eval_every=2, checkpoint_every=2, eval_limit=2)
-    train_adapter(peft_model, "identity", tokenizer, splits, names, config, identity=True, seed=0)
-    with torch.no_grad():
-        adapted = peft_model(input_ids=ids, attention_mask=mask).logits * mask[..., None]
-        with model_state(peft_model, BASE):
-            restored = peft_model(input_ids=ids, attention_mask=mask).logits * mask[..., None]
-    assert (adapted - reference).abs().max() > 1e-3
-    assert torch.equal(restored, reference)
+    final = train_adapter(peft_model, "identity", CharTokenizer(), TwoHopTexts(splits, names), CONFIG, identity=True,
+                          seed=0)
+    assert final["step"] == CONFIG.steps
+    peft_model = add_adapter(peft_model, "no_identity", FinetuneConfig(rank=4, layers=1), seed=0)  # a second one
+    second = {name.split(".lora_A.")[0] for name, _ in peft_model.named_parameters() if ".lora_A.no_identity" in name}
+    first = {name.split(".lora_A.")[0] for name, _ in peft_model.named_parameters() if ".lora_A.identity" in name}
+    assert second == first and all(f".layers.{n - 1}." in name for name in second)
+    with pytest.raises(ValueError, match=f"last {n + 1} blocks"):
+        FinetuneConfig(layers=n + 1).lora(_tiny())

@@ -39,6 +39,26 @@ def test_tiny_training_run_reduces_loss(model: str, identity: bool) -> None:
     assert result.final == rows[-1] and 0.0 <= result.final["ood_two_hop_acc"] <= 1.0
 
 
+@pytest.mark.parametrize("residual", [True, False])
+def test_emb_mlp_equals_its_definition_for_every_example_shape(residual: bool) -> None:
+    """Two-hop, one-hop and zero-hop identity examples (one, two, three tokens in one padded batch) against the
+    recurrence written out by hand: h0 = E[head], h_t = [h_{t-1} +] MLP(h_{t-1} + E[r_t]), logits U h_last."""
+    splits = generate(SynthConfig(**{**TINY_DATA.__dict__, "identity_form": "zero_hop"}))
+    assert all(e.tokens() == [e.head] for e in splits.examples["identity"])
+    vocab = Vocab(splits)
+    examples = [splits.examples["ood_test"][0], splits.examples["one_hop"][0], splits.examples["identity"][0]]
+    data = vocab.encode(examples)
+    model = build_model(_config("emb_mlp", residual=residual, tie_embeddings=False), len(vocab), seed=0)
+    with torch.no_grad():
+        logits = model(data.ids, data.lengths)
+        for row, example in enumerate(examples):
+            h = model.embed.weight[vocab.index[example.head]]
+            for relation in example.relations:
+                update = model.mlp(h + model.embed.weight[vocab.index[relation]])
+                h = h + update if residual else update
+            torch.testing.assert_close(logits[row], model.unembed.weight @ h, rtol=1e-5, atol=1e-6)
+
+
 def test_batches_are_a_function_of_seed_and_step() -> None:
     n, size = 50, 8
     epoch = torch.cat([batch_indices(n, size, seed=3, step=s) for s in range(n // size)])
@@ -48,10 +68,11 @@ def test_batches_are_a_function_of_seed_and_step() -> None:
     assert not torch.equal(batch_indices(n, size, 3, 0), batch_indices(n, size, 3, n // size))  # next epoch
 
 
-@pytest.mark.parametrize("model", ["gpt2", "emb_mlp"])
-def test_killed_run_resumes_bit_identical(model: str, tmp_path: Path) -> None:
-    splits = generate(TINY_DATA)
-    config = _config(model, weight_decay=0.1)
+@pytest.mark.parametrize("model,variant", [("gpt2", {}), ("emb_mlp", {}),
+                                           ("emb_mlp", {"residual": False, "tie_embeddings": False})])
+def test_killed_run_resumes_bit_identical(model: str, variant: dict, tmp_path: Path) -> None:
+    splits = generate(SynthConfig(**{**TINY_DATA.__dict__, "identity_form": "zero_hop"}) if variant else TINY_DATA)
+    config = _config(model, weight_decay=0.1, **variant)
     clean_rows, resumed_rows = [], []
     clean, clean_result = train(splits, config, identity=True, seed=2, checkpoint=tmp_path / "clean.pt",
                                 on_eval=lambda row, *_: clean_rows.append(row))
@@ -168,6 +189,14 @@ def test_reproduce_command_writes_outputs_and_resumes_after_a_kill(tmp_path: Pat
                for r in run["results"])
     metrics = pd.read_csv(clean / "metrics.csv")
     assert len(metrics) == 2 * 3 and set(metrics["step"]) == {0, 10, 20}
+    # identity-grid collects finished runs: one cell here, its means those of results.csv
+    assert main(["identity-grid", str(tmp_path), "--out", str(tmp_path / "grid")]) == 0
+    grid, results = pd.read_csv(tmp_path / "grid" / "grid.csv"), pd.read_csv(clean / "results.csv")
+    assert len(grid) == 1 and grid.loc[0, "ood"] == "bridge" and grid.loc[0, "model"] == "gpt2"
+    for condition in ("identity", "no_identity"):
+        expected = results.loc[results["condition"] == condition, "ood_two_hop_acc"].mean()
+        assert grid.loc[0, f"ood_two_hop_acc {condition} mean"] == pytest.approx(expected)
+    assert "| seeds |" in (tmp_path / "grid" / "grid.md").read_text()
 
     real, calls = bridgeprobe.probes.scratch.train, []
 

@@ -1,5 +1,6 @@
-"""Synthetic two-hop knowledge: splits are disjoint, OOD relation pairs are never composed in training, examples
-follow the facts, files round-trip, and the natural-language rendering is a valid prompt set."""
+"""Synthetic two-hop knowledge: splits are disjoint, OOD bridges are never a latent bridge in training (bridge
+split) and OOD relation pairs never composed (relation-pair split), examples follow the facts, files round-trip,
+and the natural-language rendering is a valid prompt set."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ class ChunkTokenizer:
         return {"input_ids": ([0] if add_special_tokens else []) + ids}
 
 
-SMALL = SynthConfig(n_subjects=30, n_bridges=10, n_objects=12, n_r1=3, n_r2=4, ood_pair_fraction=0.25, seed=3)
+SMALL = SynthConfig(n_subjects=30, n_bridges=10, n_objects=12, n_r1=3, n_r2=4, ood_pair_fraction=0.25, seed=3,
+                    ood="relation_pair")
 
 
 def _composed_in_training(splits) -> set[tuple[str, str]]:
@@ -43,7 +45,8 @@ def _composed_in_training(splits) -> set[tuple[str, str]]:
 
 @pytest.mark.parametrize("seed", range(5))
 def test_splits_are_disjoint_and_ood_pairs_never_composed_in_training(seed: int) -> None:
-    splits = generate(SynthConfig(n_subjects=40, n_bridges=8, n_objects=9, n_r1=3, n_r2=3, seed=seed))
+    splits = generate(SynthConfig(n_subjects=40, n_bridges=8, n_objects=9, n_r1=3, n_r2=3, seed=seed,
+                                  ood="relation_pair"))
     queries = {name: [(e.head, e.relations) for e in splits.examples[name]]
                for name in ("two_hop_train", "id_test", "ood_test")}
     for name, keys in queries.items():
@@ -79,11 +82,64 @@ def test_examples_follow_random_functional_facts() -> None:
     assert generate(SynthConfig(**{**SMALL.__dict__, "seed": 4})).hop1 != splits.hop1
 
 
-def test_no_two_hop_training_variant() -> None:
-    splits = generate(SynthConfig(n_subjects=20, n_bridges=5, n_objects=5, n_r1=2, n_r2=3, two_hop_training=False))
+@pytest.mark.parametrize("ood", ["bridge", "relation_pair"])
+def test_no_two_hop_training_variant(ood: str) -> None:
+    splits = generate(SynthConfig(n_subjects=20, n_bridges=5, n_objects=5, n_r1=2, n_r2=3, two_hop_training=False,
+                                  ood=ood))
     assert splits.examples["two_hop_train"] == [] and splits.examples["id_test"] == []
-    assert len(splits.ood_pairs) == 6 and len(splits.examples["ood_test"]) == 20 * 6
+    assert len(splits.examples["ood_test"]) == 20 * 6
     assert _composed_in_training(splits) == set()
+    check_splits(splits)
+
+
+def _latent_bridges_in_training(splits) -> set[str]:
+    """Bridges that some trained two-hop query of either condition goes through, recomputed from the facts."""
+    return {splits.hop1[(e.head, e.relations[0])] for identity in (False, True)
+            for e in splits.training(identity, identity_repeat=3) if len(e.relations) == 2}
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_bridge_split_never_uses_an_ood_bridge_as_a_latent_bridge(seed: int, fraction: float) -> None:
+    config = SynthConfig(n_subjects=40, n_bridges=8, n_objects=9, n_r1=3, n_r2=3, seed=seed,
+                         ood_bridge_fraction=fraction)
+    splits = generate(config)
+    assert config.ood == "bridge" and len(splits.ood_bridges) == round(fraction * 8)
+    held_out = set(splits.ood_bridges)
+    assert not _latent_bridges_in_training(splits) & held_out
+    keys = {name: [(e.head, e.relations) for e in splits.examples[name]]
+            for name in ("two_hop_train", "id_test", "ood_test")}
+    for a in keys:
+        assert len(keys[a]) == len(set(keys[a])), f"{a} repeats a query"
+        for b in keys:
+            if a < b:
+                assert not set(keys[a]) & set(keys[b]), (a, b)
+    # every query through an OOD bridge is an OOD test query, every other one is trained or ID test
+    for e1, r1, r2 in ((e, a, b) for e in splits.subjects for a in splits.r1 for b in splits.r2):
+        through_ood = splits.hop1[(e1, r1)] in held_out
+        assert ((e1, (r1, r2)) in set(keys["ood_test"])) == through_ood
+    # OOD bridges' hop-2 facts are trained as explicit one-hop facts; their identity examples exist
+    trained = set(splits.training(False))
+    assert all(any(e.task == "hop2" and e.head == b for e in trained) for b in held_out)
+    assert held_out <= {e.head for e in splits.examples["identity"]}
+    # every relation pair is composed in training (through in-distribution bridges)
+    assert _composed_in_training(splits) == {(a, b) for a in splits.r1 for b in splits.r2}
+    check_splits(splits)
+    splits.examples["two_hop_train"].append(splits.examples["ood_test"][0])
+    with pytest.raises(ValueError, match="latent bridge|share"):
+        check_splits(splits)
+
+
+def test_relation_pair_data_is_unchanged_and_old_files_load(tmp_path: Path) -> None:
+    """Files written before the bridge split (no ``ood`` in their config) still load, as relation-pair splits."""
+    splits = generate(SMALL)
+    save_splits(splits, tmp_path)
+    meta = json.loads((tmp_path / "synth.json").read_text())
+    for key in ("ood", "ood_bridge_fraction"):
+        del meta["config"][key]
+    (tmp_path / "synth.json").write_text(json.dumps(meta))
+    loaded, _ = load_splits(tmp_path)
+    assert loaded.config.ood == "relation_pair" and loaded.examples == splits.examples
 
 
 def test_bad_configs_are_clear_errors() -> None:
@@ -92,7 +148,11 @@ def test_bad_configs_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="ood_pair_fraction"):
         SynthConfig(ood_pair_fraction=1.5)
     with pytest.raises(ValueError, match="too few ID pairs"):
-        SynthConfig(n_r1=2, n_r2=2, ood_pair_fraction=0.75)
+        SynthConfig(n_r1=2, n_r2=2, ood_pair_fraction=0.75, ood="relation_pair")
+    with pytest.raises(ValueError, match="ood must be one of"):
+        SynthConfig(ood="entity")
+    with pytest.raises(ValueError, match="at least one OOD and one in-distribution bridge"):
+        SynthConfig(n_bridges=4, ood_bridge_fraction=0.1)
 
 
 def test_check_splits_catches_a_leak() -> None:

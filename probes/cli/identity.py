@@ -11,9 +11,11 @@ from typing import Any
 
 from bridgeprobe.analyses.summaries import files_line
 from bridgeprobe.probes.cli.common import EPILOG, RUNS, check_options, fingerprint, model_args, model_options, rundir_args
-from bridgeprobe.probes.identity import FINETUNE_DATA, REPRODUCE_PRESETS, finetune, reproduce, write_synth
+from bridgeprobe.probes.identity import (FINETUNE_DATA, GRID_FILES, REPRODUCE_PRESETS, finetune, reproduce, write_grid,
+                                        write_synth)
 from bridgeprobe.probes.models import DEFAULT_MODEL
-from bridgeprobe.prompts.synthetic import SynthConfig
+from bridgeprobe.prompts.reversal import ReversalConfig
+from bridgeprobe.prompts.synthetic import IDENTITY_FORMS, OOD_KINDS, SynthConfig
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -27,7 +29,17 @@ def _data_args(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None 
     group.add_argument("--objects", type=int, help="|E3|, object entities")
     group.add_argument("--r1", type=int, help="|R1|, relations E1 -> E2")
     group.add_argument("--r2", type=int, help="|R2|, relations E2 -> E3")
-    group.add_argument("--ood-pair-fraction", type=float, help="share of (r1, r2) pairs never composed in training")
+    group.add_argument("--ood", choices=OOD_KINDS,
+                       help="what the OOD two-hop queries hold out: bridge (default: queries through bridges that no "
+                            "trained two-hop query goes through; their hop-2 facts are seen only as one-hop facts) or "
+                            "relation_pair (relation pairs never composed in training)")
+    group.add_argument("--ood-bridge-fraction", type=float,
+                       help="bridge OOD: share of the bridges held out as OOD bridges (default 0.5)")
+    group.add_argument("--identity-form", choices=IDENTITY_FORMS,
+                       help="token-level identity examples: relation (default: e2 r_id -> e2) or zero_hop (the entity "
+                            "alone, e2 -> e2)")
+    group.add_argument("--ood-pair-fraction", type=float,
+                       help="relation_pair OOD: share of (r1, r2) pairs never composed in training (default 0.25)")
     group.add_argument("--two-hop-train-fraction", type=float,
                        help="share of each in-distribution pair's two-hop queries that are trained")
     group.add_argument("--no-two-hop-training", action="store_true",
@@ -37,7 +49,9 @@ def _data_args(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None 
 def _data_config(args: argparse.Namespace, base: dict[str, Any], seed: int) -> SynthConfig:
     values = {**base, "seed": seed}
     for flag, field in (("subjects", "n_subjects"), ("bridges", "n_bridges"), ("objects", "n_objects"),
-                        ("r1", "n_r1"), ("r2", "n_r2"), ("ood_pair_fraction", "ood_pair_fraction"),
+                        ("r1", "n_r1"), ("r2", "n_r2"), ("ood", "ood"), ("ood_bridge_fraction", "ood_bridge_fraction"),
+                        ("identity_form", "identity_form"),
+                        ("ood_pair_fraction", "ood_pair_fraction"),
                         ("two_hop_train_fraction", "two_hop_train_fraction")):
         if getattr(args, flag) is not None:
             values[field] = getattr(args, flag)
@@ -75,10 +89,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "seeds), learning-curve PNGs, index.html and run.json; the splits of each seed under DIR/data/. "
                     "A killed run resumes from its last checkpoint when rerun with the same arguments.")
     reproduce.add_argument("--preset", choices=sorted(REPRODUCE_PRESETS), default="cpu",
-                           help="named configuration (default cpu: ~15 min on 2 CPU cores); flags override it")
+                           help="named configuration (default cpu: at most 15 min on 2 CPU cores); flags override it")
     reproduce.add_argument("--model", choices=("gpt2", "emb_mlp"), help="GPT-2 from a GPT2Config, or the Emb-MLP")
-    reproduce.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                           help="seeds (data and init; default 0 1 2)")
+    reproduce.add_argument("--seeds", type=int, nargs="+",
+                           help="seeds (data and init; default: the preset's, 0-4 for cpu)")
     reproduce.add_argument("--init-scales", type=float, nargs="+", help="init std multipliers (default: preset, 1.0)")
     reproduce.add_argument("--weight-decays", type=float, nargs="+", help="AdamW weight decays (default: preset, 0)")
     reproduce.add_argument("--identity-repeats", type=int, nargs="+",
@@ -91,7 +105,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                              ("--d-mlp", int, "MLP width"), ("--eval-every", int, "steps between evaluations"),
                              ("--checkpoint-every", int, "steps between checkpoints")):
         train.add_argument(flag, type=kind, help=text)
-    train.add_argument("--untied", action="store_true", help="separate unembedding (default: tied to the embedding)")
+    tying = train.add_mutually_exclusive_group()
+    tying.add_argument("--untied", action="store_true", help="a separate unembedding matrix")
+    tying.add_argument("--tied", action="store_true", help="the unembedding is the embedding matrix transposed")
+    train.add_argument("--no-residual", action="store_true",
+                       help="emb_mlp: each hop's MLP output replaces the state instead of adding to it")
     _data_args(reproduce)
     reproduce.add_argument("--out", type=Path, default=RUNS / "identity" / "reproduce",
                            help="output directory (default runs/identity/reproduce)")
@@ -99,6 +117,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     reproduce.add_argument("--keep-checkpoints", action="store_true", help="keep DIR/checkpoints after the runs finish")
     rundir_args(reproduce)
     reproduce.set_defaults(handler=reproduce_job)
+
+    grid = sub.add_parser(
+        "identity-grid", help="collect finished reproduce runs into one grid table",
+        description="Read every finished `bridgeprobe reproduce` run under the given directories and write "
+                    "OUT/grid.csv and OUT/grid.md: one row per grid cell (model, tied, residual, width, steps, data, "
+                    "OOD notion, identity form, init scale, weight decay, identity repeat) with ID and OOD two-hop "
+                    "accuracy per condition (mean over seeds), the OOD difference identity - no_identity with its t "
+                    "interval over seeds, the seeds where identity is higher, the exact sign test and the one-sided "
+                    "paired sign-flip test, and whether the cell meets the paper's claim (ID >= 0.9 in both, OOD "
+                    "without identity within 0.05 of chance, OOD with identity >= 0.5, identity higher in every one "
+                    "of >= 5 seeds).", epilog=EPILOG)
+    grid.add_argument("runs", type=Path, nargs="+", help="reproduce run directories, or directories holding them")
+    grid.add_argument("--out", type=Path, required=True, help="directory for grid.csv and grid.md")
+    grid.set_defaults(handler=grid_job)
 
     finetune = sub.add_parser(
         "finetune", help="LoRA identity fine-tuning of a pretrained model, probed before and after",
@@ -120,14 +152,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     lora.add_argument("--alpha", type=int, default=16, help="LoRA alpha (default 16)")
     lora.add_argument("--target-modules", default="all-linear",
                       help="comma-separated module names, or all-linear (default: every linear layer but the head)")
+    lora.add_argument("--lora-layers", type=int, default=0,
+                      help="adapt only the last N blocks (default 0: all); cheaper on CPU, as the backward pass "
+                           "stops at the first adapted block")
     lora.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     lora.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     lora.add_argument("--steps", type=int, default=128, help="optimizer steps per condition (default 128)")
     lora.add_argument("--batch-size", type=int, default=8, help="sentences per step (default 8)")
     lora.add_argument("--eval-every", type=int, default=32, help="steps between evaluations (default 32)")
     lora.add_argument("--checkpoint-every", type=int, default=32, help="steps between checkpoints (default 32)")
+    lora.add_argument("--eval-items", type=int, default=256,
+                      help="evaluation items per split, scored item by item for both conditions (default 256)")
     lora.add_argument("--identity-repeat", type=int, default=4,
                       help="copies of the identity sentences in the identity condition, the data ratio (default 4)")
+    finetune.add_argument("--task", choices=("two_hop", "reversal"), default="two_hop",
+                          help="two_hop (default): made-up two-hop facts, OOD = queries through OOD bridges; reversal: "
+                               "the reversal-curse positive control (forward facts 'A's mentor is B', reversed "
+                               "questions 'B's student is' -> A of pairs whose reversal is never trained, identity "
+                               "sentences 'The name of A is A')")
+    reversal = finetune.add_argument_group("reversal data (--task reversal)")
+    reversal.add_argument("--pairs", type=int, default=ReversalConfig.n_pairs,
+                          help=f"(A, B) pairs of made-up people (default {ReversalConfig.n_pairs})")
+    reversal.add_argument("--relations", type=int, default=ReversalConfig.n_relations,
+                          help=f"relation types, 1-4 (default {ReversalConfig.n_relations})")
+    reversal.add_argument("--reverse-train-fraction", type=float, default=ReversalConfig.reverse_train_fraction,
+                          help="share of the pairs whose reversed fact is trained (default "
+                               f"{ReversalConfig.reverse_train_fraction}); the others' reversal is the OOD test")
     finetune.add_argument("--conditions", nargs="+", choices=("no_identity", "identity"),
                           default=["no_identity", "identity"], help="conditions to train (default both)")
     finetune.add_argument("--probe-items", type=int, default=16,
@@ -137,7 +187,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     finetune.add_argument("--memory", action="store_true",
                           help="also run the shared-memory analyses (probes.memory: decoding and alignment) on the "
                                "probe items of each model state -> DIR/memory/<state>/memory.csv")
-    finetune.add_argument("--seed", type=int, default=0, help="data, name and LoRA-init seed (default 0)")
+    finetune.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                          help="seeds, each with its own data, names and LoRA initialization (default 0 1 2); the "
+                               "lens, patching and memory analyses run on the first")
     finetune.add_argument("--out", type=Path, default=RUNS / "identity" / "finetune",
                           help="output directory (default runs/identity/finetune)")
     finetune.add_argument("--keep-checkpoints", action="store_true", help="keep DIR/checkpoints after training")
@@ -180,7 +232,9 @@ def _synth(args: argparse.Namespace, run: Any) -> None:
     splits = write_synth(_data_config(args, {}, args.seed), args.out, tokenizer)
     sizes = ", ".join(f"{k} {v}" for k, v in splits.summary()["sizes"].items())
     summary = "\n".join([f"Synthetic two-hop data, seed {args.seed}: {sizes} examples.",
-                         f"Relation pairs never composed in training (OOD): {splits.ood_pairs}.",
+                         (f"OOD bridges (never a latent bridge in training): {', '.join(splits.ood_bridges)}."
+                          if splits.config.ood == "bridge" else
+                          f"Relation pairs never composed in training (OOD): {splits.ood_pairs}."),
                          files_line(args.out, ("synth.json", "examples.csv", "prompts.jsonl", "train.jsonl"))])
     run.finish({"command": "synth", "settings": splits.summary()}, summary)
     print(summary)
@@ -195,8 +249,10 @@ def _train_config(args: argparse.Namespace, preset: dict[str, Any]) -> Any:
                         ("eval_every", "eval_every"), ("checkpoint_every", "checkpoint_every")):
         if getattr(args, flag) is not None:
             values[field] = getattr(args, flag)
-    if args.untied:
-        values["tie_embeddings"] = False
+    if args.untied or args.tied:
+        values["tie_embeddings"] = args.tied
+    if args.no_residual:
+        values["residual"] = False
     return TrainConfig(**values)
 
 
@@ -207,10 +263,22 @@ def reproduce_job(args: argparse.Namespace) -> Path:
     base = _train_config(args, preset["train"])
     grid = list(itertools.product(args.init_scales or [base.init_scale], args.weight_decays or [base.weight_decay],
                                   args.identity_repeats or [base.identity_repeat]))
-    data = {seed: _data_config(args, preset["data"], seed) for seed in args.seeds}
+    data = {seed: _data_config(args, preset["data"], seed) for seed in args.seeds or preset["seeds"]}
     with _run_directory(args):
         return reproduce(args.out, base, data, grid, preset=args.preset, device=args.device,
                          keep_checkpoints=args.keep_checkpoints)
+
+
+def grid_job(args: argparse.Namespace) -> Path:
+    """Collect the runs (:func:`probes.identity.write_grid`) and print the cells that meet the claim, if any."""
+    table = write_grid(args.runs, args.out)
+    met = int(table["claim met"].sum())
+    best = table.iloc[0]
+    print(f"{len(table)} grid cells; {met} meet the claim. Largest OOD gain: {best['ood_two_hop_acc delta mean']:+.3f} "
+          f"(OOD {best['ood_two_hop_acc no_identity mean']:.2f} -> {best['ood_two_hop_acc identity mean']:.2f}, "
+          f"{best['ood_two_hop_acc identity higher']} seeds)")
+    print(files_line(args.out, GRID_FILES))
+    return args.out
 
 
 def finetune_job(args: argparse.Namespace) -> Path:
@@ -220,8 +288,15 @@ def finetune_job(args: argparse.Namespace) -> Path:
     config = FinetuneConfig(rank=args.rank, alpha=args.alpha, target_modules=args.target_modules, lr=args.lr,
                             weight_decay=args.weight_decay, steps=args.steps, batch_size=args.batch_size,
                             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-                            identity_repeat=args.identity_repeat)
+                            identity_repeat=args.identity_repeat, eval_limit=args.eval_items,
+                            layers=args.lora_layers)
+    if args.task == "reversal":
+        data: dict[int, Any] = {seed: ReversalConfig(n_pairs=args.pairs, n_relations=args.relations,
+                                                     reverse_train_fraction=args.reverse_train_fraction, seed=seed)
+                                for seed in args.seeds}
+    else:
+        data = {seed: _data_config(args, FINETUNE_DATA, seed) for seed in args.seeds}
     with _run_directory(args):
-        return finetune(args.out, model_options(args), _data_config(args, FINETUNE_DATA, args.seed), config,
-                        conditions=args.conditions, probe_items=args.probe_items, patch_pairs=args.patch_pairs,
-                        memory=args.memory, keep_checkpoints=args.keep_checkpoints)
+        return finetune(args.out, model_options(args), data, config, task=args.task, conditions=args.conditions,
+                        probe_items=args.probe_items, patch_pairs=args.patch_pairs, memory=args.memory,
+                        keep_checkpoints=args.keep_checkpoints)
