@@ -91,6 +91,8 @@ def grid_results(run_dirs: Sequence[Path]) -> pd.DataFrame:
         frame = pd.read_csv(run_dir / "results.csv")
         for column, (part, key), default in CELL_KEYS:
             frame[column] = settings[part].get(key, default)
+        if settings["train"]["model"] != "emb_mlp":
+            frame["residual"] = "n/a"  # an Emb-MLP knob (a string: groupby drops missing keys)
         frames.append(frame.assign(run_dir=str(run_dir)))
     return pd.concat(frames, ignore_index=True)
 

@@ -448,7 +448,8 @@ def finetune(out: Path, options: ModelOptions, data: dict[int, Any], config: Any
                                settings={**settings, "state": state})
     record = run_record("finetune", hooked, options, settings, timer, {
         "results": results, "n_probe_items": {k: len(v) for k, v in probed.items()} if task == "two_hop" else {},
-        "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad) // len(runs),
+        "trainable_parameters": sum(p.numel() for n, p in peft_model.named_parameters()  # per adapter
+                                    if f".{adapter_name(conditions[0], seeds[0])}." in n),
         "threads": torch.get_num_threads(),
     })
     atomic_write_csv(out / "results.csv", state_accuracies(pd.DataFrame(rows)))

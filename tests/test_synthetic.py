@@ -99,10 +99,10 @@ def _latent_bridges_in_training(splits) -> set[str]:
 
 
 @pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("fraction", [0.25, 0.5])
-def test_bridge_split_never_uses_an_ood_bridge_as_a_latent_bridge(seed: int, fraction: float) -> None:
+@pytest.mark.parametrize("fraction,form", [(0.25, "relation"), (0.5, "relation"), (0.5, "zero_hop")])
+def test_bridge_split_never_uses_an_ood_bridge_as_a_latent_bridge(seed: int, fraction: float, form: str) -> None:
     config = SynthConfig(n_subjects=40, n_bridges=8, n_objects=9, n_r1=3, n_r2=3, seed=seed,
-                         ood_bridge_fraction=fraction)
+                         ood_bridge_fraction=fraction, identity_form=form)
     splits = generate(config)
     assert config.ood == "bridge" and len(splits.ood_bridges) == round(fraction * 8)
     held_out = set(splits.ood_bridges)
@@ -122,6 +122,11 @@ def test_bridge_split_never_uses_an_ood_bridge_as_a_latent_bridge(seed: int, fra
     trained = set(splits.training(False))
     assert all(any(e.task == "hop2" and e.head == b for e in trained) for b in held_out)
     assert held_out <= {e.head for e in splits.examples["identity"]}
+    assert all(e.tokens() == ([e.head, "r_id"] if form == "relation" else [e.head]) for e in splits.examples["identity"])
+    # the identity form changes only the identity examples
+    other = generate(SynthConfig(**{**config.__dict__, "identity_form": "relation"}))
+    assert {k: v for k, v in other.examples.items() if k != "identity"} == {
+        k: v for k, v in splits.examples.items() if k != "identity"}
     # every relation pair is composed in training (through in-distribution bridges)
     assert _composed_in_training(splits) == {(a, b) for a in splits.r1 for b in splits.r2}
     check_splits(splits)
