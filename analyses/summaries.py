@@ -118,6 +118,7 @@ def identity_lines(results: pd.DataFrame, by: str = "condition") -> list[str]:
     shown = [c for c in ACCURACY_NAMES if c in results]
     lines = []
     for condition, part in results.groupby(by, sort=False):
-        lines.append(f"{condition}: " + ", ".join(f"{ACCURACY_NAMES[c]} {part[c].mean():.1%}" for c in shown)
+        rates = [f"{ACCURACY_NAMES[c]}{' accuracy' if n == 0 else ''} {part[c].mean():.1%}" for n, c in enumerate(shown)]
+        lines.append(f"{condition}: " + ", ".join(rates)
                      + (f" (mean of {len(part)} runs)" if len(part) > 1 else ""))
     return lines
