@@ -409,16 +409,20 @@ def finetune(out: Path, options: ModelOptions, data: dict[int, Any], config: Any
     if not accelerator.is_main_process:
         return out
     rows = []
+    sets = {seed: eval_pairs(tasks[seed], config.eval_limit, seed) for seed in seeds}
+    scoring = tqdm(total=(1 + len(conditions)) * sum(len(p) for s in sets.values() for p in s.values()),
+                   desc="scoring", unit="item")
     with timer.section("item_scores_s"):
         for seed in seeds:
-            sets = eval_pairs(tasks[seed], config.eval_limit, seed)
             for state in (BASE, *conditions):
                 with model_state(peft_model, state if state == BASE else adapter_name(state, seed)):
-                    for split, pairs in sets.items():
+                    for split, pairs in sets[seed].items():
                         scores = item_scores(peft_model, tokenizer, pairs)
+                        scoring.update(len(pairs))
                         rows += [{"seed": seed, "state": state, "split": split, "item": n, "prompt": prompt,
                                   "target": target, "first_token": int(first), "entity": int(entity)}
                                  for n, ((prompt, target), (first, entity)) in enumerate(zip(pairs, scores))]
+    scoring.close()
     atomic_write_csv(out / "items.csv", pd.DataFrame(rows))
     hooked = NativeHooks(inner_model(peft_model), tokenizer)
     probed = {split: select_split_items(items[seeds[0]], split, probe_items) for split in ("id_test", "ood_test")}
