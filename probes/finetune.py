@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 from torch import nn
 
-from bridgeprobe.probes.scratch import batch_indices, load_checkpoint, save_checkpoint
+from bridgeprobe.probes.scratch import batch_indices, fixed_subsets, load_checkpoint, save_checkpoint
 from bridgeprobe.probes.targets import target_ids
 
 BASE = "base"
@@ -145,14 +145,8 @@ class TextTask(Protocol):
 
 
 def eval_pairs(task: TextTask, limit: int, seed: int) -> dict[str, list[tuple[str, str]]]:
-    """(prompt, target) pairs per evaluation split of ``task``, at most ``limit`` each (a fixed random subset)."""
-    out = {}
-    for n, (name, pairs) in enumerate(task.eval_sets().items()):
-        if len(pairs) > limit:
-            keep = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + 7919 * n))[:limit]
-            pairs = [pairs[i] for i in sorted(keep.tolist())]
-        out[name] = pairs
-    return out
+    """(prompt, target) pairs per evaluation split of ``task``, at most ``limit`` each (:func:`fixed_subsets`)."""
+    return fixed_subsets(task.eval_sets(), limit, seed)
 
 
 def metric_columns(task: TextTask) -> tuple[str, ...]:

@@ -31,7 +31,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +42,7 @@ from bridgeprobe.prompts.synthetic import Example, Splits, token_vocab
 MODELS = ("gpt2", "emb_mlp")
 CONDITIONS = ("no_identity", "identity")
 PAD = "<pad>"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -131,19 +132,26 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> Tensor:
     return torch.randperm(n, generator=generator)[k * batch_size : (k + 1) * batch_size]
 
 
+def fixed_subsets(sources: dict[str, Sequence[T]], limit: int, seed: int) -> dict[str, list[T]]:
+    """At most ``limit`` items of each named set: a random subset fixed by ``seed`` and the set's position, in
+    the set's order (the one sampling rule of every evaluation split, from scratch and fine-tuned)."""
+    out = {}
+    for n, (name, items) in enumerate(sources.items()):
+        items = list(items)
+        if len(items) > limit:
+            keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + 7919 * n))[:limit]
+            items = [items[i] for i in sorted(keep.tolist())]
+        out[name] = items
+    return out
+
+
 def eval_sets(splits: Splits, vocab: Vocab, limit: int, seed: int) -> dict[str, Encoded]:
-    """The evaluation splits (a fixed random subset of at most ``limit`` examples each): one-hop facts, ID and OOD
+    """The evaluation splits (:func:`fixed_subsets` of at most ``limit`` examples each): one-hop facts, ID and OOD
     two-hop test queries, the trained two-hop queries and the identity examples."""
     sources = {"one_hop": splits.examples["one_hop"], "id_two_hop": splits.examples["id_test"],
                "ood_two_hop": splits.examples["ood_test"], "train_two_hop": splits.examples["two_hop_train"],
                "identity": splits.examples["identity"]}
-    sets = {}
-    for n, (name, examples) in enumerate(sources.items()):
-        if len(examples) > limit:
-            keep = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 7919 * n))[:limit]
-            examples = [examples[i] for i in sorted(keep.tolist())]
-        sets[name] = vocab.encode(examples)
-    return sets
+    return {name: vocab.encode(examples) for name, examples in fixed_subsets(sources, limit, seed).items()}
 
 
 # ---------------------------------------------------------------------------------------------------- models

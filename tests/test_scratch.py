@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from bridgeprobe.probes.scratch import (TrainConfig, Vocab, alignment, batch_indices, build_model, load_checkpoint, train,
-                                        weight_stats)
+from bridgeprobe.probes.scratch import (TrainConfig, Vocab, alignment, batch_indices, build_model, fixed_subsets,
+                                        load_checkpoint, train, weight_stats)
 from bridgeprobe.prompts.synthetic import SynthConfig, generate
 
 TINY_DATA = SynthConfig(n_subjects=12, n_bridges=6, n_objects=6, n_r1=2, n_r2=2, seed=1)
@@ -66,6 +66,16 @@ def test_batches_are_a_function_of_seed_and_step() -> None:
     assert torch.equal(batch_indices(n, size, 3, 7), batch_indices(n, size, 3, 7))
     assert not torch.equal(batch_indices(n, size, 3, 0), batch_indices(n, size, 4, 0))
     assert not torch.equal(batch_indices(n, size, 3, 0), batch_indices(n, size, 3, n // size))  # next epoch
+
+
+def test_evaluation_subsets_are_fixed_by_seed_and_keep_order() -> None:
+    sets = {"a": list(range(100)), "b": list(range(100)), "short": [5, 3, 1]}
+    first, again, other = (fixed_subsets(sets, 10, seed) for seed in (0, 0, 1))
+    assert first == again and first["a"] != other["a"]
+    assert first["a"] != first["b"]  # each set draws its own subset
+    assert first["short"] == [5, 3, 1]  # sets within the limit are kept whole, in order
+    for name in ("a", "b"):
+        assert len(first[name]) == 10 and len(set(first[name])) == 10 and first[name] == sorted(first[name])
 
 
 @pytest.mark.parametrize("model,variant", [("gpt2", {}), ("emb_mlp", {}),
