@@ -2,12 +2,12 @@
 # Maintainers: rebuild the checked-in example reports under reports/ (commands run without --out write under the
 # git-ignored runs/ instead, so a user's run never touches these files).
 #
-#   reports/rebuild.sh [FLAG...] [main] [memory] [identity]      (no group: all three, in this order)
+#   reports/rebuild.sh [FLAG...] [main] [memory] [identity] [htl]   (no group: all four, in this order)
 #
 # FLAGs (e.g. --overwrite, --recompute) go to every command; a finished run with the same settings is otherwise
 # kept as it is. Times on 2 CPU cores: main 5-15 min per model, memory 1-2 h per model, identity: the default and the
-# grid ~1.5 h of single-thread training, the LoRA runs 1-2 h each. Run from the repository root in the installed
-# virtual environment.
+# grid ~1.5 h of single-thread training, the LoRA runs 1-2 h each; htl ~10 min per model. Run from the repository
+# root in the installed virtual environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,11 +15,11 @@ flags=() groups=()
 for arg in "$@"; do
   case "$arg" in
     -*) flags+=("$arg") ;;
-    main|memory|identity) groups+=("$arg") ;;
-    *) echo "rebuild.sh: unknown group '$arg' (main, memory, identity)" >&2; exit 2 ;;
+    main|memory|identity|htl) groups+=("$arg") ;;
+    *) echo "rebuild.sh: unknown group '$arg' (main, memory, identity, htl)" >&2; exit 2 ;;
   esac
 done
-[ ${#groups[@]} -gt 0 ] || groups=(main memory identity)
+[ ${#groups[@]} -gt 0 ] || groups=(main memory identity htl)
 
 run() { echo "+ bridgeprobe $*" >&2; bridgeprobe "$@" ${flags[@]+"${flags[@]}"}; }
 
@@ -53,5 +53,11 @@ for group in "${groups[@]}"; do
       run finetune --task reversal --pairs 288 --reverse-train-fraction 0.1 --relations 4 --lora-layers 12 --lr 3e-3 \
         --steps 160 --batch-size 16 --eval-every 160 --checkpoint-every 160 --identity-repeat 1 --seeds 0 1 2 \
         --eval-items 256 --out reports/identity/reversal ;;
+    htl)  # the README's Hopping Too Late rows (the data are not copied in: HTL_DIR, default ../shared/data/...)
+      H=${HTL_DIR:-../shared/data/hopping_too_late}
+      for model in smollm2-135m gemma3-270m; do
+        run lens --model $model --prompts $H/raw_llama3-8b_two_hop_correct.csv $H/raw_llama3-8b_two_hop_incorrect.csv \
+          --preset hopping_too_late --out reports/htl/$model --report
+      done ;;
   esac
 done
