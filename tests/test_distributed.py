@@ -141,7 +141,10 @@ def _torchrun(workspace: Path, *args: str, driver: Path | None = None, env: dict
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *program,
                *args]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run(command, cwd=workspace, env=environment, capture_output=True, text=True).returncode
+    result = subprocess.run(command, cwd=workspace, env=environment, capture_output=True, text=True)
+    if result.returncode:  # pytest shows this with a failing test: the workers' own error, not only the exit code
+        print(f"torchrun exited {result.returncode}; its stderr ends:\n{result.stderr[-4000:]}")
+    return result.returncode
 
 
 def _single(workspace: Path, *args: str) -> None:
