@@ -148,6 +148,41 @@ def check_checkpoint(directory: Path) -> None:
                                  f"{' (or delete ' + str(directory) + ' to convert the GGUF again)' if (directory / 'SOURCE').is_file() else ''}")
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def check_adapter(directory: str | Path) -> Path:
+    """Stop with a one-line error before any model loads when ``directory`` is not a saved peft adapter with
+    safetensors weights (``adapter_model.bin`` is pickle: refused, like pickled model weights)."""
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"--adapter {directory}: no such directory (a peft adapter directory, e.g. "
+                             "DIR/adapters/identity_seed0 of a finetune run)")
+    missing = [name for name in ADAPTER_FILES if not (path / name).is_file()]
+    if missing:
+        pickled = " (adapter_model.bin is pickle and is not loaded)" if (path / "adapter_model.bin").is_file() else ""
+        raise ModelLoadError(f"{path} is not a peft adapter with safetensors weights: no {', '.join(missing)}"
+                             f"{pickled}")
+    try:
+        json.loads((path / "adapter_config.json").read_text())
+    except ValueError as err:
+        raise ModelLoadError(f"{path / 'adapter_config.json'}: not valid JSON ({err})") from None
+    return path
+
+
+def apply_adapter(model: torch.nn.Module, directory: str | Path, *, merge: bool) -> torch.nn.Module:
+    """``model`` with the peft adapter saved in ``directory`` active, as a plain transformers model so every hook
+    and backend sees the usual module tree. ``merge`` folds the LoRA update into the weights (exact up to
+    float rounding, no extra cost per forward); without it (quantized weights, where merging would round the
+    update onto the quantization grid) the LoRA layers stay beside the frozen base layers."""
+    from peft import PeftModel
+
+    path = check_adapter(directory)
+    peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+    adapted = peft_model.merge_and_unload() if merge else peft_model.get_base_model()
+    return adapted.eval().requires_grad_(False)
+
+
 def resolve(spec: str) -> Path | str:
     """Turn a model spec into something ``from_pretrained`` takes: a directory or a hub name."""
     if spec in EMBEDDED:
@@ -189,13 +224,15 @@ def load_model(
     quantize: str | None = None,
     offline: bool = False,
     trust_remote_code: bool = False,
+    adapter: str | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Load ``(model, tokenizer)`` in eval mode.
 
     ``spec``: an embedded alias (``smollm2-135m``, ``gemma3-270m``), a ``.gguf`` file, a local checkpoint
     directory or a hub name. ``device`` places the whole model; ``device_map`` (e.g. ``"auto"``, with optional
     ``max_memory``) shards it through accelerate instead. ``quantize`` loads 4/8-bit weights with bitsandbytes.
-    ``offline`` forbids any hub access (embedded models never need it).
+    ``offline`` forbids any hub access (embedded models never need it). ``adapter``: a peft (LoRA) adapter
+    directory applied on top (:func:`apply_adapter`; merged unless the weights are quantized).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -205,6 +242,8 @@ def load_model(
         raise ModelLoadError("pass either device or device_map, not both")
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
+    if adapter is not None:
+        check_adapter(adapter)
     source = resolve(spec)
     if isinstance(source, Path):
         check_checkpoint(source)
@@ -229,6 +268,8 @@ def load_model(
         raise ModelLoadError(f"cannot load model {spec!r} from {source}{hint}: {err}") from err
     if device_map is None:
         model.to(device or "cpu")
+    if adapter is not None:
+        model = apply_adapter(model, adapter, merge=quantize is None)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer

@@ -55,6 +55,7 @@ class ModelOptions:
     quantize: str | None = None
     offline: bool = False
     trust_remote_code: bool = False
+    adapter: str | None = None  # a peft adapter directory applied to the model (probes.models.apply_adapter)
 
     def load(self) -> HookedModel:
         """Load and hook the model; in a data-parallel run, this process's replica on its own GPU(s)
@@ -65,7 +66,7 @@ class ModelOptions:
         model, tokenizer = load_model(
             self.model, dtype=self.dtype, device=device, device_map=self.device_map,
             max_memory=max_memory, quantize=self.quantize, offline=self.offline,
-            trust_remote_code=self.trust_remote_code,
+            trust_remote_code=self.trust_remote_code, adapter=self.adapter,
         )
         return hook_model(model, tokenizer, self.backend)
 

@@ -84,6 +84,14 @@ def model_identity(spec: str) -> dict[str, Any]:
     return {"hub": spec, "revision": _hub_revision(spec)}
 
 
+def adapter_identity(directory: str) -> dict[str, Any]:
+    """What identifies a peft adapter: its directory and the sha256 of its weights and config (adapters are small:
+    ~10 MB for LoRA r 8 on a 135M model), so a retrained adapter in the same directory is another run."""
+    path = Path(directory).expanduser()
+    return {"directory": str(path.resolve()),
+            **{name: file_sha256(path / name) for name in ("adapter_config.json", "adapter_model.safetensors")}}
+
+
 def _hub_revision(name: str) -> str | None:
     """The commit the local hub cache resolves ``name``'s main branch to (None if not cached)."""
     try:

@@ -34,6 +34,10 @@ def model_args(parser: argparse.ArgumentParser, default_model: str | None) -> No
     group.add_argument("--quantize", choices=("4bit", "8bit"), help="bitsandbytes quantization (GPU hosts)")
     group.add_argument("--offline", action="store_true", help="never contact the model hub")
     group.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code to run")
+    group.add_argument("--adapter", metavar="DIR",
+                       help="apply a peft (LoRA) adapter saved in DIR (adapter_config.json + "
+                            "adapter_model.safetensors), e.g. DIR/adapters/identity_seed0 of a finetune run: merged "
+                            "into the weights (kept as LoRA layers on a --quantize model); needs the finetune extra")
 
 
 def prompt_args(parser: argparse.ArgumentParser, default: str | None) -> None:
@@ -86,7 +90,7 @@ def rundir_args(parser: argparse.ArgumentParser) -> None:
 def fingerprint(args: argparse.Namespace, command: str, **options: Any) -> dict[str, Any]:
     """Everything that determines a job's numbers (:mod:`probes.rundir`): the model's identity and loading
     options, the prompt files' content, the prompt selection, the job's own ``options``, seed and versions."""
-    from bridgeprobe.probes.rundir import model_identity, prompt_identity
+    from bridgeprobe.probes.rundir import adapter_identity, model_identity, prompt_identity
 
     def version(name: str) -> str | None:
         try:
@@ -99,6 +103,8 @@ def fingerprint(args: argparse.Namespace, command: str, **options: Any) -> dict[
         found.update(model=model_identity(args.model), dtype=args.dtype, quantize=args.quantize, device=args.device,
                      device_map=args.device_map, max_memory=args.max_memory, backend=args.backend,
                      trust_remote_code=args.trust_remote_code)
+        if getattr(args, "adapter", None):  # absent from fingerprints of runs without one, which stay valid
+            found.update(adapter=adapter_identity(args.adapter))
     if getattr(args, "prompts", None):
         found.update(prompts=prompt_identity(list(args.prompts)), preset=args.preset, columns=args.columns,
                      limit=args.limit, sample=getattr(args, "sample", None))
@@ -130,10 +136,17 @@ def check_options(args: argparse.Namespace) -> None:
             raise ValueError(f"--device {device}: MPS is not available on this host; use --device cpu")
     if getattr(args, "max_memory", None):
         parse_max_memory(args.max_memory)
+    if getattr(args, "adapter", None):
+        from bridgeprobe.probes.models import check_adapter
+
+        if getattr(args, "command", None) == "finetune":
+            raise ValueError("finetune trains its own adapters on --model; --adapter is for the probing commands")
+        check_adapter(args.adapter)
     for module, wanted, extra in (("transformer_lens", getattr(args, "backend", None) == "transformer-lens", "lens"),
                                   ("bitsandbytes", bool(getattr(args, "quantize", None))
                                    or bool({"8bit", "4bit"} & set(getattr(args, "compare", None) or ())), "quant"),
-                                  ("peft", getattr(args, "command", None) == "finetune", "finetune")):
+                                  ("peft", getattr(args, "command", None) == "finetune"
+                                   or bool(getattr(args, "adapter", None)), "finetune")):
         if wanted and importlib.util.find_spec(module) is None:
             raise ValueError(f"{module} is not installed; it comes with the optional '{extra}' extra: "
                              f"pip install -e '.[{extra}]'")
@@ -179,7 +192,7 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
     return ModelOptions(
         model=args.model, backend=args.backend, dtype=args.dtype, device=args.device, device_map=args.device_map,
         max_memory=max_memory, quantize=args.quantize, offline=offline,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, adapter=getattr(args, "adapter", None),
     )
 
 

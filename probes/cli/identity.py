@@ -200,7 +200,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 RUN_FLAGS = ("out", "overwrite", "recompute", "handler", "command", "verbose", "debug", "keep_checkpoints", "seed")
 MODEL_FLAGS = ("model", "dtype", "quantize", "device", "device_map", "max_memory", "backend", "trust_remote_code",
-               "offline")
+               "offline", "adapter")
 
 
 def _run_directory(args: argparse.Namespace) -> Any:
