@@ -158,6 +158,77 @@ def item_comparison(items: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+LENS_MEASURES = {"bridge_top10": "bridge in the top 10 at some layer",
+                 "control_top10": "matched control in the top 10 at some layer",
+                 "two_hop_first_token": "answer's first token is the top prediction"}
+
+
+def synth_split(prompt_id: str) -> str:
+    """``id_two_hop`` / ``ood_two_hop`` from a synthetic test prompt's id (``synth-id-test-...``, ``synth-ood-test-...``)."""
+    for prefix, split in (("synth-id-test-", "id_two_hop"), ("synth-ood-test-", "ood_two_hop")):
+        if prompt_id.startswith(prefix):
+            return split
+    raise ValueError(f"prompt id {prompt_id!r} is not a synthetic two-hop test prompt (synth-id-test-/synth-ood-test-)")
+
+
+def lens_indicators(prompts: pd.DataFrame) -> pd.DataFrame:
+    """Per seed, state, split and item (prompt): the 0/1 :data:`LENS_MEASURES` from per-prompt lens rows
+    (:func:`analyses.aggregate.per_prompt` with ``seed``, ``state`` and ``split``); NaN where a prompt has no
+    matched control."""
+    from bridgeprobe.analyses.aggregate import TOP_K
+
+    out = prompts[["seed", "state", "split", "prompt_id"]].rename(columns={"prompt_id": "item"}).copy()
+    out["bridge_top10"] = (prompts["bridge_best_rank"] < TOP_K).astype(float)
+    control = prompts["control_best_rank"] if "control_best_rank" in prompts else pd.Series(np.nan, prompts.index)
+    out["control_top10"] = (control < TOP_K).astype(float).where(control.notna())
+    out["two_hop_first_token"] = prompts["two_hop_correct"].astype(float)
+    return out
+
+
+def lens_states(prompts: pd.DataFrame) -> pd.DataFrame:
+    """Per model state and split, pooled over seeds: each :data:`LENS_MEASURES` rate with its exact interval, and
+    the bridge against its matched control on the same prompts (paired difference with its BCa interval, exact
+    sign test)."""
+    rows = []
+    for (state, split), part in lens_indicators(prompts).groupby(["state", "split"], sort=False):
+        row: dict[str, Any] = {"state": state, "split": split, "seeds": int(part["seed"].nunique()),
+                               "items": len(part)}
+        for measure in LENS_MEASURES:
+            values = part[measure].dropna()
+            rate = proportion_interval(int(values.sum()), len(values))
+            row.update({measure: rate.estimate, f"{measure} ci_low": rate.low, f"{measure} ci_high": rate.high})
+        has = part["control_top10"].notna()
+        diff = paired_difference(part.loc[has, "bridge_top10"], part.loc[has, "control_top10"])
+        row.update({"bridge - control": diff.estimate, "bridge - control ci_low": diff.low,
+                    "bridge - control ci_high": diff.high, "bridge - control n": diff.n,
+                    "bridge - control sign p": sign_test(part.loc[has, "bridge_top10"] - part.loc[has, "control_top10"])[0]})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def lens_comparison(prompts: pd.DataFrame) -> pd.DataFrame:
+    """Identity vs no identity on the same prompts for each :data:`LENS_MEASURES` (:func:`item_comparison`: exact
+    intervals, BCa interval of the paired difference, exact McNemar test), one row per measure and split."""
+    indicators = lens_indicators(prompts)
+    return pd.concat([item_comparison(indicators.assign(entity=indicators[measure]).dropna(subset=["entity"])
+                                      [["seed", "state", "split", "item", "entity"]]).assign(measure=measure)
+                      for measure in LENS_MEASURES], ignore_index=True)
+
+
+def lens_lines(states: pd.DataFrame, comparison: pd.DataFrame) -> list[str]:
+    """The summary of :func:`probes.finetune_lens.finetune_lens`: per split and state, the bridge against its
+    control; then identity vs no identity on the bridge measure."""
+    lines = []
+    for row in states.to_dict("records"):
+        lines.append(f"{row['split']}, {row['state']}: bridge top 10 at some layer {row['bridge_top10']:.3f} "
+                     f"[{row['bridge_top10 ci_low']:.3f}, {row['bridge_top10 ci_high']:.3f}] vs control "
+                     f"{row['control_top10']:.3f}; difference {row['bridge - control']:+.3f} "
+                     f"[{row['bridge - control ci_low']:+.3f}, {row['bridge - control ci_high']:+.3f}], sign p = "
+                     f"{row['bridge - control sign p']:.2g} (n = {row['items']} over {row['seeds']} seeds)")
+    bridge = comparison[comparison["measure"] == "bridge_top10"]
+    return lines + [f"bridge top 10, {line}" for line in comparison_lines(bridge, list(bridge["split"]))]
+
+
 def comparison_lines(table: pd.DataFrame, splits: Sequence[str]) -> list[str]:
     """One line per split of :func:`item_comparison`: both conditions with intervals, the difference and its test."""
     lines = []

@@ -325,3 +325,48 @@ def test_lora_layers_adapts_only_the_last_blocks() -> None:
     assert second == first and all(f".layers.{n - 1}." in name for name in second)
     with pytest.raises(ValueError, match=f"last {n + 1} blocks"):
         FinetuneConfig(layers=n + 1).lora(_tiny())
+
+
+def test_finetune_lens_reads_every_state_like_the_lens_command_and_compares_them(tmp_path: Path, capsys) -> None:
+    import pandas as pd
+    from scipy import stats
+
+    from bridgeprobe.probes.cli import main
+
+    model = str(_tiny_dir(tmp_path / "model"))
+    run = tmp_path / "run"
+    assert main(["finetune", "--model", model, "--subjects", "10", "--bridges", "4", "--objects", "6", "--r1", "2",
+                 "--r2", "2", "--rank", "4", "--alpha", "8", "--lr", "5e-3", "--steps", "4", "--batch-size", "4",
+                 "--eval-every", "2", "--checkpoint-every", "2", "--probe-items", "2", "--patch-pairs", "0",
+                 "--seeds", "0", "1", "--eval-items", "4", "--out", str(run)]) == 0
+    out = tmp_path / "lens"
+    assert main(["finetune-lens", str(run), "--out", str(out)]) == 0
+    # each state equals the lens command on the same prompts with that adapter (merged weights: not bytewise)
+    for state, adapter in (("identity", ["--adapter", str(run / "adapters" / "identity_seed1")]), ("base", [])):
+        assert main(["lens", "--model", model, *adapter, "--prompts", str(run / "data" / "seed1" / "prompts.jsonl"),
+                     "--out", str(tmp_path / f"alone-{state}")]) == 0
+        alone = pd.read_csv(tmp_path / f"alone-{state}" / "lens.csv")
+        ours = pd.read_csv(out / f"{state}_seed1" / "lens.csv")
+        pd.testing.assert_frame_equal(ours[alone.columns], alone, check_exact=False, atol=1e-4)
+    base, adapted = (pd.read_csv(out / f"{state}_seed1" / "lens.csv")["prob"] for state in ("base", "identity"))
+    assert (base - adapted).abs().max() > 1e-3  # the states differ: the adapter was switched on
+    prompts = pd.read_csv(out / "prompts.csv")
+    n_items = {s: sum(1 for _ in open(run / "data" / f"seed{s}" / "prompts.jsonl")) for s in (0, 1)}
+    assert prompts.groupby(["state", "seed"]).size().to_dict() == {
+        (state, s): n_items[s] for state in ("base", "identity", "no_identity") for s in (0, 1)}
+    states = pd.read_csv(out / "lens_states.csv").set_index(["state", "split"])
+    for (state, split), row in states.iterrows():  # pooled rates and the sign test, recomputed here
+        part = prompts[(prompts["state"] == state) & (prompts["split"] == split)]
+        bridge, control = (part["bridge_best_rank"] < 10).astype(int), (part["control_best_rank"] < 10).astype(int)
+        assert row["items"] == len(part) and row["bridge_top10"] == pytest.approx(bridge.mean())
+        diff = bridge - control
+        p = stats.binomtest(int((diff > 0).sum()), int((diff != 0).sum())).pvalue if (diff != 0).any() else 1.0
+        assert row["bridge - control sign p"] == pytest.approx(p)
+    comparison = pd.read_csv(out / "lens_comparison.csv")
+    assert set(zip(comparison["measure"], comparison["split"])) == {
+        (m, s) for m in ("bridge_top10", "control_top10", "two_hop_first_token") for s in ("id_two_hop", "ood_two_hop")}
+    assert "bridge top 10" in capsys.readouterr().out
+    # a second call finds the run finished; a run that is not a finished two-hop finetune run is refused
+    assert main(["finetune-lens", str(run), "--out", str(out)]) == 0
+    assert main(["finetune-lens", str(out), "--out", str(tmp_path / "nowhere")]) == 2
+    assert not (tmp_path / "nowhere").exists()

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from bridgeprobe.analyses.summaries import files_line
-from bridgeprobe.probes.cli.common import EPILOG, RUNS, check_options, fingerprint, model_args, model_options, rundir_args
+from bridgeprobe.probes.cli.common import (EPILOG, RUNS, check_options, fingerprint, model_args, model_options,
+                                           positive_int, rundir_args)
 from bridgeprobe.probes.identity import (FINETUNE_DATA, GRID_FILES, REPRODUCE_PRESETS, finetune, reproduce, write_grid,
                                         write_synth)
 from bridgeprobe.probes.models import DEFAULT_MODEL
@@ -196,6 +197,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     rundir_args(finetune)
     finetune.set_defaults(handler=finetune_job)
 
+    lens = sub.add_parser(
+        "finetune-lens", help="the logit lens on every model state of a finished two-hop finetune run, compared",
+        description="Read the logit lens for the base model and every saved adapter of a finished two-hop "
+                    "`bridgeprobe finetune` run, on each seed's ID and OOD two-hop test prompts "
+                    "(RUN/data/seed<N>/prompts.jsonl), and compare the states item by item. Writes "
+                    "OUT/<state>_seed<N>/lens.csv (resumable), OUT/prompts.csv (one row per seed, state and prompt), "
+                    "OUT/lens_states.csv (per state and split: bridge, matched control and answer rates with exact "
+                    "intervals; bridge - control with its BCa interval and sign test), OUT/lens_comparison.csv "
+                    "(identity vs no_identity on the same prompts: paired difference, McNemar), OUT/lens_layers.csv "
+                    "and lens_layers.png.", epilog=EPILOG)
+    lens.add_argument("run", type=Path, help="a finished finetune run directory (--task two_hop) with its adapters")
+    lens.add_argument("--out", type=Path, required=True, help="output directory")
+    lens.add_argument("--per-split", type=positive_int,
+                      help="read only the first N ID and N OOD test prompts of each seed (default: all)")
+    lens.add_argument("--batch-size", type=positive_int, help="queries per forward pass (default: automatic)")
+    rundir_args(lens)
+    lens.set_defaults(handler=finetune_lens_job)
+
 
 
 RUN_FLAGS = ("out", "overwrite", "recompute", "handler", "command", "verbose", "debug", "keep_checkpoints", "seed")
@@ -278,6 +297,23 @@ def grid_job(args: argparse.Namespace) -> Path:
           f"(OOD {best['ood_two_hop_acc no_identity mean']:.2f} -> {best['ood_two_hop_acc identity mean']:.2f}, "
           f"{best['ood_two_hop_acc identity higher']} seeds)")
     print(files_line(args.out, GRID_FILES))
+    return args.out
+
+
+def finetune_lens_job(args: argparse.Namespace) -> Path:
+    """Check the finetune run (before loading), lock OUT with a fingerprint of the run's record and adapters,
+    and run :func:`probes.finetune_lens.finetune_lens`."""
+    from bridgeprobe.probes.finetune_lens import finetune_lens, finished_two_hop_run
+    from bridgeprobe.probes.identity import adapter_name
+    from bridgeprobe.probes.rundir import adapter_identity, file_sha256, run_directory
+
+    settings = finished_two_hop_run(args.run)["settings"]
+    adapters = {adapter_name(c, s): adapter_identity(str(args.run / "adapters" / adapter_name(c, s)))
+                for s in settings["seeds"] for c in settings["conditions"]}
+    found = fingerprint(args, args.command, run=file_sha256(args.run / "run.json"), adapters=adapters,
+                        per_split=args.per_split, batch_size=args.batch_size)
+    with run_directory(args.out, found, overwrite=args.overwrite, recompute=args.recompute):
+        finetune_lens(args.run, args.out, per_split=args.per_split, batch_size=args.batch_size)
     return args.out
 
 

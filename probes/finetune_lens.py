@@ -1,0 +1,128 @@
+"""The logit lens on every model state of a finished two-hop ``finetune`` run, with the power to compare them.
+
+``finetune`` itself reads the lens on a few probe items of the first seed. This reads it on each seed's ID and OOD
+two-hop test prompts (all of them, or ``per_split`` each) for the base model and every saved adapter, loaded once
+into one ``PeftModel``, and compares the states item by item (:func:`analyses.identity_report.lens_states` and
+``lens_comparison``): is the bridge readable at some layer of the two-hop prompt more often than its matched
+control, and more often with identity supervision than without? ``bridgeprobe finetune-lens`` only parses flags
+and calls :func:`finetune_lens`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bridgeprobe.probes.pipeline import Timer, versions
+from bridgeprobe.probes.results import atomic_write_csv
+from bridgeprobe.prompts.schema import PromptItem
+
+FILES = ("lens_states.csv", "lens_comparison.csv", "lens_layers.csv", "prompts.csv", "lens_layers.png")
+
+
+def finished_two_hop_run(run_dir: Path) -> dict[str, Any]:
+    """``run_dir/run.json`` of a finished two-hop finetune run whose adapters are all on disk, or a one-line
+    error (before any model loads)."""
+    from bridgeprobe.probes.identity import adapter_name
+    from bridgeprobe.probes.models import check_adapter
+
+    path = run_dir / "run.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a finished finetune run ({err})") from None
+    if record.get("command") != "finetune" or record.get("status") != "finished":
+        raise ValueError(f"{path}: not a finished finetune run (command {record.get('command')!r}, "
+                         f"status {record.get('status')!r})")
+    settings = record["settings"]
+    if settings["task"] != "two_hop":
+        raise ValueError(f"{path}: task {settings['task']!r}; the lens reads two-hop prompts only")
+    for seed in settings["seeds"]:
+        for condition in settings["conditions"]:
+            check_adapter(run_dir / "adapters" / adapter_name(condition, seed))
+        prompts = run_dir / "data" / f"seed{seed}" / "prompts.jsonl"
+        if not prompts.is_file():
+            raise ValueError(f"{prompts}: missing (the two-hop test prompts of seed {seed})")
+    return record
+
+
+def seed_items(run_dir: Path, seed: int, per_split: int | None) -> list[PromptItem]:
+    """The ID and OOD two-hop test prompts of one seed (the first ``per_split`` of each split, pair partners
+    included, when given)."""
+    from bridgeprobe.probes.identity import select_split_items
+    from bridgeprobe.prompts.loaders import load_prompts
+
+    items = load_prompts([run_dir / "data" / f"seed{seed}" / "prompts.jsonl"])
+    if per_split is None:
+        return items
+    return [*select_split_items(items, "id_test", per_split), *select_split_items(items, "ood_test", per_split)]
+
+
+def finetune_lens(run_dir: Path, out: Path, *, per_split: int | None = None,
+                  batch_size: int | None = None) -> pd.DataFrame:
+    """Run the lens for every (seed, model state) of the finished two-hop run in ``run_dir`` into
+    ``out/<state>_seed<N>/lens.csv`` (each resumable), then write the comparison tables and return
+    ``lens_comparison``."""
+    from peft import PeftModel
+
+    from bridgeprobe.analyses import identity_report as report
+    from bridgeprobe.analyses.aggregate import per_layer, per_prompt
+    from bridgeprobe.probes.finetune import BASE, inner_model, model_state
+    from bridgeprobe.probes.hooks import NativeHooks
+    from bridgeprobe.probes.identity import adapter_name
+    from bridgeprobe.probes.models import load_model
+    from bridgeprobe.probes.pipeline import run_lens
+    from bridgeprobe.probes.rundir import write_finished
+
+    record = finished_two_hop_run(run_dir)
+    settings, load = record["settings"], record["load"]
+    seeds, conditions = settings["seeds"], settings["conditions"]
+    items = {seed: seed_items(run_dir, seed, per_split) for seed in seeds}
+    timer = Timer()
+    with timer.section("load_model_s"):
+        base, tokenizer = load_model(record["model"], dtype=load["dtype"], device=load["device"],
+                                     device_map=load["device_map"], quantize=load["quantize"])
+        peft_model = None
+        for seed in seeds:
+            for condition in conditions:
+                path, name = str(run_dir / "adapters" / adapter_name(condition, seed)), adapter_name(condition, seed)
+                if peft_model is None:
+                    peft_model = PeftModel.from_pretrained(base, path, adapter_name=name)
+                else:
+                    peft_model.load_adapter(path, adapter_name=name)
+    hooked = NativeHooks(inner_model(peft_model), tokenizer)
+    prompts, layers = [], []
+    for seed in seeds:
+        for state in (BASE, *conditions):
+            with model_state(peft_model, state if state == BASE else adapter_name(state, seed)), \
+                    timer.section(f"lens_{state}_seed{seed}_s"):
+                run = run_lens(hooked, items[seed], out / f"{state}_seed{seed}", batch_size=batch_size,
+                               settings={"source": str(run_dir.resolve()), "state": state, "seed": seed,
+                                         "per_split": per_split})
+            frame = run.frame.assign(split=run.frame["prompt_id"].map(report.synth_split))
+            prompts.append(per_prompt(run.frame).assign(seed=seed, state=state))
+            layers += [per_layer(part).assign(seed=seed, state=state, split=split)
+                       for split, part in frame.groupby("split")]
+    table = pd.concat(prompts, ignore_index=True)
+    table["split"] = table["prompt_id"].map(report.synth_split)
+    states, comparison = report.lens_states(table), report.lens_comparison(table)
+    layer_table = pd.concat(layers, ignore_index=True)
+    pooled = (layer_table.groupby(["state", "split", "prompt_kind", "target", "layer"], as_index=False)
+              [["median_rank", "top10_rate"]].mean())  # mean over seeds of the per-seed medians and rates
+    atomic_write_csv(out / "prompts.csv", table)
+    atomic_write_csv(out / "lens_states.csv", states)
+    atomic_write_csv(out / "lens_comparison.csv", comparison)
+    atomic_write_csv(out / "lens_layers.csv", layer_table)
+    report.lens_layer_plot(pooled, out / "lens_layers.png",
+                           f"Logit lens, {record['model']}: base vs adapters (mean over {len(seeds)} seeds)")
+    summary = "\n".join(report.lens_lines(states, comparison))
+    write_finished(out, {"command": "finetune-lens", "source": str(run_dir.resolve()), "model": record["model"],
+                         "settings": {"per_split": per_split, "batch_size": batch_size, "seeds": seeds,
+                                      "conditions": conditions},
+                         "n_prompts": {str(seed): len(v) for seed, v in items.items()},
+                         "timings": timer.timings, "versions": versions()}, summary)
+    print(summary)
+    return comparison
