@@ -47,13 +47,13 @@ for group in "${groups[@]}"; do
       run reproduce $E --untied --no-residual --identity-form zero_hop --out $g/emb-nores-untied-zero_hop
       run reproduce ${E/--weight-decays 1.0/--weight-decays 0.1 1.0} --untied --identity-form relation --out $g/emb-res-untied-relation
       bridgeprobe identity-grid reports/identity/reproduce $g --out $g
-      # LoRA. reports/identity/finetune still holds the earlier single-seed run: this one (the settings of the sizing
-      # run in docs/identity.md, ~2 h on 2 cores) has not finished yet. The reversal run checked in is the first, too
-      # short to learn the facts (docs/identity.md).
+      # LoRA (docs/identity.md; each ~2.5 h on one core): two-hop on the bridge split, its lens on every state,
+      # and the reversal-curse control
       run finetune --model smollm2-135m --steps 480 --batch-size 16 --lora-layers 12 --lr 3e-3 --eval-every 160 \
         --checkpoint-every 160 --seeds 0 1 2 --eval-items 256 --out reports/identity/finetune
-      run finetune --task reversal --pairs 288 --reverse-train-fraction 0.1 --relations 4 --lora-layers 12 --lr 3e-3 \
-        --steps 160 --batch-size 16 --eval-every 160 --checkpoint-every 160 --identity-repeat 1 --seeds 0 1 2 \
+      run finetune-lens reports/identity/finetune --per-split 128 --out reports/identity/finetune-lens
+      run finetune --task reversal --pairs 128 --reverse-train-fraction 0.1 --relations 4 --lora-layers 12 --lr 3e-3 \
+        --steps 320 --batch-size 16 --eval-every 80 --checkpoint-every 80 --identity-repeat 1 --seeds 0 1 2 \
         --eval-items 256 --out reports/identity/reversal ;;
     htl)  # the README's Hopping Too Late rows (the data are not copied in: HTL_DIR, default ../shared/data/...)
       H=${HTL_DIR:-../shared/data/hopping_too_late}
