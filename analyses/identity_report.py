@@ -160,6 +160,7 @@ def item_comparison(items: pd.DataFrame) -> pd.DataFrame:
 
 LENS_MEASURES = {"bridge_top10": "bridge in the top 10 at some layer",
                  "control_top10": "matched control in the top 10 at some layer",
+                 "bridge_top10_final": "bridge in the top 10 at the last layer (in the output, not only latent)",
                  "two_hop_first_token": "answer's first token is the top prediction"}
 
 
@@ -181,6 +182,7 @@ def lens_indicators(prompts: pd.DataFrame) -> pd.DataFrame:
     out["bridge_top10"] = (prompts["bridge_best_rank"] < TOP_K).astype(float)
     control = prompts["control_best_rank"] if "control_best_rank" in prompts else pd.Series(np.nan, prompts.index)
     out["control_top10"] = (control < TOP_K).astype(float).where(control.notna())
+    out["bridge_top10_final"] = (prompts["bridge_final_rank"] < TOP_K).astype(float)
     out["two_hop_first_token"] = prompts["two_hop_correct"].astype(float)
     return out
 
@@ -221,7 +223,8 @@ def lens_lines(states: pd.DataFrame, comparison: pd.DataFrame) -> list[str]:
     lines = []
     for row in states.to_dict("records"):
         lines.append(f"{row['split']}, {row['state']}: bridge top 10 at some layer {row['bridge_top10']:.3f} "
-                     f"[{row['bridge_top10 ci_low']:.3f}, {row['bridge_top10 ci_high']:.3f}] vs control "
+                     f"[{row['bridge_top10 ci_low']:.3f}, {row['bridge_top10 ci_high']:.3f}] (at the last layer "
+                     f"{row['bridge_top10_final']:.3f}) vs control "
                      f"{row['control_top10']:.3f}; difference {row['bridge - control']:+.3f} "
                      f"[{row['bridge - control ci_low']:+.3f}, {row['bridge - control ci_high']:+.3f}], sign p = "
                      f"{row['bridge - control sign p']:.2g} (n = {row['items']} over {row['seeds']} seeds)")

@@ -364,7 +364,7 @@ def test_finetune_lens_reads_every_state_like_the_lens_command_and_compares_them
         assert row["bridge - control sign p"] == pytest.approx(p)
     comparison = pd.read_csv(out / "lens_comparison.csv")
     assert set(zip(comparison["measure"], comparison["split"])) == {
-        (m, s) for m in ("bridge_top10", "control_top10", "two_hop_first_token") for s in ("id_two_hop", "ood_two_hop")}
+        (m, s) for m in ("bridge_top10", "control_top10", "bridge_top10_final", "two_hop_first_token") for s in ("id_two_hop", "ood_two_hop")}
     assert "bridge top 10" in capsys.readouterr().out
     # a second call finds the run finished; a run that is not a finished two-hop finetune run is refused
     assert main(["finetune-lens", str(run), "--out", str(out)]) == 0
