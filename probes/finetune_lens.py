@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from bridgeprobe.analyses.summaries import files_line
 from bridgeprobe.probes.pipeline import Timer, versions
 from bridgeprobe.probes.results import atomic_write_csv
 from bridgeprobe.prompts.schema import PromptItem
@@ -118,7 +119,7 @@ def finetune_lens(run_dir: Path, out: Path, *, per_split: int | None = None,
     atomic_write_csv(out / "lens_layers.csv", layer_table)
     report.lens_layer_plot(pooled, out / "lens_layers.png",
                            f"Logit lens, {record['model']}: base vs adapters (mean over {len(seeds)} seeds)")
-    summary = "\n".join(report.lens_lines(states, comparison))
+    summary = "\n".join([*report.lens_lines(states, comparison), files_line(out, FILES)])
     write_finished(out, {"command": "finetune-lens", "source": str(run_dir.resolve()), "model": record["model"],
                          "settings": {"per_split": per_split, "batch_size": batch_size, "seeds": seeds,
                                       "conditions": conditions},
