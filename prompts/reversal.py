@@ -9,8 +9,9 @@ Bridge": a model fine-tuned on forward facts ("Alice's mentor is Bob.") does not
 - ``reverse_train``: the reversed facts ``b -> a`` of a ``reverse_train_fraction`` of the pairs (trained, so the
   model learns the reversed question's format and that the relation can be reversed);
 - ``reverse_test``: the reversed questions of the other pairs, whose reversal is never seen (the OOD split);
-- ``identity``: ``The name of a is a.`` for the answer of every reversed question (trained only in the ``identity``
-  condition).
+- ``identity``: ``The name of a is a.`` for the answer of every reversed question, and with ``identity_of =
+  "everyone"`` also ``The name of b is b.`` for every question's subject (Ma et al.'s recipe names "[Entity]" without
+  saying which); trained only in the ``identity`` condition.
 
 The split is by pair, so a test pair's reversal never leaks into training; :func:`check_reversal` re-checks it.
 """
@@ -30,15 +31,18 @@ RELATIONS = (
 )
 IDENTITY_TEMPLATE = "The name of {x} is"
 SPLITS = ("forward", "reverse_train", "reverse_test", "identity")
+IDENTITY_OF = ("answers", "everyone")
 
 
 @dataclass(frozen=True)
 class ReversalConfig:
-    """Number of (a, b) pairs, relations, the share of pairs whose reversal is trained, and the seed."""
+    """Number of (a, b) pairs, relations, the share of pairs whose reversal is trained, whose names get identity
+    sentences (``answers``: the a's; ``everyone``: a's and b's), and the seed."""
 
     n_pairs: int = 384
     n_relations: int = 4
     reverse_train_fraction: float = 0.25
+    identity_of: str = "answers"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -48,6 +52,8 @@ class ReversalConfig:
             raise ValueError(f"n_relations must lie in 1..{len(RELATIONS)}, got {self.n_relations}")
         if not 0.0 <= self.reverse_train_fraction < 1.0:
             raise ValueError(f"reverse_train_fraction must lie in [0, 1), got {self.reverse_train_fraction}")
+        if self.identity_of not in IDENTITY_OF:
+            raise ValueError(f"identity_of must be one of {', '.join(IDENTITY_OF)}, got {self.identity_of!r}")
 
 
 @dataclass(frozen=True)
@@ -102,11 +108,14 @@ def generate_reversal(config: ReversalConfig, names: list[str]) -> ReversalData:
     forward = [Fact("forward", i, templates[r][0].format(a=a), b) for i, (a, r, b) in enumerate(pairs)]
     reverse = [Fact("reverse_train" if i in trained else "reverse_test", i, templates[r][1].format(b=b), a)
                for i, (a, r, b) in enumerate(pairs)]
+    named = [(i, a) for i, (a, _, _) in enumerate(pairs)]
+    if config.identity_of == "everyone":
+        named += [(i, b) for i, (_, _, b) in enumerate(pairs)]
     examples = {
         "forward": forward,
         "reverse_train": [f for f in reverse if f.split == "reverse_train"],
         "reverse_test": [f for f in reverse if f.split == "reverse_test"],
-        "identity": [Fact("identity", i, IDENTITY_TEMPLATE.format(x=a), a) for i, (a, _, _) in enumerate(pairs)],
+        "identity": [Fact("identity", i, IDENTITY_TEMPLATE.format(x=x), x) for i, x in named],
     }
     data = ReversalData(config, pairs, examples)
     check_reversal(data)
@@ -114,17 +123,23 @@ def generate_reversal(config: ReversalConfig, names: list[str]) -> ReversalData:
 
 
 def check_reversal(data: ReversalData) -> None:
-    """Raise ValueError unless no test pair's reversal is trained, every pair has its forward fact, and every
-    reversed question is answered by its pair's a."""
+    """Raise ValueError unless no test pair's reversal is trained, every pair has its forward fact, every
+    reversed question is answered by its pair's a, and every identity sentence names a person of its pair (only
+    the a's unless ``identity_of`` is ``everyone``) and answers with that name."""
     ex = data.examples
     tested = {f.pair for f in ex["reverse_test"]}
     if tested & {f.pair for f in ex["reverse_train"]}:
         raise ValueError(f"{len(tested & {f.pair for f in ex['reverse_train']})} test pairs are reversed in training")
     if {f.pair for f in ex["forward"]} != set(range(len(data.pairs))):
         raise ValueError("every pair needs its forward fact")
-    for fact in ex["reverse_train"] + ex["reverse_test"] + ex["identity"]:
+    for fact in ex["reverse_train"] + ex["reverse_test"]:
         if fact.target != data.pairs[fact.pair][0]:
             raise ValueError(f"{fact} is not answered by its pair's a")
+    a_only = data.config.identity_of == "answers"
+    for fact in ex["identity"]:
+        a, _, b = data.pairs[fact.pair]
+        if fact.prompt != IDENTITY_TEMPLATE.format(x=fact.target) or fact.target not in ((a,) if a_only else (a, b)):
+            raise ValueError(f"{fact} does not name a person of its pair (identity_of {data.config.identity_of})")
     for fact in ex["forward"]:
         if fact.target != data.pairs[fact.pair][2]:
             raise ValueError(f"{fact} is not answered by its pair's b")

@@ -4,6 +4,8 @@ intervals), and the grid table flags the paper's claim only where every criterio
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,8 +19,10 @@ from bridgeprobe.prompts.synthetic import people
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5])
-def test_reversal_splits_never_train_a_tested_reversal(seed: int, fraction: float) -> None:
-    config = ReversalConfig(n_pairs=40, n_relations=3, reverse_train_fraction=fraction, seed=seed)
+@pytest.mark.parametrize("identity_of", ["answers", "everyone"])
+def test_reversal_splits_never_train_a_tested_reversal(seed: int, fraction: float, identity_of: str) -> None:
+    config = ReversalConfig(n_pairs=40, n_relations=3, reverse_train_fraction=fraction, identity_of=identity_of,
+                            seed=seed)
     data = generate_reversal(config, people(80, seed=seed))
     assert len(data.examples["reverse_train"]) == round(fraction * 40)
     assert len(data.examples["reverse_test"]) == 40 - round(fraction * 40)
@@ -32,11 +36,22 @@ def test_reversal_splits_never_train_a_tested_reversal(seed: int, fraction: floa
     a_side = {a for a, _, _ in data.pairs}
     b_side = {b for _, _, b in data.pairs}
     assert not a_side & b_side and len(a_side) == len(b_side) == 40
-    assert {f.target for f in data.examples["identity"]} == a_side  # the answers of the reversed questions
+    named = [f.target for f in data.examples["identity"]]
+    # the answers of the reversed questions, and with "everyone" their subjects too, each once
+    assert sorted(named) == sorted(a_side if identity_of == "answers" else a_side | b_side)
     assert all(f.prompt == f"The name of {f.target} is" for f in data.examples["identity"])
     assert generate_reversal(config, people(80, seed=seed)).examples == data.examples  # deterministic
     data.examples["reverse_train"].append(data.examples["reverse_test"][0])
     with pytest.raises(ValueError, match="reversed in training"):
+        check_reversal(data)
+    data.examples["reverse_train"].pop()
+    b_fact = replace(data.examples["identity"][0], prompt=f"The name of {data.pairs[0][2]} is",
+                     target=data.pairs[0][2], pair=0)
+    data.examples["identity"].append(b_fact)
+    if identity_of == "answers":  # a b's identity sentence is refused unless asked for
+        with pytest.raises(ValueError, match="does not name a person of its pair"):
+            check_reversal(data)
+    else:
         check_reversal(data)
 
 
@@ -45,6 +60,8 @@ def test_reversal_config_errors() -> None:
         ReversalConfig(n_relations=9)
     with pytest.raises(ValueError, match="reverse_train_fraction"):
         ReversalConfig(reverse_train_fraction=1.0)
+    with pytest.raises(ValueError, match="identity_of"):
+        ReversalConfig(identity_of="subjects")
     with pytest.raises(ValueError, match="distinct names"):
         generate_reversal(ReversalConfig(n_pairs=10), people(5))
 

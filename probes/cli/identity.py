@@ -15,7 +15,7 @@ from bridgeprobe.probes.cli.common import (EPILOG, RUNS, check_options, fingerpr
 from bridgeprobe.probes.identity import (FINETUNE_DATA, GRID_FILES, REPRODUCE_PRESETS, finetune, reproduce, write_grid,
                                         write_synth)
 from bridgeprobe.probes.models import DEFAULT_MODEL
-from bridgeprobe.prompts.reversal import ReversalConfig
+from bridgeprobe.prompts.reversal import IDENTITY_OF, ReversalConfig
 from bridgeprobe.prompts.synthetic import IDENTITY_FORMS, OOD_KINDS, SynthConfig
 
 
@@ -179,6 +179,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     reversal.add_argument("--reverse-train-fraction", type=float, default=ReversalConfig.reverse_train_fraction,
                           help="share of the pairs whose reversed fact is trained (default "
                                f"{ReversalConfig.reverse_train_fraction}); the others' reversal is the OOD test")
+    reversal.add_argument("--identity-of", choices=IDENTITY_OF, default=ReversalConfig.identity_of,
+                          help="whose names get identity sentences: answers (default: the A's, who answer the "
+                               "reversed questions) or everyone (the B's too)")
     finetune.add_argument("--conditions", nargs="+", choices=("no_identity", "identity"),
                           default=["no_identity", "identity"], help="conditions to train (default both)")
     finetune.add_argument("--probe-items", type=int, default=16,
@@ -328,7 +331,8 @@ def finetune_job(args: argparse.Namespace) -> Path:
                             layers=args.lora_layers)
     if args.task == "reversal":
         data: dict[int, Any] = {seed: ReversalConfig(n_pairs=args.pairs, n_relations=args.relations,
-                                                     reverse_train_fraction=args.reverse_train_fraction, seed=seed)
+                                                     reverse_train_fraction=args.reverse_train_fraction,
+                                                     identity_of=args.identity_of, seed=seed)
                                 for seed in args.seeds}
     else:
         data = {seed: _data_config(args, FINETUNE_DATA, seed) for seed in args.seeds}
