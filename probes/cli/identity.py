@@ -94,8 +94,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     reproduce.add_argument("--model", choices=("gpt2", "emb_mlp"), help="GPT-2 from a GPT2Config, or the Emb-MLP")
     reproduce.add_argument("--seeds", type=int, nargs="+",
                            help="seeds (data and init; default: the preset's, 0-4 for cpu)")
-    reproduce.add_argument("--init-scales", type=float, nargs="+", help="init std multipliers (default: preset, 1.0)")
-    reproduce.add_argument("--weight-decays", type=float, nargs="+", help="AdamW weight decays (default: preset, 0)")
+    reproduce.add_argument("--init-scales", type=float, nargs="+",
+                           help="init std multipliers (default: the preset's, 1.0)")
+    reproduce.add_argument("--weight-decays", type=float, nargs="+",
+                           help="AdamW weight decays (default: the preset's, 1.0 for cpu and gpu)")
     reproduce.add_argument("--identity-repeats", type=int, nargs="+",
                            help="copies of the identity examples in the identity condition's training set, the data "
                                 "ratio (default: the preset's, 10 for cpu)")
