@@ -255,7 +255,7 @@ def test_reversal_command_scores_the_held_out_reversals(tmp_path: Path) -> None:
     assert main(["finetune", "--model", model, "--task", "reversal", "--pairs", "12", "--relations", "2",
                  "--rank", "4", "--alpha", "8", "--lr", "5e-3", "--steps", "4", "--batch-size", "4",
                  "--eval-every", "2", "--checkpoint-every", "2", "--seeds", "0", "1", "--eval-items", "6",
-                 "--out", str(out)]) == 0
+                 "--identity-of", "everyone", "--out", str(out)]) == 0
     items = pd.read_csv(out / "items.csv")
     assert set(items["split"]) == {"forward", "reverse_train", "reverse_test", "identity"}
     assert set(items["state"]) == {"base", "no_identity", "identity"}
@@ -265,6 +265,10 @@ def test_reversal_command_scores_the_held_out_reversals(tmp_path: Path) -> None:
         trained = {f["prompt"] for f in facts if f["split"] in ("forward", "reverse_train")}
         tested = items[(items["seed"] == seed) & (items["split"] == "reverse_test")]
         assert len(tested) > 0 and not set(tested["prompt"]) & trained
+        # --identity-of everyone: an identity sentence for every person, the A's and the B's
+        named = {f["target"] for f in facts if f["split"] == "identity"}
+        forward = [f for f in facts if f["split"] == "forward"]
+        assert named == {f["target"] for f in forward} | {f["prompt"].split("'s ")[0] for f in forward}
     assert "reverse_test" in set(pd.read_csv(out / "comparison.csv")["split"])
     assert not (out / "lens").exists()  # the lens reads two-hop prompts; a reversal run has none
 
