@@ -54,7 +54,17 @@ for group in "${groups[@]}"; do
       run finetune-lens reports/identity/finetune --per-split 128 --out reports/identity/finetune-lens
       run finetune --task reversal --pairs 128 --reverse-train-fraction 0.1 --relations 4 --lora-layers 12 --lr 3e-3 \
         --steps 320 --batch-size 16 --eval-every 80 --checkpoint-every 80 --identity-repeat 1 --seeds 0 1 2 \
-        --eval-items 256 --out reports/identity/reversal ;;
+        --eval-items 256 --out reports/identity/reversal
+      run finetune --task reversal --pairs 128 --reverse-train-fraction 0.1 --relations 4 --lora-layers 0 \
+        --identity-of everyone --lr 3e-3 --steps 320 --batch-size 16 --eval-every 80 --checkpoint-every 80 \
+        --identity-repeat 1 --seeds 0 --eval-items 256 --out reports/identity/reversal-all-blocks-everyone
+      # the shared-memory analyses before and after fine-tuning (seed 0's base model and adapters)
+      F=reports/identity/finetune
+      for state in base no_identity identity; do
+        adapter=(); [ $state = base ] || adapter=(--adapter $F/adapters/${state}_seed0)
+        run memory --model smollm2-135m ${adapter[@]+"${adapter[@]}"} --prompts $F/data/seed0/prompts.jsonl --items 96 \
+          --map-items 32 --stride 6 --analyses crosspatch,alignment --out reports/identity/finetune-memory/$state
+      done ;;
     htl)  # the README's Hopping Too Late rows (the data are not copied in: HTL_DIR, default ../shared/data/...)
       H=${HTL_DIR:-../shared/data/hopping_too_late}
       for model in smollm2-135m gemma3-270m; do
