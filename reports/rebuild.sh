@@ -46,6 +46,9 @@ for group in "${groups[@]}"; do
       run reproduce $E --tied --no-residual --identity-form zero_hop --out $g/emb-nores-tied-zero_hop
       run reproduce $E --untied --no-residual --identity-form zero_hop --out $g/emb-nores-untied-zero_hop
       run reproduce ${E/--weight-decays 1.0/--weight-decays 0.1 1.0} --untied --identity-form relation --out $g/emb-res-untied-relation
+      run reproduce --seeds 0 1 2 --subjects 200 --out $g/gpt2-untied-zero_hop-subjects200
+      run reproduce --seeds 0 1 2 --init-scales 0.3 --steps 15000 --eval-every 1500 --checkpoint-every 1500 \
+        --out $g/gpt2-untied-zero_hop-init0.3-steps15000
       bridgeprobe identity-grid reports/identity/reproduce $g --out $g
       # LoRA (docs/identity.md; each ~2.5 h on one core): two-hop on the bridge split, its lens on every state,
       # and the reversal-curse control
