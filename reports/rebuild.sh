@@ -6,8 +6,8 @@
 #
 # FLAGs (e.g. --overwrite, --recompute) go to every command; a finished run with the same settings is otherwise
 # kept as it is. Times on 2 CPU cores: main 5-15 min per model, memory 1-2 h per model, identity: the default and the
-# grid ~1.5 h of single-thread training, the LoRA runs 1-2 h each; htl ~10 min per model. Run from the repository
-# root in the installed virtual environment.
+# grid ~2 h of single-thread training, the LoRA runs about 1 h each with two threads, their lens 16 min and memory
+# 30 min; htl ~10 min per model. Run from the repository root in the installed virtual environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,7 +50,7 @@ for group in "${groups[@]}"; do
       run reproduce --seeds 0 1 2 --init-scales 0.3 --steps 15000 --eval-every 1500 --checkpoint-every 1500 \
         --out $g/gpt2-untied-zero_hop-init0.3-steps15000
       bridgeprobe identity-grid reports/identity/reproduce $g --out $g
-      # LoRA (docs/identity.md; each ~2.5 h on one core): two-hop on the bridge split, its lens on every state,
+      # LoRA (docs/identity.md; each about 1 h with two threads): two-hop on the bridge split, its lens on every state,
       # and the reversal-curse control
       run finetune --model smollm2-135m --steps 480 --batch-size 16 --lora-layers 12 --lr 3e-3 --eval-every 160 \
         --checkpoint-every 160 --seeds 0 1 2 --eval-items 256 --out reports/identity/finetune
@@ -65,8 +65,8 @@ for group in "${groups[@]}"; do
       F=reports/identity/finetune
       for state in base no_identity identity; do
         adapter=(); [ $state = base ] || adapter=(--adapter $F/adapters/${state}_seed0)
-        run memory --model smollm2-135m ${adapter[@]+"${adapter[@]}"} --prompts $F/data/seed0/prompts.jsonl --items 96 \
-          --map-items 32 --stride 6 --analyses crosspatch,alignment --out reports/identity/finetune-memory/$state
+        run memory --model smollm2-135m ${adapter[@]+"${adapter[@]}"} --prompts $F/data/seed0/prompts.jsonl --items 384 \
+          --map-items 120 --stride 6 --analyses crosspatch,alignment --out reports/identity/finetune-memory/$state
       done ;;
     htl)  # the README's Hopping Too Late rows (the data are not copied in: HTL_DIR, default ../shared/data/...)
       H=${HTL_DIR:-../shared/data/hopping_too_late}
