@@ -242,7 +242,6 @@ class NativeHooks(HookedModel):
         join: Mapping[int, Tensor] | None = None,
         read: Iterable[Site] = (),
         patches: Sequence[Patch] = (),
-        positions: Tensor | None = None,
         logits_to_keep: int = 0,
     ) -> RunResult:
         """Resume a forward pass at block ``start`` (``0..n_layers``) with ``hidden`` (``[B, q, d]``) as its input,
@@ -255,9 +254,11 @@ class NativeHooks(HookedModel):
         ``k..L-1``, so one pass serves rows that start at different blocks. Rows are numbered in the order they
         enter (``hidden``'s, then each join's in block order); ``patches`` index those rows and ``hidden``'s
         positions (not absolute positions), at sites at block ``start`` or later where their rows are present.
-        Reads at block ``k`` hold the rows present there; ``positions`` (``[B, K]``) gathers them only without
-        ``join``. ``start == n_layers`` applies only the readout (no joins, patches or reads then).
-        ``logits_to_keep`` (>0) computes the logits of that many last positions only.
+        Reads at block ``k`` hold the rows present there. ``start == n_layers`` applies only the readout (no joins,
+        patches or reads then). ``logits_to_keep`` (>0) computes the logits of that many last positions only: the
+        last block's output is cut to them and read out by :meth:`readout` as one contiguous matrix product (the
+        model's own head would multiply a non-contiguous slice, which PyTorch on the CPU runs as one matrix-vector
+        product per row against an expanded copy of the unembedding, ~17x slower).
 
         The model runs on a batch of one (``inputs_embeds`` only fixes shape, dtype and device), so its attention
         mask and position ids are built for one row and broadcast over however many rows a block holds. The blocks
@@ -270,8 +271,6 @@ class NativeHooks(HookedModel):
             raise ValueError(f"start {start} out of range 0..{self.n_layers}")
         if any(not start < k < self.n_layers for k in join):
             raise ValueError(f"join blocks must lie in {start + 1}..{self.n_layers - 1}, got {list(join)}")
-        if join and positions is not None:
-            raise ValueError("positions cannot gather reads when rows join mid-pass")
         if start == self.n_layers:
             if list(read) or list(patches) or join:
                 raise ValueError("run_from(n_layers) only reads out: apply patches to hidden instead")
@@ -297,8 +296,8 @@ class NativeHooks(HookedModel):
                 (k, v) if i < start else (k.expand(present[i], *k.shape[1:]), v.expand(present[i], *v.shape[1:]))
                 for i, (k, v) in enumerate(past_kv)
             ])
-        if logits_to_keep:
-            kwargs["logits_to_keep"] = logits_to_keep
+        final = ("resid_post", self.n_layers - 1)
+        read = list(read)
         blocks = self.modules.blocks
         originals = [blocks[i] for i in range(start)]
         with ExitStack() as stack:
@@ -313,8 +312,9 @@ class NativeHooks(HookedModel):
             stack.callback(lambda: [blocks.__setitem__(i, block) for i, block in enumerate(originals)])
             for i in range(start):
                 blocks[i] = _PassThrough()
-            result, _ = self._forward(read, patches, positions, True, first=start, **kwargs)
-        return result
+            result, _ = self._forward([*read, final], patches, None, False, first=start, **kwargs)
+        last = result.acts[final] if final in read else result.acts.pop(final)
+        return RunResult(self.readout(last[:, -logits_to_keep:] if logits_to_keep else last), result.acts)
 
 
 def _cache_kwarg(model: nn.Module) -> str:

@@ -270,6 +270,17 @@ def load_model(
         model.to(device or "cpu")
     if adapter is not None:
         model = apply_adapter(model, adapter, merge=quantize is None)
+    contiguous_head(model)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def contiguous_head(model: torch.nn.Module) -> None:
+    """Make the output head's input contiguous before it multiplies: with ``logits_to_keep`` the HF forward hands
+    the head a slice of the last positions, and PyTorch on the CPU multiplies a non-contiguous ``[B, k, d]`` by
+    the unembedding as ``B`` separate products against an expanded copy of the weight (17x slower for the head,
+    1.4x slower for a LoRA training step of SmolLM2; docs/benchmarks.md)."""
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))

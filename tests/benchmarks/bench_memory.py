@@ -1,0 +1,122 @@
+"""Benchmark: the shared-memory analysis (``probes.memory.run_memory``) as it runs now against the code before its
+speed-up, same process, same items; the values must agree.
+
+    python tests/benchmarks/bench_memory.py [--model smollm2-135m] [--items 12] [--stride 4] [--threads 2]
+
+"Before" is today's engine with the two changes undone (docs/benchmarks.md, shared memory):
+- the logits of every patched variant came from the model's own output head on a slice of the last positions,
+  which PyTorch on the CPU multiplies as one matrix-vector product per row against an expanded copy of the
+  unembedding (now: one contiguous matrix product, :meth:`NativeHooks.run_from` and
+  :func:`probes.models.contiguous_head`);
+- the ranks of the candidate tokens compared the whole ``[rows, vocab]`` logit matrix once per candidate (now: one
+  row at a time, in cache, :func:`probes.memory.candidate_measure`).
+
+Prints seconds per analysis for both, their ratio, and the differences of every ``memory.csv`` value: the largest
+absolute difference of the non-rank values, and how many ranks differ (by how much) and whether any top-1 / top-10
+indicator differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+import torch
+
+import bridgeprobe.probes.memory as memory
+from bridgeprobe.probes.architecture import head_logits
+from bridgeprobe.probes.hooks import NativeHooks
+from bridgeprobe.probes.models import load_model
+from bridgeprobe.prompts.loaders import load_prompts
+
+KEYS = ["analysis", "prompt_id", "condition", "source_id", "receiving_id", "source_position", "source_layer",
+        "target_layer", "metric"]
+
+
+def _whole_matrix_measure(tokens):  # the rank computation before the speed-up
+    index = torch.tensor(list(tokens))
+
+    def measure(logits, _resid):
+        logits = logits.float()
+        chosen = logits[:, index.to(logits.device)]
+        ranks = torch.stack([(logits > chosen[:, k : k + 1]).sum(-1) for k in range(len(index))], -1)
+        return torch.cat([chosen, ranks.float(), chosen - logits.logsumexp(-1, keepdim=True)], -1)
+
+    return measure
+
+
+@contextmanager
+def before_speedup(model: torch.nn.Module) -> Iterator[None]:
+    """Undo the two changes for the duration: the head multiplies a non-contiguous slice of the normed last
+    positions (what the HF forward with ``logits_to_keep`` handed it; rebuilt here as a strided view of the same
+    shape), and the ranks compare the whole logit matrix once per candidate."""
+    head = model.get_output_embeddings()
+    hooks = dict(head._forward_pre_hooks)
+    head._forward_pre_hooks.clear()
+    original_readout, original_measure = NativeHooks.readout, memory.candidate_measure
+
+    def readout(self, hidden):
+        if hidden.dim() != 3:  # the 2-D readouts (reference runs, lens rows) were contiguous before too
+            return original_readout(self, hidden)
+        normed = self.modules.final_norm(hidden)
+        strided = torch.cat([normed, normed], dim=1)[:, : normed.shape[1]]  # a slice, as the HF forward made it
+        return head_logits(self.model.config, head(strided))
+
+    NativeHooks.readout, memory.candidate_measure = readout, _whole_matrix_measure
+    try:
+        yield
+    finally:
+        NativeHooks.readout, memory.candidate_measure = original_readout, original_measure
+        head._forward_pre_hooks.update(hooks)
+
+
+def timed_run(hooked: NativeHooks, items, config: memory.MemoryConfig) -> tuple[float, dict, pd.DataFrame]:
+    out = Path(tempfile.mkdtemp())
+    started = time.perf_counter()
+    run = memory.run_memory(hooked, items, out, config, settings={})
+    return time.perf_counter() - started, run.timings, pd.read_csv(out / "memory.csv", dtype=str, keep_default_na=False)
+
+
+def compare(before: pd.DataFrame, after: pd.DataFrame) -> dict:
+    merged = before.merge(after, on=KEYS, suffixes=("_before", "_after"), how="outer", indicator=True)
+    if (merged["_merge"] != "both").any():
+        raise SystemExit(f"the runs wrote different rows: {merged['_merge'].value_counts().to_dict()}")
+    a, b = pd.to_numeric(merged["value_before"]), pd.to_numeric(merged["value_after"])
+    rank = merged["metric"].str.contains("rank")
+    diff = (a - b).abs()
+    return {"rows": len(merged), "max_abs_difference_non_rank": float(diff[~rank].max()),
+            "ranks_differing": int((diff[rank] > 0).sum()), "ranks": int(rank.sum()),
+            "largest_rank_difference": float(diff[rank].max()),
+            "top1_indicators_differing": int(((a[rank] < 1) != (b[rank] < 1)).sum()),
+            "top10_indicators_differing": int(((a[rank] < 10) != (b[rank] < 10)).sum())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--items", type=int, default=12, help="analysed items, all with maps and decoding")
+    parser.add_argument("--stride", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    hooked = NativeHooks(model, tokenizer)
+    items = load_prompts("curated")
+    config = memory.MemoryConfig(n_items=args.items, stride=args.stride)
+    with before_speedup(model):
+        before_s, before_t, before = timed_run(hooked, items, config)
+    after_s, after_t, after = timed_run(hooked, items, config)
+    figures = {"model": args.model, "items": args.items, "stride": args.stride, "threads": args.threads,
+               "before_s": round(before_s, 1), "after_s": round(after_s, 1), "ratio": round(before_s / after_s, 2),
+               "before_by_analysis_s": before_t, "after_by_analysis_s": after_t, **compare(before, after)}
+    print(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
