@@ -11,11 +11,12 @@ Rules (docs/statistics.md):
 - paired differences (bridge minus its control on the same item) drop items missing either value
   (:func:`paired_difference`); exact tests: sign test (binomial), Fisher's exact test, and a paired sign-flip
   permutation test;
-- many columns at once (layers x analyses x positions): :func:`maxt_signflip`, the single-step max-T sign-flip
-  test (Westfall & Young 1993): the same random signs for every column of an item keep the columns' dependence,
-  and each column's adjusted p-value is the share of resamples whose largest statistic over all columns reaches
-  that column's. It controls the family-wise error under the null that every column's paired differences are
-  symmetric about 0.
+- many columns at once (layers x tests x positions), a decision per column that uses the estimate
+  (:func:`equivalence_decisions`): family-wise simultaneous lower and upper bounds, each column calibrated on its own resampling distribution and the columns combined by the
+  single-step min-p rule (Westfall & Young 1993, ch. 2), so a column with few items widens its own bounds only
+  (one max-T critical value for all, the rule this replaced, let the columns with few items set it for all).
+  "holds" needs the lower bound above 0 and the estimate at least the minimum effect; "ruled out" needs the upper
+  bound below the minimum effect (an equivalence decision); anything else is undecided.
 """
 
 from __future__ import annotations
@@ -217,48 +218,113 @@ def signflip_test(differences: Sequence[float] | np.ndarray, alternative: str = 
     return float(result.pvalue)
 
 
-def _t_from_sums(total: np.ndarray, squares: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """One-sample t statistics from per-column sums, sums of squares and counts; a column of equal non-zero values
-    gets +-inf, one with fewer than :data:`MIN_N` values or all zeros gets 0."""
+def _studentized(centered: np.ndarray, squares: np.ndarray, n: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """Studentized means of the sign-flipped centered columns (``[resamples, columns]``), the standard error
+    floored at ``1/n`` as in :func:`equivalence_decisions`."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = total / n
-        var = np.maximum(squares - n * mean ** 2, 0.0) / (n - 1)
-        t = mean / np.sqrt(var / n)
-        t = np.where(var > 1e-12 * np.maximum(squares / n, 1e-300), t, np.where(mean > 0, np.inf, -np.inf))
-    return np.where((n >= MIN_N) & (squares > 0), t, 0.0)
+        mean = (signs @ centered) / n
+        se = np.sqrt(np.maximum(squares - n * mean ** 2, 0.0) / (n - 1) / n)
+        return mean / np.maximum(se, 1 / n)
 
 
-def maxt_signflip(matrix: np.ndarray | pd.DataFrame, n_resamples: int = N_RESAMPLES, seed: int = SEED,
-                  alternative: Literal["greater", "two-sided"] = "greater", alpha: float = 0.05,
-                  chunk: int = 500) -> pd.DataFrame:
-    """Single-step max-T sign-flip test over the columns of an items x columns matrix of paired differences
-    (NaN = the item has no value in that column). Per column: ``mean``, ``t`` (one-sample t statistic), ``n``,
-    ``p_adjusted`` (family-wise over all columns), ``critical_t`` (the statistic a column needs to reach the
-    family-wise level ``alpha``) and ``se`` (the standard error of the mean). Each resample flips the sign of every item's row at once. Columns with fewer than
-    :data:`MIN_N` values get t = 0 and take part in nothing."""
+def _tail_probabilities(ordered: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per column, the share of the column's resampled statistics (``ordered``, sorted ascending) at least as large
+    as each of ``values`` (``[k, columns]``)."""
+    resamples = ordered.shape[0]
+    return np.stack([(resamples - np.searchsorted(ordered[:, j], values[:, j], side="left")) / resamples
+                     for j in range(ordered.shape[1])], axis=1)
+
+
+def _minp_level(minima: np.ndarray, alpha: float) -> float:
+    """The per-column tail level of the single-step min-p rule: just below the smallest value of ``minima`` (each
+    resample's smallest tail probability over the columns) that more than a share ``alpha`` of the resamples
+    reach, so that at most that share of them has a column beyond its critical value; never above ``alpha``
+    itself (one column alone is tested at ``alpha``)."""
+    ordered = np.sort(minima)
+    allowed = int(np.floor(alpha * len(ordered)))
+    if allowed >= len(ordered):
+        return alpha
+    return float(min(np.nextafter(ordered[allowed], 0.0), alpha))
+
+
+def _critical_values(ordered: np.ndarray, level: float) -> np.ndarray:
+    """Per column, the ``1 - level`` quantile of its resampled statistics (``ordered``, sorted ascending): at most
+    a share ``level`` of them lie strictly above it, so a statistic above it has a tail probability of at most
+    ``level`` (and the min-p rule bounds the chance of that happening in any column)."""
+    resamples = ordered.shape[0]
+    return ordered[min(max(int(np.ceil(resamples * (1 - level) - 1e-9)) - 1, 0), resamples - 1)]
+
+
+def equivalence_decisions(matrix: np.ndarray | pd.DataFrame, min_effect: float | Sequence[float], alpha: float = 0.05,
+                          n_resamples: int = N_RESAMPLES, seed: int = SEED, chunk: int = 1000) -> pd.DataFrame:
+    """Decide every column of an items x columns matrix of paired differences (NaN = the item has no value there):
+    does its mean reach ``min_effect`` (one per column, or one for all), is it ruled out, or can the items not
+    tell?
+
+    Per column: ``mean``, ``n``, ``se`` (the standard error, at least ``1/n``: a column of equal values, e.g. 11
+    items none of which decodes either entity, carries at least the uncertainty of one item differing by 1),
+    family-wise one-sided bounds ``lower`` and ``upper``, ``p_adjusted`` (of a mean of 0 or less), then ``holds``
+    (``lower > 0`` and ``mean >= min_effect``), ``rules_out`` (``upper < min_effect``, an equivalence decision)
+    and, for an undecided column, ``n_to_decide``: the items at which the bound that could decide it would clear
+    its threshold if the mean and spread stayed as they are (normal approximation at the family's per-column
+    level).
+
+    Bounds: the distribution of each column's studentized mean is approximated by flipping the signs of each
+    item's centered row, all columns at once (which keeps their dependence; a wild bootstrap with Rademacher
+    weights), ``n_resamples`` times. Each column gets critical values from its own distribution, at one per-column
+    tail level chosen by the single-step min-p rule (Westfall & Young 1993) so that the chance of *any* lower bound
+    lying above its column's true mean is at most ``alpha``; the same, separately, for the upper bounds. A column
+    with few items thus widens its own bounds only, not everyone's (as one max-T critical value would). Columns
+    with fewer than :data:`MIN_N` values decide nothing. Operating characteristics on planted effects:
+    :mod:`analyses.calibration` and docs/statistics.md."""
     values = np.asarray(matrix, dtype=float)
     if values.ndim == 1:
         values = values[:, None]
+    columns = values.shape[1]
+    effect = np.broadcast_to(np.asarray(min_effect, dtype=float), (columns,))
     valid = ~np.isnan(values)
-    filled = np.where(valid, values, 0.0)
-    n, squares = valid.sum(0), (filled ** 2).sum(0)  # a sign flip changes neither
-    observed = _t_from_sums(filled.sum(0), squares, n)
-    score = observed if alternative == "greater" else np.abs(observed)
-    rng = np.random.default_rng(seed)
-    maxima = []
-    for start in range(0, n_resamples, chunk):
-        signs = rng.choice((-1.0, 1.0), size=(min(chunk, n_resamples - start), values.shape[0]))
-        t = _t_from_sums(signs @ filled, squares, n)
-        maxima.append((t if alternative == "greater" else np.abs(t)).max(axis=1))
-    maxima = np.concatenate(maxima)
-    # the observed data is one of the sign patterns: (1 + count) / (1 + resamples) keeps the test exact-valid
-    p = (1 + (maxima[None, :] >= score[:, None]).sum(1)) / (1 + len(maxima))
+    n = valid.sum(0)
+    usable = np.flatnonzero(n >= MIN_N)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = filled.sum(0) / n
-        se = np.sqrt(np.maximum(squares - n * mean ** 2, 0.0) / (n - 1) / n)
-    table = pd.DataFrame({"mean": mean, "t": observed, "n": n, "p_adjusted": np.where(n >= MIN_N, p, 1.0),
-                          "critical_t": float(np.quantile(np.minimum(maxima, 1e300), 1 - alpha)), "se": se})
+        mean = np.where(valid, values, 0.0).sum(0) / n
+        centered = np.where(valid, values - mean, 0.0)
+        squares = (centered ** 2).sum(0)
+        se = np.maximum(np.sqrt(squares / (n - 1) / n), 1 / n)
+    lower, upper, p_adjusted = np.full(columns, np.nan), np.full(columns, np.nan), np.ones(columns)
+    c_low, c_high = np.full(columns, np.nan), np.full(columns, np.nan)
+    z_low = z_high = np.nan  # the normal quantiles of the per-column levels: n_to_decide extrapolates with them
+    if len(usable):
+        rng = np.random.default_rng(seed)
+        pivots = np.empty((n_resamples, len(usable)))
+        for start in range(0, n_resamples, chunk):
+            signs = rng.choice((-1.0, 1.0), size=(min(chunk, n_resamples - start), values.shape[0]))
+            pivots[start : start + len(signs)] = _studentized(centered[:, usable], squares[usable], n[usable], signs)
+        for sign, critical in ((1.0, c_high), (-1.0, c_low)):
+            ordered = np.sort(sign * pivots, axis=0)
+            minima = _tail_probabilities(ordered, sign * pivots).min(axis=1)
+            level = _minp_level(minima, alpha)
+            # never below Student t's critical value at the same level: the sign-flip distribution of a skewed,
+            # discrete column of a few dozen items is too short-tailed on one side (docs/statistics.md)
+            critical[usable] = np.maximum(_critical_values(ordered, level),
+                                          stats.t.isf(level, n[usable] - 1) if level > 0 else np.inf)
+            z = float(stats.norm.isf(level)) if level > 0 else np.inf
+            z_high, z_low = (z, z_low) if sign > 0 else (z_high, z)
+            if sign > 0:  # adjusted p of "mean <= 0": share of resamples whose smallest tail probability reaches it
+                own = _tail_probabilities(ordered, (mean[usable] / se[usable])[None])[0]
+                p_adjusted[usable] = (1 + np.searchsorted(np.sort(minima), own, side="right")) / (1 + n_resamples)
+        lower[usable] = mean[usable] - c_high[usable] * se[usable]
+        upper[usable] = mean[usable] + c_low[usable] * se[usable]
+    decides = n >= MIN_N
+    holds = decides & (lower > 0) & (mean >= effect)
+    rules_out = decides & (upper < effect)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        reaching = mean >= effect  # it can only hold; otherwise it can only be ruled out
+        gap = np.where(reaching, mean, effect - mean)
+        needed = np.ceil((np.where(reaching, z_high, z_low) * se * np.sqrt(n) / gap) ** 2)
+    undecided = decides & ~holds & ~rules_out & np.isfinite(needed) & (gap > 0)
+    table = pd.DataFrame({"mean": mean, "n": n, "se": np.where(n > 0, se, np.nan), "lower": lower, "upper": upper,
+                          "p_adjusted": p_adjusted, "min_effect": effect, "holds": holds, "rules_out": rules_out,
+                          "n_to_decide": np.where(undecided, np.maximum(needed, n + 1), np.nan)})
     if isinstance(matrix, pd.DataFrame):
         table.index = matrix.columns
     return table
-
