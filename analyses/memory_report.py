@@ -13,23 +13,39 @@ not carry the bridge (:func:`paired_differences`):
 - cross-patching: on the diagonal (source = target layer), the bridge-specific effect ``main - random`` (A's
   state minus a random other item's state written into the partner's hop2 prompt), over the items where writing
   A's bridge out moves the partner's prompt by at least :data:`MIN_GAP` logit;
-- other relation: A's state written into the hop2 prompt of another relation, ``transfer - answer`` (toward the
-  bridge's value under that relation minus toward A's answer) minus the same for the random item's state: the
-  only test that separates the bridge from the answer;
+- other relation: A's state written into the hop2 prompt of another relation (item D), its movement toward the
+  bridge's value under that relation (``transfer``: toward French in "The main language spoken in Italy is" for
+  A's bridge France, normalized by E's hop2 prompt over D's) minus the same for the random item's state, over the
+  items whose explicit transfer is at least :data:`MIN_GAP` logit: the state serves as the bridge for a relation
+  it was not computed for. (Until this test was checked against the positive control it was ``transfer -
+  answer``, toward the bridge's value minus toward A's answer; an explicit bridge state moves both alike, -0.04 at
+  layer 7 of the control where the bridge is written out, so that contrast could not find a bridge that is
+  there. ``answer_value`` stays in the curves as a description.);
 - decoding: bridge decoded in the top 10 (identity prompt, fixed early target layer) minus the partner's bridge
   decoded in the top 10;
 - probe: the probe (trained on explicit states of prompts sharing no relation template with the item) names the
   item's bridge minus it names the partner's bridge.
 
-One single-step max-T sign-flip test (:func:`analyses.stats.maxt_signflip`, :data:`N_RESAMPLES` resamples)
-covers every test x layer x position, so the chance of any false "holds" is at most :data:`ALPHA`. A test holds
-at a layer when its family-wise adjusted p-value is below :data:`ALPHA` and its mean difference is at least
-:data:`MIN_EFFECT`; it rules the layer out when it does not hold although it had the items to detect an effect
-of :data:`MIN_EFFECT` (80% power: ``(critical t + 0.84) x standard error <= MIN_EFFECT``, the standard error
-taken as at least ``1 / n``: a column of equal values is not precise). The band is the
-longest run of consecutive layers where all four hold. With no such layer, the statement says "no band" only
-when every layer is ruled out, and "not enough items to decide (n = ...)" otherwise. The sensitivity table
-repeats the decision with :data:`ALPHA`, :data:`MIN_EFFECT` and :data:`MIN_GAP` halved and doubled.
+Each test's difference is in its own unit, and so is its minimum effect: cross-patching
+and the other relation are fractions of what the explicit reference does (1 = as much as writing the bridge out;
+0.1 = a tenth of it); decoding and the probe are rate differences (0.1 = 10 points, about a tenth of what the
+explicit bridge reaches: decoded in the top 10 for 83-90% of prompts against 3-5% chance, the probe reads
+96-99% of held-out explicit states).
+
+Every test x layer x position is decided by :func:`analyses.stats.equivalence_decisions` with family-wise
+one-sided bounds (:data:`ALPHA` for the lower bounds and, separately, for the upper bounds; each column
+calibrated on its own sign-flip distribution and the columns combined by the min-p rule, so columns with few
+items widen only their own bounds). A test *holds* at a layer when its lower bound is above 0 and its mean
+difference at least its minimum effect; it *rules the layer out* when its upper bound is below its minimum effect
+(the estimate and its precision both count: a precise estimate just above the minimum is not ruled out). The band
+is the longest run of consecutive layers where all four hold. With no such layer, the statement says "no band"
+only when every layer is ruled out, and otherwise "not enough items to decide", with the items that would decide
+the undecided layers if the estimates stayed as they are. Items whose explicit reference moves the receiving
+prompt by less than :data:`MIN_GAP` logit are left out of the normalized tests (cross-patch: A's hop2 over the
+partner's; other relation: E's hop2 over D's), since a normalization by a tiny gap lets one item dominate. The
+rule's error rates on planted effects are measured in :mod:`analyses.calibration` (docs/statistics.md). The
+sensitivity table repeats the decision with :data:`ALPHA`, the minimum effects and :data:`MIN_GAP` halved and
+doubled.
 
 The band is compared with the median layer where the answer rises (first layer from which the answer stays in
 the logit-lens top 10 at the last token). The summary also lists the source layers whose state is
@@ -52,14 +68,16 @@ import pandas as pd  # noqa: E402
 
 from bridgeprobe.analyses.page import Figure, Section, doc_to_html, key_values, render  # noqa: E402
 from bridgeprobe.analyses.plots import legend_below, save_figure  # noqa: E402
-from bridgeprobe.analyses.stats import N_RESAMPLES, column_intervals, maxt_signflip  # noqa: E402
+from bridgeprobe.analyses.stats import N_RESAMPLES, column_intervals, equivalence_decisions  # noqa: E402
 from bridgeprobe.probes.results import atomic_write, atomic_write_csv, atomic_write_json  # noqa: E402
 
-MIN_GAP = 1.0  # logits: items whose explicit bridge moves the partner prompt less are left out of `value` means
-MIN_EFFECT = 0.1  # the smallest bridge-minus-control difference a test must show to hold
-ALPHA = 0.05  # family-wise error of the band test over tests x layers x positions
-POWER_Z = 0.84  # one-sided normal quantile of 80% power: when a non-significant test rules a layer out
+MIN_GAP = 1.0  # logits: items whose explicit reference moves the receiving prompt less are left out
 TESTS = ("crosspatch", "other_relation", "decoding", "probe")
+# the smallest bridge-minus-control difference each test must show to hold, in the test's own unit (docstring)
+MIN_EFFECTS = {"crosspatch": 0.1, "other_relation": 0.1, "decoding": 0.1, "probe": 0.1}
+EFFECT_UNITS = {"crosspatch": "of the explicit bridge's effect", "other_relation": "of the explicit transfer",
+                "decoding": "rate difference", "probe": "rate difference"}
+ALPHA = 0.05  # family-wise error of the lower bounds, and separately of the upper bounds, over every column
 SEED = 0
 TOP_K = 10
 CURVE_COLUMNS = ("analysis", "curve", "layer", "mean", "ci_low", "ci_high", "n")
@@ -158,6 +176,7 @@ def curves(frame: pd.DataFrame) -> pd.DataFrame:
     """Every per-layer curve with its 95% CI (long table, :data:`CURVE_COLUMNS`)."""
     parts = []
     eligible = crosspatch_eligible(frame)
+    transfer_ok, _ = transfer_eligible(frame)
     cross = _select(frame, analysis="crosspatch").dropna(subset=["source_layer"])
     diagonal = cross[cross["source_layer"] == cross["target_layer"]]
     for position in ("last", "e1_last"):
@@ -173,19 +192,19 @@ def curves(frame: pd.DataFrame) -> pd.DataFrame:
             if not ranks.empty:
                 parts.append(_curve((ranks == 0).astype(float).where(ranks.notna()), "crosspatch",
                                     f"top1_{condition}_{position}"))
-        contrast = {}
+        transfer = {}
         for condition, name in (("other_relation", ""), ("other_relation_random", "random_")):
-            other = {m: _matrix(_select(diagonal, condition=condition, source_position=position, metric=m))
+            other = {m: _matrix(_select(diagonal, condition=condition, source_position=position, metric=m)
+                                .pipe(lambda f: f[f["prompt_id"].isin(transfer_ok)]))
                      for m in ("transfer_value", "answer_value")}
             if other["transfer_value"].empty:
                 continue
-            contrast[condition] = other["transfer_value"] - other["answer_value"]
+            transfer[condition] = other["transfer_value"]
             parts += [_curve(other["transfer_value"], "crosspatch", f"{name}transfer_{position}"),
-                      _curve(other["answer_value"], "crosspatch", f"{name}answer_{position}"),
-                      _curve(contrast[condition], "crosspatch", f"{name}transfer_minus_answer_{position}")]
-        if len(contrast) == 2:
-            parts.append(_curve(contrast["other_relation"] - contrast["other_relation_random"], "crosspatch",
-                                f"specific_transfer_minus_answer_{position}"))
+                      _curve(other["answer_value"], "crosspatch", f"{name}answer_{position}")]
+        if len(transfer) == 2:
+            parts.append(_curve(transfer["other_relation"] - transfer["other_relation_random"], "crosspatch",
+                                f"specific_transfer_{position}"))
     decoded = _select(frame, analysis="decoding")
     if not decoded.empty:
         fixed_layer = int(decoded.loc[decoded["source_layer"] != decoded["target_layer"], "target_layer"].mode().iloc[0]) \
@@ -280,7 +299,7 @@ def _curve_names(position: str) -> dict[str, str]:
     end = "" if position == "last" else f"_{position}"
     return {"specific": f"specific_{position}", "main": f"main_{position}", "random": f"random_{position}",
             "top1_main": f"top1_main_{position}", "top1_random": f"top1_random_{position}",
-            "specific_transfer": f"specific_transfer_minus_answer_{position}",
+            "specific_transfer": f"specific_transfer_{position}",
             "decoded": f"latent_{position}_fixed_bridge_top{TOP_K}", "chance": f"latent_{position}_fixed_partner_top{TOP_K}",
             "lens": f"latent_{position}_bridge_top{TOP_K}", "probe": f"probe_latent{end}",
             "cosine_gap": f"cosine_centered_gap{end}", "cka_matched": f"cka_matched{end}",
@@ -293,11 +312,25 @@ def _fixed_decode_layer(decoded: pd.DataFrame) -> int | None:
     return int(decoded.loc[other, "target_layer"].mode().iloc[0]) if other.any() else None
 
 
+def transfer_eligible(frame: pd.DataFrame, min_gap: float | None = None) -> tuple[pd.Index, int]:
+    """Items of the other-relation control whose explicit transfer (E's hop2 prompt over D's) is at least
+    ``min_gap`` (default :data:`MIN_GAP`) logits, and how many items were left out for a smaller gap. A
+    ``memory.csv`` without the ``transfer_gap`` rows keeps every item."""
+    min_gap = MIN_GAP if min_gap is None else min_gap
+    rows = _select(frame, analysis="crosspatch", condition="other_relation", metric="transfer_gap")
+    if rows.empty:
+        ids = _select(frame, analysis="crosspatch", condition="other_relation")["prompt_id"].unique()
+        return pd.Index(ids), 0
+    gap = rows.groupby("prompt_id")["value"].first()
+    return gap.index[gap >= min_gap], int((gap < min_gap).sum())
+
+
 def paired_differences(frame: pd.DataFrame, min_gap: float | None = None) -> pd.DataFrame:
     """Items x (test, position, layer): each item's bridge-minus-control difference for each test of the band
     (module docstring; NaN where the item has no value). A ``memory.csv`` without the probe's partner rows (before
     the matched probe control existed) has no ``probe`` columns."""
     eligible = crosspatch_eligible(frame, min_gap)
+    transfer_ok, _ = transfer_eligible(frame, min_gap)
     cross = _select(frame, analysis="crosspatch").dropna(subset=["source_layer"])
     diagonal = cross[cross["source_layer"] == cross["target_layer"]]
     decoded = _select(frame, analysis="decoding")
@@ -309,14 +342,11 @@ def paired_differences(frame: pd.DataFrame, min_gap: float | None = None) -> pd.
                               .pipe(lambda f: f[f["prompt_id"].isin(eligible)])) for c in ("main", "random"))
         if not main.empty and not rand.empty:
             columns[("crosspatch", position)] = main - rand
-        contrast = {}
-        for condition in ("other_relation", "other_relation_random"):
-            toward = {m: _matrix(_select(diagonal, condition=condition, source_position=position, metric=m))
-                      for m in ("transfer_value", "answer_value")}
-            if not toward["transfer_value"].empty:
-                contrast[condition] = toward["transfer_value"] - toward["answer_value"]
-        if len(contrast) == 2:
-            columns[("other_relation", position)] = contrast["other_relation"] - contrast["other_relation_random"]
+        own, other = (_matrix(_select(diagonal, condition=c, source_position=position, metric="transfer_value")
+                              .pipe(lambda f: f[f["prompt_id"].isin(transfer_ok)]))
+                      for c in ("other_relation", "other_relation_random"))
+        if not own.empty and not other.empty:
+            columns[("other_relation", position)] = own - other
         if fixed is not None:
             rows = decoded[(decoded["target_layer"] == fixed) & (decoded["condition"] == "latent")
                            & (decoded["source_position"] == position)]
@@ -334,42 +364,56 @@ def paired_differences(frame: pd.DataFrame, min_gap: float | None = None) -> pd.
     return pd.concat(parts, axis=1) if parts else pd.DataFrame()
 
 
-def band_test(frame: pd.DataFrame, alpha: float = ALPHA, min_effect: float = MIN_EFFECT,
+def band_test(frame: pd.DataFrame, alpha: float = ALPHA, min_effects: dict[str, float] | None = None,
               min_gap: float | None = None, n_resamples: int = N_RESAMPLES, seed: int = SEED,
               differences: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per (test, position, layer): the mean paired difference, n, t, family-wise adjusted p (one max-T sign-flip
-    test over every column), whether the test ``holds`` and whether it ``rules_out`` the layer (module
-    docstring)."""
+    """Per (test, position, layer): the mean paired difference, n, standard error, family-wise ``lower`` and
+    ``upper`` bounds, adjusted p, the test's minimum effect, whether it ``holds``, whether it ``rules_out`` the
+    layer, and the items that would decide it (:func:`analyses.stats.equivalence_decisions` over every column at
+    once; module docstring)."""
     differences = paired_differences(frame, min_gap) if differences is None else differences
-    columns = ["test", "position", "layer", "mean", "t", "n", "p_adjusted", "critical_t", "se", "holds", "rules_out"]
+    columns = ["test", "position", "layer", "mean", "n", "se", "lower", "upper", "p_adjusted", "min_effect",
+               "holds", "rules_out", "n_to_decide"]
     if differences.empty:
         return pd.DataFrame(columns=columns)
-    table = maxt_signflip(differences, n_resamples, seed, "greater", alpha)
-    table["holds"] = (table["p_adjusted"] < alpha) & (table["mean"] >= min_effect)
-    # a column of equal values has standard error 0 but is not precise: the error is at least that of one item
-    # differing by 1 among n (all-zero decoding differences of 11 items rule nothing out)
-    detectable = (table["critical_t"] + POWER_Z) * np.maximum(table["se"], 1 / table["n"].clip(lower=1))
-    table["rules_out"] = ~table["holds"] & (detectable <= min_effect) & (table["n"] >= 3)
+    effects = MIN_EFFECTS | (min_effects or {})
+    required = [effects[test] for test in differences.columns.get_level_values("test")]
+    table = equivalence_decisions(differences, required, alpha, n_resamples=n_resamples, seed=seed)
     return table.reset_index()[columns]
 
 
 def decide(tests: pd.DataFrame, position: str) -> dict[str, Any]:
     """The decision at one position: ``status`` ``band`` / ``none`` / ``undecided``, the band, per-layer status,
-    the layers where each test holds and the most items each test had."""
+    the layers where each test holds, the most items each test had and, when undecided, what would decide it
+    (``to_decide``: the undecided layers and, for the one that needs the most, the test and its items)."""
     sub = tests[tests["position"] == position]
     present = [set(sub.loc[sub["test"] == t, "layer"].astype(int)) for t in TESTS]
     layers = sorted(set.intersection(*present)) if all(present) else sorted(set.union(*present))
-    holds = sub.pivot(index="layer", columns="test", values="holds").reindex(index=layers, columns=list(TESTS))
-    rules = sub.pivot(index="layer", columns="test", values="rules_out").reindex(index=layers, columns=list(TESTS))
-    holds, rules = holds.fillna(False).astype(bool), rules.fillna(False).astype(bool)
+    wide = {k: sub.pivot(index="layer", columns="test", values=k).reindex(index=layers, columns=list(TESTS))
+            for k in ("holds", "rules_out", "n_to_decide", "mean", "min_effect")}
+    holds, rules = (wide[k].fillna(False).astype(bool) for k in ("holds", "rules_out"))
     status = pd.Series(np.where(holds.all(axis=1), "in", np.where(rules.any(axis=1), "out", "undecided")),
                        index=layers, dtype=object)
     runs = _runs([int(l) for l in status.index[status == "in"]])
     band = max(runs, key=lambda r: (r[1] - r[0], -r[0])) if runs else None
     decision = "band" if band else ("none" if layers and (status == "out").all() else "undecided")
     n = {t: int(sub.loc[sub["test"] == t, "n"].max()) if (sub["test"] == t).any() else 0 for t in TESTS}
+    to_decide = None
+    if decision == "undecided" and (status == "undecided").any():
+        needs = []  # per undecided layer: the cheapest way to decide it, (items, test)
+        for layer in status.index[status == "undecided"]:
+            need = wide["n_to_decide"].loc[layer]
+            below = wide["mean"].loc[layer] < wide["min_effect"].loc[layer]
+            options = [(float(need[t]), t) for t in TESTS if below[t] and np.isfinite(need[t])]  # rule it out
+            if not below.any() and need.notna().any():  # every test reaches its minimum: all must hold
+                options.append((float(need.max()), str(need.idxmax())))
+            needs.append((min(options) if options else (np.inf, ""), int(layer)))
+        (items, test), layer = max(needs)
+        to_decide = {"layers": _ranges([l for _, l in needs]), "layer": layer, "test": test or None,
+                     "items": int(items) if np.isfinite(items) else None}
     return {"status": decision, "band": list(band) if band else None, "layers": status.to_dict(),
-            "holds": {t: _ranges([int(l) for l in holds.index[holds[t]]]) for t in TESTS}, "n": n}
+            "holds": {t: _ranges([int(l) for l in holds.index[holds[t]]]) for t in TESTS}, "n": n,
+            "to_decide": to_decide}
 
 
 def _short(decision: dict[str, Any]) -> str:
@@ -385,18 +429,21 @@ TEST_NAMES = {"crosspatch": "cross-patch", "other_relation": "other relation", "
 
 
 def sensitivity(frame: pd.DataFrame, n_resamples: int = N_RESAMPLES) -> list[dict[str, Any]]:
-    """The decision at both positions with the test as set and with each threshold halved and doubled."""
+    """The decision at both positions with the test as set and with each threshold halved and doubled (the
+    minimum effects all together)."""
     settings = [("as set", {}), ("alpha halved", {"alpha": ALPHA / 2}), ("alpha doubled", {"alpha": ALPHA * 2}),
-                ("min effect halved", {"min_effect": MIN_EFFECT / 2}),
-                ("min effect doubled", {"min_effect": MIN_EFFECT * 2}),
+                ("min effect halved", {"effect_scale": 0.5}), ("min effect doubled", {"effect_scale": 2.0}),
                 ("min gap halved", {"min_gap": MIN_GAP / 2}), ("min gap doubled", {"min_gap": MIN_GAP * 2})]
     differences = {g: paired_differences(frame, g) for g in (MIN_GAP, MIN_GAP / 2, MIN_GAP * 2)}
     rows = []
     for name, change in settings:
-        values = {"alpha": ALPHA, "min_effect": MIN_EFFECT, "min_gap": MIN_GAP} | change
-        tests = band_test(frame, values["alpha"], values["min_effect"], n_resamples=n_resamples,
+        values = {"alpha": ALPHA, "effect_scale": 1.0, "min_gap": MIN_GAP} | change
+        effects = {t: e * values["effect_scale"] for t, e in MIN_EFFECTS.items()}
+        tests = band_test(frame, values["alpha"], effects, n_resamples=n_resamples,
                           differences=differences[values["min_gap"]])
-        rows.append({"setting": name, **values, **{position: _short(decide(tests, position)) for position in POSITIONS}})
+        rows.append({"setting": name, "alpha": values["alpha"], "min_effect_scale": values["effect_scale"],
+                     "min_gap": values["min_gap"],
+                     **{position: _short(decide(tests, position)) for position in POSITIONS}})
     return rows
 
 
@@ -444,15 +491,15 @@ def _position_summary(frame: pd.DataFrame, table: pd.DataFrame, cells: pd.DataFr
         return _fmt(rows.loc[peak] if peak is not None and peak in rows.index else None, pct)
 
     def paired(test: str) -> str:
-        key = (test, position, peak)
-        if differences.empty or key not in differences.columns:
+        row = tests[(tests["test"] == test) & (tests["position"] == position) & (tests["layer"] == peak)]
+        if row.empty:
             return "n/a (not measured)"
-        row = column_intervals(differences[[key]], "t").iloc[0]
+        row = row.iloc[0]
         if row["n"] < 3:
             return f"{row['mean']:+.2f} (n = {int(row['n'])}: too few to test)" if row["n"] else "n/a (n = 0)"
-        p = tests[(tests["test"] == test) & (tests["position"] == position) & (tests["layer"] == peak)]["p_adjusted"]
-        ci = "" if pd.isna(row["ci_low"]) else f" [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
-        return f"{row['mean']:+.2f}{ci} (n = {int(row['n'])}, adjusted p = {float(p.iloc[0]):.3g})"
+        verdict = "holds" if row["holds"] else "ruled out" if row["rules_out"] else "undecided"
+        return (f"{row['mean']:+.2f}, family-wise bounds [{row['lower']:.2f}, {row['upper']:.2f}] (n = {int(row['n'])}, "
+                f"adjusted {_p(row['p_adjusted'])}; minimum {row['min_effect']:g}: {verdict})")
 
     chance = _select(frame, analysis="alignment", metric="chance_majority")["value"]
     evidence_at = None if peak is None else {
@@ -468,11 +515,17 @@ def _position_summary(frame: pd.DataFrame, table: pd.DataFrame, cells: pd.DataFr
     }
     per_kind = dict(decision["holds"])
     best = best_targets(cells, position) if cells is not None and not cells.empty else pd.DataFrame()
-    readable = best[(best["specific_ci_low"] > 0) & (best["specific"] >= MIN_EFFECT)] if len(best) else best
+    readable = (best[(best["specific_ci_low"] > 0) & (best["specific"] >= MIN_EFFECTS["crosspatch"])] if len(best)
+                else best)
     per_kind["crosspatch_some_target"] = ", ".join(f"{int(r.source_layer)}->{int(r.target_layer)}"
                                                    for r in readable.itertuples()) or "none"
     return {"status": decision["status"], "band": band, "peak_layer": peak, "layers_by_evidence": per_kind,
-            "n": decision["n"], "evidence_at_peak": evidence_at}
+            "n": decision["n"], "to_decide": decision["to_decide"], "evidence_at_peak": evidence_at}
+
+
+def _p(value: float) -> str:
+    """A p-value for people: ``p < 0.001`` below 0.001, ``p = 0.012`` (two significant digits) above."""
+    return "p < 0.001" if value < 0.001 else f"p = {value:.2g}"
 
 
 def _sentence(position: str, part: dict[str, Any], n_tests: int) -> str:
@@ -489,10 +542,15 @@ def _sentence(position: str, part: dict[str, Any], n_tests: int) -> str:
         f"{ev['crosspatch_difference']}, other relation {ev['other_relation_difference']}, decoding "
         f"{ev['decoding_difference']}, probe {ev['probe_difference']}")
     if part["status"] == "none":
-        return (f"at {where}, no band: at every layer a test with enough items to detect {MIN_EFFECT:g} fails "
+        return (f"at {where}, no band: at every layer some test's upper bound lies below its minimum effect "
                 f"(layers where each test holds: {holds}{at})")
     counts = ", ".join(f"{TEST_NAMES[t]} {part['n'][t]}" for t in TESTS)
-    return (f"at {where}, not enough items to decide (n = {counts}; layers where each test holds: {holds}{at})")
+    need = part.get("to_decide") or {}
+    more = ""
+    if need.get("items"):
+        more = (f"; with the estimates as they are, layer {need['layer']} (the hardest of the undecided layers "
+                f"{need['layers']}) needs about {need['items']} items for the {TEST_NAMES[need['test']]} test")
+    return (f"at {where}, not enough items to decide (n = {counts}{more}; layers where each test holds: {holds}{at})")
 
 
 def summarize(frame: pd.DataFrame, table: pd.DataFrame, backpatch: pd.DataFrame, model: str, n_layers: int,
@@ -540,9 +598,11 @@ def summarize(frame: pd.DataFrame, table: pd.DataFrame, backpatch: pd.DataFrame,
                                                        ["prompt_id"].nunique()),
         "n_crosspatch_eligible": int(len(crosspatch_eligible(frame))), "groups": {k: int(v) for k, v in groups.items()},
         "criteria": __doc__.split("The band of the shared memory is")[1].strip(),
-        "test": {"method": "single-step max-T sign-flip over items", "alpha": ALPHA, "min_effect": MIN_EFFECT,
-                 "min_gap": MIN_GAP, "power": 0.8, "n_resamples": N_RESAMPLES, "n_tests": int(len(tests)),
-                 "critical_t": float(tests["critical_t"].iloc[0]) if len(tests) else None,
+        "test": {"method": "family-wise one-sided bounds: studentized sign-flip resampling per column, min-p "
+                           "combination (analyses.stats.equivalence_decisions)",
+                 "alpha": ALPHA, "min_effects": MIN_EFFECTS, "min_effect_units": EFFECT_UNITS, "min_gap": MIN_GAP,
+                 "n_resamples": N_RESAMPLES, "n_tests": int(len(tests)),
+                 "n_other_relation_small_gap": transfer_eligible(frame)[1],
                  "tests_measured": sorted(tests["test"].unique().tolist()) if len(tests) else []},
         "sensitivity": sensitivity(frame),
     }
@@ -603,8 +663,8 @@ LAYER_PANELS = [
         ("crosspatch", "random_last", "random item's state (control)", "tab:gray", "-"),
         ("crosspatch", "specific_last", "bridge-specific (A - random)", "black", "-"),
         ("crosspatch", "specific_e1_last", "bridge-specific, e1's last token", "tab:purple", "--"),
-        ("crosspatch", "specific_transfer_minus_answer_last",
-         "other relation: toward bridge - toward answer, A - random", "tab:brown", ":"),
+        ("crosspatch", "specific_transfer_last", "other relation: toward the bridge's value there, A - random",
+         "tab:brown", ":"),
     ]),
     ("Decoding at the last token (bridge in top 10)", "fraction of prompts", [
         ("decoding", f"latent_last_fixed_bridge_top{TOP_K}", "decoded (fixed target layer)", "tab:blue", "-"),
@@ -717,7 +777,7 @@ def write_memory_outputs(frame: pd.DataFrame, out_dir: Path, run: dict[str, Any]
 
 EVIDENCE_NAMES = {
     "layer": "layer", "crosspatch_difference": "cross-patch, bridge minus control (A - random item's state)",
-    "other_relation_difference": "other relation, bridge minus control ((toward bridge - toward answer), A - random)",
+    "other_relation_difference": "other relation, bridge minus control (toward the bridge's value there, A - random)",
     "decoding_difference": "decoding, bridge minus control (bridge - partner's bridge in the top 10)",
     "probe_difference": "probe, bridge minus control (names the bridge - names the partner's bridge)",
     "other_relation": "other relation", "probe": "probe",
@@ -725,7 +785,7 @@ EVIDENCE_NAMES = {
     "crosspatch_main_value": "cross-patch effect of A's state", "crosspatch_random_value": "cross-patch effect of a "
     "random item's state (control)", "answer_top1_main": "A's answer becomes top 1, A's state",
     "answer_top1_random": "A's answer becomes top 1, random state (control)",
-    "other_relation_specific_transfer_minus_answer": "other relation: toward bridge - toward answer (A - random)",
+    "other_relation_specific_transfer": "other relation: toward the bridge's value there (A - random)",
     "decoded_top10": "decoded in the top 10", "decoded_top10_chance": "decoded in the top 10, partner's bridge "
     "(chance)", "lens_top10": "logit lens top 10", "probe_latent_accuracy": "probe accuracy on the latent state",
     "probe_chance_majority": "probe chance (majority bridge)", "cosine_centered_gap": "centered cosine gap (same "
@@ -750,7 +810,8 @@ def _sensitivity_html(rows: list[dict[str, Any]]) -> str:
     """The sensitivity table: the decision under each threshold halved and doubled."""
     if not rows:
         return ""
-    frame = pd.DataFrame(rows).rename(columns={"min_effect": "min effect", "min_gap": "min gap (logit)",
+    frame = pd.DataFrame(rows).rename(columns={"min_effect_scale": "minimum effects (x as set)",
+                                               "min_gap": "min gap (logit)",
                                                **{p: f"at {w}" for p, w in POSITIONS.items()}})
     return ("<h3>Sensitivity</h3><p>The decision with each threshold of the band test halved and doubled (the "
             "others as set).</p>" + frame.to_html(index=False, border=0, classes="data"))
@@ -784,8 +845,7 @@ def memory_section(summary: dict[str, Any], figures: list[Path]) -> Section:
         "<code>--stride</code> set its cost).</p>" + tables
         + _sensitivity_html(summary.get("sensitivity") or [])
         + "<h3>Criteria</h3>" + doc_to_html("The band of the shared memory is " + summary["criteria"],
-                                            {"MIN_EFFECT": MIN_EFFECT, "MIN_GAP": MIN_GAP, "ALPHA": ALPHA,
-                                             "N_RESAMPLES": N_RESAMPLES})
+                                            {"MIN_GAP": MIN_GAP, "ALPHA": ALPHA, "N_RESAMPLES": N_RESAMPLES})
     )
     return Section("Shared latent memory", summary["statement"], body,
                    [Figure(f, CAPTIONS.get(Path(f).name, "")) for f in figures])

@@ -338,10 +338,18 @@ def write_finished(out: Path, record: dict[str, Any], summary: str = "",
                                        "summary": summary, "rows": rows})
 
 
-def check_rows(out: Path, name: str) -> None:
-    """Stop with a clear error when ``out/name`` has not the row count its finished run recorded (cut short or
-    edited since)."""
+def table_path(out: Path, name: str) -> Path:
+    """``out/name``, or its gzip-compressed copy ``out/name.gz`` where only that exists (large tables of the
+    checked-in example reports are stored compressed)."""
     path = out / name
+    packed = path.with_name(path.name + ".gz")
+    return packed if not path.is_file() and packed.is_file() else path
+
+
+def check_rows(out: Path, name: str) -> None:
+    """Stop with a clear error when ``out/name`` (or ``name.gz``) has not the row count its finished run recorded
+    (cut short or edited since)."""
+    path = table_path(out, name)
     record = json.loads((out / RUN_JSON).read_text(encoding="utf-8"))
     if record.get("status", "finished") != "finished":
         raise RunDirError(f"{out} holds an unfinished run; rerun its command to finish it first")
@@ -356,7 +364,10 @@ def _count_rows(path: Path) -> int:
     """Data rows of a CSV file (quoted newlines counted correctly)."""
     import csv
 
-    with path.open(newline="", encoding="utf-8") as fh:
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="", encoding="utf-8") as fh:
         return max(sum(1 for _ in csv.reader(fh)) - 1, 0)
 
 

@@ -559,10 +559,46 @@ def test_band_test_finds_a_planted_band_and_nothing_else() -> None:
     np.testing.assert_allclose(differences[("crosspatch", "last", 3)].loc[main.index], main - rand)
 
 
-def test_band_test_says_when_items_are_too_few_and_old_files_lack_the_probe_control() -> None:
+def test_band_test_near_the_threshold_with_unequal_items_per_test() -> None:
+    """Differences planted at 2x the minimum effect (0.2, sd 0.3) at layers 2-4 of the last token, none elsewhere,
+    with the tests' item counts as unequal as in a real run (cross-patch 120, other relation 60, decoding 120,
+    probe 400): the band is found, e1 is ruled out; an eighth of the items leaves the null layers undecided rather
+    than "no band" (less data never gives the stronger conclusion)."""
     import bridgeprobe.analyses.memory_report as report
-    few = report.decide(report.band_test(_memory_frame(5, (2, 4), noise=0.3), n_resamples=999), "last")
+    rng = np.random.default_rng(3)
+    items = {"crosspatch": 120, "other_relation": 60, "decoding": 120, "probe": 400}
+    columns, data = [], []
+    for test, n in items.items():
+        for position in ("last", "e1_last"):
+            shared = rng.normal(size=400)
+            for layer in range(6):
+                effect = 0.2 if position == "last" and 2 <= layer <= 4 else 0.0
+                values = effect + 0.3 * (0.6 * shared + 0.8 * rng.normal(size=400))
+                values[n:] = np.nan
+                columns.append((test, position, layer))
+                data.append(values)
+    differences = pd.DataFrame(np.column_stack(data), columns=pd.MultiIndex.from_tuples(
+        columns, names=["test", "position", "layer"]))
+    tests = report.band_test(pd.DataFrame(), n_resamples=1999, differences=differences)
+    assert report.decide(tests, "last")["band"] == [2, 4]
+    assert report.decide(tests, "e1_last")["status"] == "none"
+    fewer = differences.copy()
+    for test, n in items.items():
+        fewer.loc[n // 8:, test] = np.nan
+    assert report.decide(report.band_test(pd.DataFrame(), n_resamples=1999, differences=fewer),
+                         "e1_last")["status"] == "undecided"
+
+
+def test_band_test_says_when_items_are_too_few_and_old_files_lack_the_probe_control() -> None:
+    """Five items without any effect can rule nothing out (undecided, with the items that would decide it), and
+    five items whose every test shows a large, consistent effect are already a band: an exact sign-flip test of
+    5 items reaches p = 1/32, below the family-wise 5% (the rule's error rates: tests/test_calibration.py)."""
+    import bridgeprobe.analyses.memory_report as report
+    few = report.decide(report.band_test(_memory_frame(5, None, noise=0.3), n_resamples=999), "last")
     assert few["status"] == "undecided" and few["n"]["probe"] == 5
+    assert few["to_decide"]["items"] > 5 and few["to_decide"]["test"] in report.TESTS
+    strong = report.decide(report.band_test(_memory_frame(5, (2, 4), noise=0.1), n_resamples=999), "last")
+    assert strong["status"] == "band" and 2 <= strong["band"][0] <= strong["band"][1] <= 4
     old = _memory_frame(60, (2, 4))
     old = old[old.metric != "probe_latent_partner"]
     decision = report.decide(report.band_test(old, n_resamples=999), "last")

@@ -18,7 +18,7 @@ from bridgeprobe.probes.cli.common import (EPILOG, check_options, fingerprint, l
 from bridgeprobe.probes.hooks import HookedModel
 from bridgeprobe.probes.memory import ANALYSES, MemoryConfig, MemoryRun, run_memory
 from bridgeprobe.probes.pipeline import ModelOptions, Timer, run_record
-from bridgeprobe.probes.rundir import RunDirError, RunDirectory, check_rows, run_directory
+from bridgeprobe.probes.rundir import RunDirError, RunDirectory, check_rows, run_directory, table_path
 from bridgeprobe.probes.variants import METHODS
 from bridgeprobe.prompts.schema import PromptItem
 
@@ -99,6 +99,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     report.add_argument("out", type=Path, metavar="DIR", help="directory of a finished memory or run job")
     report.set_defaults(handler=lambda args: memory_report_job(args.out))
 
+    controls = sub.add_parser(
+        "memory-controls", help="write the positive and negative control sets of the memory analysis",
+        description="Write DIR/present.jsonl and DIR/absent.jsonl from a prompt set: the same items with e1 in each "
+                    "two-hop prompt replaced by the item's own bridge (present: the state at e1's last token is the "
+                    "bridge written out, so `bridgeprobe memory` must find a band there) or by another bridge of "
+                    "the same type (absent: it must find none). Run each through `bridgeprobe memory` like any set "
+                    "(docs/memory.md, positive controls).", formatter_class=argparse.RawDescriptionHelpFormatter)
+    prompt_args(controls, "curated")
+    controls.add_argument("--out", required=True, type=Path, help="output directory")
+    controls.add_argument("--seed", type=int, default=0, help="seed of the replacement bridges of 'absent' (default 0)")
+    controls.set_defaults(handler=controls_job)
+
 
 def run_memory_section(hooked: HookedModel, items: list[PromptItem], out: Path, config: MemoryConfig,
                        settings: dict, timer: Timer) -> MemoryRun:
@@ -112,8 +124,8 @@ def run_memory_section(hooked: HookedModel, items: list[PromptItem], out: Path, 
 
 
 def read_memory_csv(out: Path) -> pd.DataFrame:
-    """``DIR/memory.csv`` as :func:`~probes.memory.run_memory` returns it."""
-    return pd.read_csv(out / "memory.csv", dtype={"prompt_id": str}, low_memory=False)
+    """``DIR/memory.csv`` (or ``memory.csv.gz``) as :func:`~probes.memory.run_memory` returns it."""
+    return pd.read_csv(table_path(out, "memory.csv"), dtype={"prompt_id": str}, low_memory=False)
 
 
 def memory_report_section(frame: pd.DataFrame, out: Path, record: dict) -> Section:
@@ -163,10 +175,23 @@ def memory_report_job(out: Path) -> None:
     """Rebuild the memory outputs of a finished run from its memory.csv and run.json."""
     from bridgeprobe.analyses.memory_report import write_memory_outputs
 
-    if not (out / "memory.csv").is_file() or not (out / "run.json").is_file():
-        raise RunDirError(f"{out} has no finished memory run (memory.csv and run.json)")
+    if not table_path(out, "memory.csv").is_file() or not (out / "run.json").is_file():
+        raise RunDirError(f"{out} has no finished memory run (memory.csv or memory.csv.gz, and run.json)")
     with RunDirectory.locked(out):
         check_rows(out, "memory.csv")
         record = json.loads((out / "run.json").read_text())
         summary = write_memory_outputs(read_memory_csv(out), out, record)
     print("\n".join([*memory_lines(summary), files_line(out, MEMORY_FILES)]))
+
+
+def controls_job(args: argparse.Namespace) -> None:
+    """Write the two control sets of :mod:`prompts.controls`."""
+    from bridgeprobe.probes.results import atomic_write
+    from bridgeprobe.prompts.controls import KINDS, control_items
+
+    items = load_items(args, limit=args.limit)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for kind in KINDS:
+        kept = control_items(items, kind, seed=args.seed)
+        atomic_write(args.out / f"{kind}.jsonl", "".join(json.dumps(i.to_dict()) + "\n" for i in kept))
+        print(f"{kind}: {len(kept)} of {len(items)} items -> {args.out / f'{kind}.jsonl'}")
