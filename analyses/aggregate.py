@@ -14,8 +14,10 @@ Definitions (all on the last prompt position):
   exactly like the bridge; every bridge headline (a maximum over layers included) is given beside the same
   statistic of the control and the paired difference bridge - control over prompts, with its interval;
 - ``bridge_is_output``: the bridge is the model's own top token at the last layer (rank 0): there the bridge
-  "surfacing" is the output, not a latent step; the bridge-minus-control best layer and the "surfaces best"
-  table leave these prompts out (counted);
+  "surfacing" is the output, not a latent step; the bridge-minus-control best layer, the "surfaces best"
+  table and every comparison between outcome groups (their bridge rates, ``failures_vs_correct``) leave these
+  prompts out (counted): a correct prompt's output is the answer, so keeping them would raise the failures'
+  rates by definition;
 - ``unambiguous``: prompts whose bridge and control rows have no ``target_flags`` (first token shared by several
   entities, shared by bridge and answer, or of at most 2 characters); every headline is repeated on them;
 - ``contrast_peak_layer``: the layer where ``log10(control rank + 1) - log10(bridge rank + 1)`` is largest
@@ -33,7 +35,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bridgeprobe.analyses.stats import paired_difference, proportion_interval, proportion_intervals, sign_test
+from bridgeprobe.analyses.stats import (fisher_test, paired_difference, proportion_interval, proportion_intervals,
+                                        sign_test)
 
 TOP_K = 10
 TOPK_RATES = (1, 5, 10)
@@ -237,6 +240,22 @@ def headlines(frame: pd.DataFrame, prompts: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
+def _failures_vs_correct(prompts: pd.DataFrame) -> dict[str, Any] | None:
+    """The composition failures (``hops_ok_composition_failed``) against the correct prompts: the bridge in the
+    top 1 and top ``TOP_K`` at some layer, Fisher's exact test, both groups without the prompts whose bridge is
+    the output (a correct prompt cannot have it: keeping them makes the failures' rate higher by definition)."""
+    latent = prompts[~prompts["bridge_is_output"]]
+    failed, correct = (latent[latent["group"] == g] for g in ("hops_ok_composition_failed", "correct"))
+    if failed.empty or correct.empty:
+        return None
+    out: dict[str, Any] = {"n_failures": int(len(failed)), "n_correct": int(len(correct)),
+                           "n_bridge_is_output_left_out": int(prompts["bridge_is_output"].sum())}
+    for name, hit in (("top1", lambda f: f["bridge_best_rank"] == 0), (f"top{TOP_K}", lambda f: f["bridge_best_rank"] < TOP_K)):
+        a, b = int(hit(failed).sum()), int(hit(correct).sum())
+        out[f"bridge_{name}_any_layer_fisher_p"] = float(f"{fisher_test(a, len(failed), b, len(correct)):.3g}")
+    return out
+
+
 def summarize(frame: pd.DataFrame, layers: pd.DataFrame, prompts: pd.DataFrame) -> dict[str, Any]:
     """Dataset-level figures for ``summary.json`` and the report: every rate with its interval and n, the bridge
     beside its matched control, all of it again on the unambiguous prompts."""
@@ -246,12 +265,14 @@ def summarize(frame: pd.DataFrame, layers: pd.DataFrame, prompts: pd.DataFrame) 
     for name in GROUPS:
         sub = prompts[prompts["group"] == name]
         if len(sub):
+            latent = sub[~sub["bridge_is_output"]]  # a correct prompt's output is the answer, never the bridge
             groups[name] = _flat({
                 "n": int(len(sub)),
                 "median_bridge_peak_layer": _median(sub["bridge_peak_layer"]),
                 "median_answer_rise_layer": _median(sub["answer_rise_layer"]),
-                "bridge_top10_any_layer": _rate((sub["bridge_best_rank"] < TOP_K).astype(float)),
-                "bridge_top1_any_layer": _rate((sub["bridge_best_rank"] == 0).astype(float)),
+                "n_bridge_is_output": int(sub["bridge_is_output"].sum()),
+                "bridge_top10_any_layer": _rate((latent["bridge_best_rank"] < TOP_K).astype(float)),
+                "bridge_top1_any_layer": _rate((latent["bridge_best_rank"] == 0).astype(float)),
             })
     lead = headlines(frame, prompts)
     lead["bridge"]["median_rank_by_layer"] = [float(x) for x in bridge["median_rank"]]
@@ -276,5 +297,6 @@ def summarize(frame: pd.DataFrame, layers: pd.DataFrame, prompts: pd.DataFrame) 
         },
         "unambiguous": unambiguous,
         "groups": groups,
+        "failures_vs_correct": _failures_vs_correct(prompts),
         "definitions": __doc__.split("Definitions (all on the last prompt position):")[1].strip(),
     }

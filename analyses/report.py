@@ -146,11 +146,16 @@ def _group_findings(summary: dict[str, Any]) -> str:
     if not failed or not correct:
         return (f"Prompts per outcome group: {sizes}. Comparing the composition failures with the correct prompts "
                 f"needs both groups.")
+    test = summary.get("failures_vs_correct") or {}
+    fisher = (f" (Fisher's exact test p = {test['bridge_top1_any_layer_fisher_p']:.2g} and "
+              f"{test[f'bridge_top{TOP_K}_any_layer_fisher_p']:.2g})" if test else "")
     return (f"Prompts per outcome group: {sizes}. Of the {count(failed['n'])} prompts answered wrongly although both "
-            f"one-hop prompts are right, the bridge is top 1 at some layer in "
-            f"{interval(failed, 'bridge_top1_any_layer', with_n=False)} (correct prompts: "
-            f"{interval(correct, 'bridge_top1_any_layer', with_n=False)}); in the top {TOP_K} in "
-            f"{interval(failed, 'bridge_top10_any_layer', with_n=False)} vs {interval(correct, 'bridge_top10_any_layer', with_n=False)}.")
+            f"one-hop prompts are right, leaving out the {count(failed.get('n_bridge_is_output', 0))} whose output "
+            f"is the bridge itself (a correct prompt cannot have it), the bridge is top 1 at some layer in "
+            f"{interval(failed, 'bridge_top1_any_layer')} (correct prompts: "
+            f"{interval(correct, 'bridge_top1_any_layer')}); in the top {TOP_K} in "
+            f"{interval(failed, 'bridge_top10_any_layer', with_n=False)} vs "
+            f"{interval(correct, 'bridge_top10_any_layer', with_n=False)}{fisher}.")
 
 
 def _control_facts(summary: dict[str, Any]) -> dict[str, str]:

@@ -51,15 +51,15 @@ def finished_two_hop_run(run_dir: Path) -> dict[str, Any]:
 
 
 def seed_items(run_dir: Path, seed: int, per_split: int | None) -> list[PromptItem]:
-    """The ID and OOD two-hop test prompts of one seed (the first ``per_split`` of each split, pair partners
-    included, when given)."""
+    """The ID and OOD two-hop test prompts of one seed (``per_split`` of each split, drawn by the stratified
+    sampler with the seed, pair partners included, when given)."""
     from bridgeprobe.probes.identity import select_split_items
     from bridgeprobe.prompts.loaders import load_prompts
 
     items = load_prompts([run_dir / "data" / f"seed{seed}" / "prompts.jsonl"])
     if per_split is None:
         return items
-    return [*select_split_items(items, "id_test", per_split), *select_split_items(items, "ood_test", per_split)]
+    return [*select_split_items(items, "id_test", per_split, seed), *select_split_items(items, "ood_test", per_split, seed)]
 
 
 def finetune_lens(run_dir: Path, out: Path, *, per_split: int | None = None,

@@ -23,6 +23,7 @@ from bridgeprobe.analyses.summaries import files_line, identity_lines
 from bridgeprobe.probes.pipeline import ModelOptions, Timer, versions
 from bridgeprobe.probes.results import IncrementalCSV, atomic_write, atomic_write_csv
 from bridgeprobe.probes.rundir import write_finished
+from bridgeprobe.prompts.sampling import sample_items
 from bridgeprobe.prompts.schema import PromptItem
 from bridgeprobe.prompts.reversal import generate_reversal
 from bridgeprobe.prompts.synthetic import (SynthConfig, Splits, TwoHopTexts, generate, make_names, people, render_items,
@@ -308,18 +309,12 @@ def write_grid(paths: Sequence[Path], out: Path) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------- finetune
 
 
-def select_split_items(items: Sequence[PromptItem], split: str, n: int) -> list[PromptItem]:
-    """The first ``n`` items of a split, taking each item's pair partner along so patching has pairs."""
-    by_id = {i.id: i for i in items}
-    chosen: dict[str, PromptItem] = {}
-    for item in items:
-        if len(chosen) >= n:
-            break
-        if item.id.startswith(f"synth-{split.replace('_', '-')}-") and item.id not in chosen:
-            chosen[item.id] = item
-            if item.pair in by_id:
-                chosen[item.pair] = by_id[item.pair]
-    return list(chosen.values())
+def select_split_items(items: Sequence[PromptItem], split: str, n: int, seed: int = 0) -> list[PromptItem]:
+    """``n`` items of a split drawn by the project's stratified sampler (:func:`prompts.sampling.sample_items`:
+    round-robin over the relation compositions, ``seed``-shuffled), each item's pair partner taken along so patching
+    has pairs. (The first ``n`` in file order would cover only the first compositions.)"""
+    prefix = f"synth-{split.replace('_', '-')}-"
+    return sample_items([i for i in items if i.id.startswith(prefix)], n, "stratified", seed, pairs=True)
 
 
 def _task_data(kind: str, config: Any, tokenizer: Any, out: Path) -> tuple[Any, list[Path], list[PromptItem]]:
@@ -425,7 +420,7 @@ def finetune(out: Path, options: ModelOptions, data: dict[int, Any], config: Any
     scoring.close()
     atomic_write_csv(out / "items.csv", pd.DataFrame(rows))
     hooked = NativeHooks(inner_model(peft_model), tokenizer)
-    probed = {split: select_split_items(items[seeds[0]], split, probe_items) for split in ("id_test", "ood_test")}
+    probed = {split: select_split_items(items[seeds[0]], split, probe_items, seeds[0]) for split in ("id_test", "ood_test")}
     for state in (BASE, *conditions) if task == "two_hop" else ():
         named = state if state == BASE else adapter_name(state, seeds[0])
         with model_state(peft_model, named):
@@ -537,10 +532,12 @@ def finetune_report(out: Path) -> Path:
     split_text = (REVERSAL_DEFINITION if settings["task"] == "reversal" else OOD_DEFINITIONS[ood_kind(settings["data"])])
     sections.append(("With vs without identity, item by item",
                      "<p>Entity-level accuracy (greedy decoding reproduces every token of the target) on the same "
-                     f"evaluation items for both adapters, pooled over seeds. {split_text} Intervals: exact "
-                     "(Clopper-Pearson) for rates, BCa bootstrap over items for the paired difference; McNemar: exact "
-                     "test on the items where the two adapters disagree. Items of different seeds come from "
-                     "different data sets and adapters; the per-seed columns show the spread between seeds.</p>"
+                     f"evaluation items for both adapters, pooled over seeds. {split_text} Rates: exact "
+                     "(Clopper-Pearson) intervals. The difference identity minus no identity takes the seed as the "
+                     "unit (each seed is its own data set, names and adapters): the mean of the per-seed differences "
+                     "with a Student t interval over seeds and the exact sign-flip test over seeds. The pooled "
+                     "columns (BCa bootstrap over items, exact McNemar test on the items where the adapters "
+                     "disagree) treat every item as independent and are secondary.</p>"
                      + report.html_table(comparison), []))
     sections.append(("Accuracy per seed: base vs adapters", "<p>Entity-level accuracy (_acc) and the rate of "
                      "a correct first token (_first_token), final step.</p>" + report.html_table(results), []))

@@ -13,7 +13,8 @@ Conventions (docs/conventions.md):
   each given the prompt ids and the target ids before it (so, on the last layer's rows only; empty elsewhere).
   For a one-token target it equals ``logprob``;
 - target ``control`` (two-hop prompts): a matched control entity scored exactly like the bridge, the bridge of
-  the item's ``pair`` partner or else another bridge of the same composition (:func:`control_bridges`);
+  the item's ``pair`` partner or else another bridge of the same composition, used by about as many items and
+  never starting with the bridge's first token (:func:`control_bridges`);
 - ``target_flags``: why a first-token score may be ambiguous, ``;``-joined among ``shared_first_token`` (the
   first token starts >= 2 distinct entities of the set), ``same_as_answer`` (the bridge's, or control's, first
   token is the answer's in the two-hop prompt) and ``short_token`` (at most 2 characters once stripped); "" for
@@ -26,7 +27,7 @@ layer is read out only where it is scored, so the unembedding (large for big voc
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
@@ -64,29 +65,44 @@ class LensQuery:
         return (self.prompt_id, self.prompt_kind, self.target)
 
 
-def control_bridges(items: Sequence[PromptItem]) -> dict[str, str]:
+def control_bridges(items: Sequence[PromptItem], tokenizer: Any = None) -> dict[str, str]:
     """Item id -> its control entity: the bridge of its ``pair`` partner when that is in the set and differs from
-    its own bridge; else, deterministically, the next bridge after its own in sorted order among the other
-    bridges of the same composition (``r1>r2``), else of the same ``r1``, else of the whole set. Items with no
-    other bridge anywhere get none."""
+    its own bridge. Otherwise another bridge, from the same composition (``r1>r2``), else the same ``r1``, else the
+    whole set: never one whose first token is the bridge's (in the two-hop prompt's context with a ``tokenizer``,
+    else the first word, case-folded: "United Kingdom" for "United States" would force a difference of 0), and
+    among the rest the one used by the most similar number of items of the set (a frequent bridge is easier to
+    surface than a rare one); ties go to the next bridge after the item's own in sorted order, cyclically. Where no
+    bridge of the set has another first token (a character-level tokenizer), the first rule is dropped. Items with
+    no other bridge anywhere get none."""
     by_id = {item.id: item for item in items}
+    frequency = Counter(item.bridge for item in items)
     groups: dict[tuple[str, str | None], set[str]] = defaultdict(set)
     for item in items:
         groups[("composition", item.composition)].add(item.bridge)
         groups[("r1", item.r1)].add(item.bridge)
         groups[("set", None)].add(item.bridge)
+
+    def first(item: PromptItem, entity: str) -> Any:
+        if tokenizer is None:
+            return entity.split()[0].casefold() if entity.split() else entity
+        return target_ids(tokenizer, item.two_hop, entity)[0]
+
     controls = {}
     for item in items:
         partner = by_id.get(item.pair) if item.pair else None
         if partner is not None and partner.bridge != item.bridge:
             controls[item.id] = partner.bridge
             continue
-        for key in (("composition", item.composition), ("r1", item.r1), ("set", None)):
-            if key[1] is None and key[0] != "set":
-                continue
-            others = sorted(groups[key] - {item.bridge})
+        own = first(item, item.bridge)
+        keys = [k for k in (("composition", item.composition), ("r1", item.r1), ("set", None))
+                if k[1] is not None or k[0] == "set"]
+        # a tokenizer whose every entity starts with the same token (a character-level one) leaves no candidate
+        # anywhere: then the nearest group's bridges are taken anyway (and the lens flags them shared_first_token)
+        for key, distinct in [*((k, True) for k in keys), *((k, False) for k in keys)]:
+            others = [b for b in groups[key] - {item.bridge} if not distinct or first(item, b) != own]
             if others:
-                controls[item.id] = next((b for b in others if b > item.bridge), others[0])
+                controls[item.id] = min(others, key=lambda b: (abs(frequency[b] - frequency[item.bridge]),
+                                                               b < item.bridge, b))
                 break
     return controls
 
@@ -94,7 +110,7 @@ def control_bridges(items: Sequence[PromptItem]) -> dict[str, str]:
 def lens_queries(items: Sequence[PromptItem], tokenizer: Any = None) -> list[LensQuery]:
     """The queries for a prompt set: every probe in :data:`PROBES` whose prompt (and control) the item has; with a
     ``tokenizer``, their ``target_flags`` too (:func:`flag_queries`)."""
-    controls = control_bridges(items)
+    controls = control_bridges(items, tokenizer)
     queries = []
     for item in items:
         for kind, target in PROBES:

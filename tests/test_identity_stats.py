@@ -66,11 +66,16 @@ def test_reversal_config_errors() -> None:
         generate_reversal(ReversalConfig(n_pairs=10), people(5))
 
 
-def _items(rng: np.random.Generator, n: int, rates: dict[str, float], seeds: int = 3) -> pd.DataFrame:
+def _items(rng: np.random.Generator, n: int, rates: dict[str, float], seeds: int = 3,
+           seed_sd: float = 0.0) -> pd.DataFrame:
+    """items.csv rows: per seed and item, 0/1 entity hits at each state's rate; ``seed_sd`` moves the identity
+    condition's rate by a per-seed amount (adapters of different seeds differ)."""
     rows = []
     for seed in range(seeds):
+        shift = rng.normal(0, seed_sd) if seed_sd else 0.0
         for item in range(n):
             for state, rate in rates.items():
+                rate = min(max(rate + (shift if state == "identity" else 0.0), 0.0), 1.0)
                 rows.append({"seed": seed, "state": state, "split": "reverse_test", "item": item,
                              "entity": int(rng.random() < rate)})
     return pd.DataFrame(rows)
@@ -87,23 +92,34 @@ def test_item_comparison_equals_direct_computations() -> None:
         assert (row[f"{state} ci_low"], row[f"{state} ci_high"]) == pytest.approx((direct.low, direct.high))
         ci = sps.binomtest(int(wide[state].sum()), 180).proportion_ci(method="exact")
         assert row[f"{state} ci_low"] == pytest.approx(ci.low)
+    # the primary difference: the seed is the unit (t interval over the per-seed differences, exact sign-flip)
+    per_seed = (wide["identity"] - wide["no_identity"]).groupby(level="seed").mean()
+    low, high = sps.t.interval(0.95, 2, loc=per_seed.mean(), scale=sps.sem(per_seed))
+    assert row["delta"] == pytest.approx(per_seed.mean())
+    assert (row["delta ci_low"], row["delta ci_high"]) == pytest.approx((low, high))
+    signs = np.array([[a, b, c] for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)])
+    exact = np.mean(np.abs((signs * per_seed.to_numpy()).mean(1)) >= abs(per_seed.mean()) - 1e-12)
+    assert row["seeds sign-flip p"] == pytest.approx(exact)
+    # the secondary, pooled columns: McNemar as a binomial test on the discordant items
     better = int(((wide["identity"] == 1) & (wide["no_identity"] == 0)).sum())
     worse = int(((wide["identity"] == 0) & (wide["no_identity"] == 1)).sum())
     assert (row["identity better"], row["no_identity better"]) == (better, worse)
-    assert row["mcnemar p"] == pytest.approx(sps.binomtest(better, better + worse, 0.5).pvalue)
-    assert row["delta"] == pytest.approx((better - worse) / 180)
-    assert row["delta ci_low"] < row["delta"] < row["delta ci_high"]
+    assert row["pooled mcnemar p"] == pytest.approx(sps.binomtest(better, better + worse, 0.5).pvalue)
+    assert row["pooled delta"] == pytest.approx((better - worse) / 180)
 
 
-def test_item_comparison_interval_covers_the_true_difference() -> None:
-    """Coverage by simulation: the paired BCa interval of the difference holds the true difference in about 95%
-    of repeated experiments (independent items, true rates 0.3 and 0.45)."""
+def test_seed_level_interval_covers_when_seeds_differ_and_the_pooled_one_does_not() -> None:
+    """Coverage by simulation over 200 experiments of 5 seeds x 100 items whose adapters differ by seed (the
+    identity rate moves by sd 0.08 per seed): the t interval over seeds holds the true mean difference (0.15) in
+    about 95% of them; the item-level interval, which pools the 500 items as if independent, far less often."""
     rng = np.random.default_rng(1)
-    hits = 0
+    seed_level = pooled = 0
     for _ in range(200):
-        row = item_comparison(_items(rng, 80, {"no_identity": 0.3, "identity": 0.45}, seeds=1)).iloc[0]
-        hits += row["delta ci_low"] <= 0.15 <= row["delta ci_high"]
-    assert 0.9 <= hits / 200 <= 0.99
+        row = item_comparison(_items(rng, 100, {"no_identity": 0.3, "identity": 0.45}, seeds=5, seed_sd=0.08)).iloc[0]
+        seed_level += row["delta ci_low"] <= 0.15 <= row["delta ci_high"]
+        pooled += row["pooled delta ci_low"] <= 0.15 <= row["pooled delta ci_high"]
+    assert 0.9 <= seed_level / 200 <= 0.99
+    assert pooled / 200 < 0.8
 
 
 def _grid_rows(ood_without: list[float], ood_with: list[float], id_acc: float = 0.95) -> pd.DataFrame:

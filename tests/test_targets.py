@@ -224,6 +224,24 @@ def test_fallback_when_the_join_merges_across_the_boundary(caplog: pytest.LogCap
         target_ids(tokenizer, prompt, "", sep="")
 
 
+def test_controls_without_partners_are_matched_on_frequency_and_never_share_the_first_token() -> None:
+    """Hopping Too Late has no pairs: a bridge used by many items gets a control used by about as many (the old
+    next-in-sorted-order rule gave frequent bridges rare controls), and never one with the bridge's first token."""
+    def item(i: int, bridge: str) -> PromptItem:
+        return PromptItem(f"i{i}", f"The capital of the country of citizenship of person {i} is", bridge, "X",
+                          r1="citizen", r2="capital")
+
+    bridges = ["United States"] * 6 + ["United Kingdom"] * 5 + ["France"] * 5 + ["Peru"] * 1 + ["Chile"] * 1
+    items = [item(i, b) for i, b in enumerate(bridges)]
+    controls = control_bridges(items)
+    assert controls["i0"] == "France"  # 6 uses: France (5) over Chile/Peru (1); United Kingdom shares " United"
+    assert controls["i6"] == "France"  # 5 uses: France (5)
+    assert controls["i11"] == "United Kingdom"  # France (5): United Kingdom (5) is the closest after its own
+    assert controls["i16"] == "Chile"  # Peru (1): Chile (1), cyclically after Peru
+    for i, b in enumerate(bridges):
+        assert controls[f"i{i}"].split()[0] != b.split()[0]
+
+
 def test_flags_and_controls() -> None:
     """target_flags against a direct count over the set, and the control entity: the partner's bridge, else the
     next other bridge of the same composition."""
@@ -236,8 +254,10 @@ def test_flags_and_controls() -> None:
         PromptItem("g", "The largest city of the country where the Statue of Liberty is located is",
                    "United States", "New York", r1="loc", r2="largest"),
     ]
-    assert control_bridges(items) == {"a": "Italy", "b": "France", "c": "Italy", "d": "日本", "e": "France",
-                                      "f": "United States", "g": "United Kingdom"}
+    # f and g: the other bridge of their composition starts with the same token (" United"), so the control comes
+    # from the same r1, the next bridge after their own in sorted order, cyclically
+    expected = {"a": "Italy", "b": "France", "c": "Italy", "d": "日本", "e": "France", "f": "日本", "g": "日本"}
+    assert control_bridges(items) == expected == control_bridges(items, tokenizer)
     queries = flag_queries(lens_queries(items), tokenizer)
     first = {q.key: target_ids(tokenizer, q.prompt, q.target_text)[0] for q in queries}
     for q in queries:

@@ -220,6 +220,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     rundir_args(lens)
     lens.set_defaults(handler=finetune_lens_job)
 
+    report = sub.add_parser(
+        "finetune-report", help="rebuild a finished finetune run's comparison tables and page from its files",
+        description="Rewrite DIR/comparison.csv, the lens and patching tables, the PNGs and index.html of a finished "
+                    "`bridgeprobe finetune` run from its items.csv, metrics.csv, results.csv and per-state tables, "
+                    "without the model (after a change to the statistics, say).")
+    report.add_argument("out", type=Path, metavar="DIR", help="directory of a finished finetune run")
+    report.set_defaults(handler=finetune_report_job)
+
 
 
 RUN_FLAGS = ("out", "overwrite", "recompute", "handler", "command", "verbose", "debug", "keep_checkpoints", "seed")
@@ -320,6 +328,23 @@ def finetune_lens_job(args: argparse.Namespace) -> Path:
     with run_directory(args.out, found, overwrite=args.overwrite, recompute=args.recompute):
         finetune_lens(args.run, args.out, per_split=args.per_split, batch_size=args.batch_size)
     return args.out
+
+
+def finetune_report_job(args: argparse.Namespace) -> Path:
+    """Check that DIR holds a finished finetune run, lock it and rebuild its report files."""
+    import json
+
+    from bridgeprobe.probes.identity import finetune_report
+    from bridgeprobe.probes.rundir import RunDirError, RunDirectory
+
+    record = args.out / "run.json"
+    if not record.is_file() or not (args.out / "items.csv").is_file():
+        raise RunDirError(f"{args.out} has no finetune run (run.json and items.csv)")
+    status = json.loads(record.read_text()).get("status")
+    if status != "finished":
+        raise RunDirError(f"{record}: the run is not finished (status {status!r}); rerun its command first")
+    with RunDirectory.locked(args.out):
+        return finetune_report(args.out)
 
 
 def finetune_job(args: argparse.Namespace) -> Path:
