@@ -48,8 +48,14 @@ def test_lens_writes_long_csv_and_run_json(prompt_file: Path, tmp_path: Path) ->
     bridge = frame[(frame.target == "bridge") & (frame.prompt_kind == "two_hop")].groupby("prompt_id")["token_id"]
     assert control == {"fuji": bridge.first()["hamlet"], "colosseum": bridge.first()["fuji"],
                        "hamlet": bridge.first()["colosseum"]}
-    flags = {f for value in frame["target_flags"].fillna("") for f in value.split(";") if f}
-    assert flags <= {"shared_first_token", "short_token", "same_as_answer"}
+    # every row's target_flags as the lens computes them for these items with the model's tokenizer
+    from bridgeprobe.probes.lens import lens_queries
+    from bridgeprobe.probes.models import load_model
+    from bridgeprobe.prompts.loaders import load_prompts
+
+    expected = {q.key: q.flags for q in lens_queries(load_prompts([prompt_file]), load_model("smollm2-135m")[1])}
+    written = frame.groupby(["prompt_id", "prompt_kind", "target"])["target_flags"].first().fillna("").to_dict()
+    assert written == expected  # (flag by flag against direct counts: tests/test_targets.py)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["model"] == "smollm2-135m" and run["n_layers"] == 30 and run["timings"]["lens_s"] > 0
     assert {"torch", "transformers"} <= set(run["versions"])
