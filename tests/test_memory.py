@@ -468,6 +468,20 @@ def test_memory_command_end_to_end(tmp_path: Path) -> None:
     assert summary["statement"].startswith("smollm2-135m (30 layers): ")
     (out / "memory_summary.json").unlink()
     assert main(["memory-report", str(out)]) == 0 and (out / "memory_summary.json").is_file()
+    # the checked-in controls keep memory.csv compressed: the report reads it and checks its rows the same way
+    import gzip
+    import shutil
+
+    with (out / "memory.csv").open("rb") as src, gzip.open(out / "memory.csv.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    (out / "memory.csv").unlink()
+    assert main(["memory-report", str(out)]) == 0
+    assert json.loads((out / "memory_summary.json").read_text())["statement"] == summary["statement"]
+    with gzip.open(out / "memory.csv.gz", "rt") as fh:
+        lines = fh.readlines()
+    with gzip.open(out / "memory.csv.gz", "wt") as fh:  # cut short: refused like a plain file
+        fh.writelines(lines[:-5])
+    assert main(["memory-report", str(out)]) == 2
 
 
 def test_probe_is_trained_without_the_hop2_prompts_of_its_test_relations(monkeypatch) -> None:

@@ -103,3 +103,34 @@ def test_hopping_too_late_preset() -> None:
     assert len(items) == 750
     first = items[0]
     assert first.two_hop.endswith(" is") and first.hop1.endswith(" is") and first.bridge in first.hop2
+
+
+def test_memory_control_sets_put_the_bridge_or_another_bridge_in_place_of_e1(tmp_path: Path) -> None:
+    """present: e1 becomes the item's own bridge, so the state at e1 *is* the bridge written out; absent: another
+    bridge of the same first relation, never the item's or its partner's; everything else (ids, pairs, hop
+    prompts, answers) unchanged; the command writes both as loadable sets, the same for the same seed."""
+    from bridgeprobe.probes.cli import main
+    from bridgeprobe.prompts.controls import control_items
+
+    items = load_prompts("curated")
+    by_id = {i.id: i for i in items}
+    present, absent = control_items(items, "present"), control_items(items, "absent", seed=3)
+    assert len(present) == len(absent) == len(items)
+    bridges_of = {}
+    for item in items:
+        bridges_of.setdefault(item.r1, set()).add(item.bridge)
+    for new in present:
+        old = by_id[new.id]
+        assert new.e1 == old.bridge and new.two_hop == old.two_hop.replace(old.e1, old.bridge)
+        assert (new.hop1, new.hop2, new.answer, new.bridge, new.pair) == (old.hop1, old.hop2, old.answer, old.bridge,
+                                                                           old.pair)
+    for new in absent:
+        old = by_id[new.id]
+        assert new.e1 in bridges_of[old.r1] and new.e1 not in (old.bridge, by_id[old.pair].bridge)
+        assert new.two_hop == old.two_hop.replace(old.e1, new.e1)
+    assert control_items(items, "absent", seed=3) == absent != control_items(items, "absent", seed=4)
+    assert main(["memory-controls", "--out", str(tmp_path)]) == 0
+    assert load_prompts([tmp_path / "present.jsonl"]) == present
+    assert load_prompts([tmp_path / "absent.jsonl"]) == control_items(items, "absent", seed=0)
+    with pytest.raises(ValueError, match="control kind"):
+        control_items(items, "neither")

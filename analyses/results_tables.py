@@ -1,0 +1,143 @@
+"""The result tables the README and docs quote, built from the checked-in report files so that no figure is
+copied by hand: the README's lens table, the shared-memory statements, and the identity comparisons.
+
+Each table sits in its page between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``;
+``python -m bridgeprobe.analyses.results_tables`` rewrites those blocks from ``reports/`` (run it after
+``reports/rebuild.sh``), and ``tests/test_quoted_numbers.py`` fails when a page and its reports disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma 3 270M"}
+POSITIONS = {"last": "at the last token", "e1_last": "at e1's last token"}
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _pct(x: float, digits: int = 1) -> str:
+    return f"{100 * x:.{digits}f}%"
+
+
+def _rate(block: dict[str, Any], key: str) -> str:
+    """``25.1% [22.1, 28.2]`` from a summary block's value and bounds."""
+    return f"{_pct(block[key])} [{100 * block[f'{key}_ci_low']:.1f}, {100 * block[f'{key}_ci_high']:.1f}]"
+
+
+def _points(block: dict[str, Any], key: str, signed_bounds: bool = True) -> str:
+    """A rate difference in percentage points with its interval: ``+20.0 points [+17.1, +23.1]``."""
+    fmt = (lambda x: f"{100 * x:+.1f}") if signed_bounds else (lambda x: f"{100 * x:.1f}")
+    return f"{100 * block[key]:+.1f} points [{fmt(block[f'{key}_ci_low'])}, {fmt(block[f'{key}_ci_high'])}]"
+
+
+def _p(p: float) -> str:
+    """p for people: ``p < 0.001`` below 0.001, two significant digits above."""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
+
+
+def _lens_row(label: str, model: str, summary: dict[str, Any], items: str) -> str:
+    acc, bridge, control, diff = (summary[k] for k in ("accuracy", "bridge", "control", "bridge_minus_control"))
+    n_layers = summary["n_layers"]
+    ranks = bridge["median_rank_by_layer"]
+    mid = n_layers // 2
+    best = diff["best_layer"]
+    best_text = "none" if best is None else (
+        f"{best}{', the last' if best == n_layers - 1 else ''}: {_points(diff, 'best_layer_top10_difference', False)}"
+        f" (n = {diff['best_layer_top10_difference_n']})")
+    return (f"| {label} | {model} ({n_layers} layers) | {items} | {_rate(acc, 'two_hop')} / {_pct(acc['hop1'])} / "
+            f"{_pct(acc['hop2'])} | {_rate(bridge, 'top10_any_layer')} ({_pct(bridge['top1_any_layer'])}) | "
+            f"{_rate(control, 'top10_any_layer')} ({_pct(control['top1_any_layer'])}) | "
+            f"{_points(diff, 'top10_any_layer')}, sign test {_p(diff['top10_any_layer_sign_test_p'])} | {best_text} | "
+            f"{ranks[0]:.0f} → {ranks[mid]:.0f} (layer {mid}) → {ranks[-1]:.0f} |")
+
+
+def lens_table(reports: Path = ROOT / "reports") -> str:
+    """The README's lens table: the bundled curated set and Hopping Too Late, both embedded models."""
+    lines = ["| set | model | items | two-hop / hop 1 / hop 2 accuracy | bridge in top 10 at some layer (top 1) | "
+             "matched control, same statistic | bridge − control, paired | best layer over the control | "
+             "median bridge rank, layer 0 → middle → last |", "|---|---|---|---|---|---|---|---|---|"]
+    for model, name in MODELS.items():
+        summary = _json(reports / model / "summary.json")
+        lines.append(_lens_row("curated", name, summary, str(summary["n_prompts"])))
+    for model, name in MODELS.items():
+        summary = _json(reports / "htl" / model / "summary.json")
+        lines.append(_lens_row("Hopping Too Late (Llama-3-8B split)", name, summary, str(summary["n_prompts"])))
+    return "\n".join(lines) + "\n"
+
+
+def _memory_cell(part: dict[str, Any]) -> str:
+    """One position's statement in a few words: band a-b / no band / not enough items (+ layers where tests hold)."""
+    if part["status"] == "band":
+        return "**band {}–{}**".format(*part["band"])
+    holds = part["layers_by_evidence"]
+    held = "; ".join(f"{t.replace('_', ' ')} {holds[t]}" for t in ("crosspatch", "other_relation", "decoding", "probe"))
+    if part["status"] == "none":
+        return f"**no band** (tests hold: {held})"
+    return f"**not enough items to decide** (tests hold: {held})"
+
+
+def memory_table(reports: Path = ROOT / "reports") -> str:
+    """The shared-memory statements at both positions: the controls (positive, negative) first, then the models."""
+    rows = [("positive control (SmolLM2-135M, the bridge in place of e1)", reports / "memory-controls" / "present"),
+            ("negative control (SmolLM2-135M, another bridge in place of e1)", reports / "memory-controls" / "absent")]
+    rows += [(f"{name}, curated set (full analysis)", reports / model / "memory") for model, name in MODELS.items()]
+    lines = ["| what | items (with maps) | at the last token | at e1's last token |", "|---|---|---|---|"]
+    for label, directory in rows:
+        summary = _json(directory / "memory_summary.json")
+        lines.append(f"| {label} | {summary['n_items']} ({summary['n_map_items']}) | "
+                     f"{_memory_cell(summary['positions']['last'])} | {_memory_cell(summary['positions']['e1_last'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def lora_table(reports: Path = ROOT / "reports") -> str:
+    """The LoRA comparisons, identity minus no identity with the seed as the unit, per split."""
+    lines = ["| run | split | no identity | identity | difference over seeds [95% t] | per seed | seeds higher | "
+             "sign-flip p (seeds) |", "|---|---|---|---|---|---|---|---|"]
+    for run, splits in (("finetune", ("ood_two_hop", "id_two_hop", "one_hop")),
+                        ("reversal", ("reverse_test", "reverse_train", "forward", "identity"))):
+        table = pd.read_csv(reports / "identity" / run / "comparison.csv").set_index("split")
+        for split in splits:
+            row = table.loc[split]
+            interval = ("no interval" if pd.isna(row["delta ci_low"])
+                        else f"[{row['delta ci_low']:+.3f}, {row['delta ci_high']:+.3f}]")
+            lines.append(f"| {run} | {split} | {row['no_identity acc']:.3f} | {row['identity acc']:.3f} | "
+                         f"{row['delta']:+.3f} {interval} | {row['delta per seed']} | {row['seeds identity higher']} | "
+                         f"{row['seeds sign-flip p']:.2g} |")
+    return "\n".join(lines) + "\n"
+
+
+TABLES: dict[str, Callable[[Path], str]] = {"lens": lens_table, "memory": memory_table, "lora": lora_table}
+BLOCK = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results:\2 -->)", re.S)
+
+
+def blocks(text: str) -> dict[str, str]:
+    """The generated blocks of a page: name -> its current content."""
+    return {m.group(2): m.group(3) for m in BLOCK.finditer(text)}
+
+
+def refresh(path: Path, reports: Path = ROOT / "reports") -> bool:
+    """Rewrite the generated blocks of ``path`` from ``reports``; whether anything changed."""
+    text = path.read_text(encoding="utf-8")
+    new = BLOCK.sub(lambda m: m.group(1) + TABLES[m.group(2)](reports) + m.group(4), text)
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    return new != text
+
+
+def main() -> None:
+    for page in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))):
+        if blocks(page.read_text(encoding="utf-8")):
+            print(f"{page.relative_to(ROOT)}: {'updated' if refresh(page) else 'unchanged'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Numbers that cannot drift: every result table the README and docs/ quote is recomputed from the checked-in
+report files (summary.json, memory_summary.json, comparison.csv, grid.csv, reports/calibration/) and compared with
+the text. The generated tables (analyses/results_tables.py) must equal their blocks verbatim; the hand-written
+grid table must match grid.csv row by row; the prose figures listed here must be what the files say."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bridgeprobe.analyses import results_tables
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _text(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if results_tables.blocks(_text(p))], ids=lambda p: p.name)
+def test_generated_blocks_equal_what_the_reports_say(page: Path) -> None:
+    for name, content in results_tables.blocks(_text(page)).items():
+        assert content == results_tables.TABLES[name](ROOT / "reports"), (
+            f"{page.name}: the {name} table differs from reports/; run python -m bridgeprobe.analyses.results_tables")
+
+
+def test_the_readme_carries_the_lens_memory_and_lora_tables() -> None:
+    assert {"lens", "memory", "lora"} <= set(results_tables.blocks(_text(ROOT / "README.md")))
+
+
+def test_identity_grid_table_matches_grid_csv_row_by_row() -> None:
+    """docs/identity.md's grid table: each row's ID, OOD and difference figures are those of one grid.csv cell."""
+    grid = pd.read_csv(ROOT / "reports" / "identity" / "grid" / "grid.csv")
+    text = _text(ROOT / "docs" / "identity.md")
+    table = text[text.index("| model | embeddings | identity form | knob |"):]
+    table = table[: table.index("\n\n")]
+    rows = table.splitlines()[2:]
+    assert len(rows) == len(grid)
+    used = set()
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        id_without, id_with = (float(x) for x in cells[4].split(" / "))
+        ood_without, ood_with = float(cells[5]), float(cells[6])
+        delta, low, high = (float(x.replace("−", "-")) for x in re.findall(r"[+−-]\d\.\d\d", cells[7]))
+        quoted = {"id_two_hop_acc no_identity mean": id_without, "id_two_hop_acc identity mean": id_with,
+                  "ood_two_hop_acc no_identity mean": ood_without, "ood_two_hop_acc identity mean": ood_with,
+                  "ood_two_hop_acc delta mean": delta, "ood_two_hop_acc delta ci_low": low,
+                  "ood_two_hop_acc delta ci_high": high}
+        near = (grid["ood_two_hop_acc identity higher"] == cells[8])
+        for column, value in quoted.items():  # two decimals, rounded either way at an exact half
+            near &= (grid[column] - value).abs() <= 0.005 + 1e-9
+        matches = grid[near]
+        assert len(matches) >= 1, line
+        used.add(int(matches.index[0]))
+    assert len(used) == len(grid)
+
+
+def test_operating_characteristics_table_is_the_checked_in_simulation() -> None:
+    """docs/statistics.md quotes reports/calibration/operating_characteristics.md verbatim."""
+    made = _text(ROOT / "reports" / "calibration" / "operating_characteristics.md").split("\n\n", 1)[1]
+    assert made in _text(ROOT / "docs" / "statistics.md")
+
+
+def _memory(model: str) -> dict:
+    return json.loads(_text(ROOT / "reports" / model / "memory" / "memory_summary.json"))
+
+
+def test_memory_prose_states_what_the_summaries_decide() -> None:
+    """The words docs/memory.md uses for each statement are the summaries' decisions."""
+    text = _text(ROOT / "docs" / "memory.md")
+    words = {"band": "band", "none": "no band", "undecided": "not enough items to decide"}
+    for model, name in results_tables.MODELS.items():
+        for position, where in results_tables.POSITIONS.items():
+            status = _memory(model)["positions"][position]["status"]
+            assert f"{name}, {where}: {words[status]}" in text, (model, position)
