@@ -213,6 +213,9 @@ def signflip_test(differences: Sequence[float] | np.ndarray, alternative: str = 
     x = _clean(differences)
     if len(x) == 0:
         return 1.0
+    if len(x) == 1:  # two sign patterns (scipy needs two values): the observed one and its flip
+        extreme = {"greater": x[0] > 0, "less": x[0] < 0, "two-sided": False}[alternative]
+        return 0.5 if extreme else 1.0
     result = stats.permutation_test((x,), np.mean, permutation_type="samples", alternative=alternative,
                                     n_resamples=n_resamples, vectorized=True, rng=np.random.default_rng(seed))
     return float(result.pvalue)

@@ -109,17 +109,9 @@ def finetune_lens(run_dir: Path, out: Path, *, per_split: int | None = None,
                        for split, part in frame.groupby("split")]
     table = pd.concat(prompts, ignore_index=True)
     table["split"] = table["prompt_id"].map(report.synth_split)
-    states, comparison = report.lens_states(table), report.lens_comparison(table)
-    layer_table = pd.concat(layers, ignore_index=True)
-    pooled = (layer_table.groupby(["state", "split", "prompt_kind", "target", "layer"], as_index=False)
-              [["median_rank", "top10_rate"]].mean())  # mean over seeds of the per-seed medians and rates
     atomic_write_csv(out / "prompts.csv", table)
-    atomic_write_csv(out / "lens_states.csv", states)
-    atomic_write_csv(out / "lens_comparison.csv", comparison)
-    atomic_write_csv(out / "lens_layers.csv", layer_table)
-    report.lens_layer_plot(pooled, out / "lens_layers.png",
-                           f"Logit lens, {record['model']}: base vs adapters (mean over {len(seeds)} seeds)")
-    summary = "\n".join([*report.lens_lines(states, comparison), files_line(out, FILES)])
+    atomic_write_csv(out / "lens_layers.csv", pd.concat(layers, ignore_index=True))
+    summary, comparison = lens_tables(out, record["model"])
     write_finished(out, {"command": "finetune-lens", "source": str(run_dir.resolve()), "model": record["model"],
                          "settings": {"per_split": per_split, "batch_size": batch_size, "seeds": seeds,
                                       "conditions": conditions},
@@ -127,3 +119,21 @@ def finetune_lens(run_dir: Path, out: Path, *, per_split: int | None = None,
                          "timings": timer.timings, "versions": versions()}, summary)
     print(summary)
     return comparison
+
+
+def lens_tables(out: Path, model: str) -> tuple[str, pd.DataFrame]:
+    """From ``out/prompts.csv`` and ``out/lens_layers.csv``: ``lens_states.csv``, ``lens_comparison.csv`` and
+    ``lens_layers.png``; returns the summary lines and the comparison (also what rebuilds a finished run's
+    tables without the model, ``bridgeprobe finetune-report``)."""
+    from bridgeprobe.analyses import identity_report as report
+
+    table = pd.read_csv(out / "prompts.csv", dtype={"prompt_id": str})
+    layer_table = pd.read_csv(out / "lens_layers.csv")
+    states, comparison = report.lens_states(table), report.lens_comparison(table)
+    pooled = (layer_table.groupby(["state", "split", "prompt_kind", "target", "layer"], as_index=False)
+              [["median_rank", "top10_rate"]].mean())  # mean over seeds of the per-seed medians and rates
+    atomic_write_csv(out / "lens_states.csv", states)
+    atomic_write_csv(out / "lens_comparison.csv", comparison)
+    report.lens_layer_plot(pooled, out / "lens_layers.png",
+                           f"Logit lens, {model}: base vs adapters (mean over {table['seed'].nunique()} seeds)")
+    return "\n".join([*report.lens_lines(states, comparison), files_line(out, FILES)]), comparison

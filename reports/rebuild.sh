@@ -2,12 +2,14 @@
 # Maintainers: rebuild the checked-in example reports under reports/ (commands run without --out write under the
 # git-ignored runs/ instead, so a user's run never touches these files).
 #
-#   reports/rebuild.sh [FLAG...] [main] [memory] [identity] [htl]   (no group: all four, in this order)
+#   reports/rebuild.sh [FLAG...] [main] [memory] [controls] [identity] [htl] [calibration]
+#                                                                  (no group: all six, in this order)
 #
 # FLAGs (e.g. --overwrite, --recompute) go to every command; a finished run with the same settings is otherwise
-# kept as it is. Times on 2 CPU cores: main 5-15 min per model, memory 1-2 h per model, identity: the default and the
-# grid ~2 h of single-thread training, the LoRA runs about 1 h each with two threads, their lens 16 min and memory
-# 30 min; htl ~10 min per model. Run from the repository root in the installed virtual environment.
+# kept as it is. Times on 2 CPU cores: main 5-15 min per model, memory 30-60 min per model, controls ~30 min each,
+# identity: the default and the grid ~2 h of single-thread training, the LoRA runs about 1 h each with two threads,
+# their lens 16 min and memory 20 min each; htl ~10 min per model; calibration ~20 min. Run from the repository
+# root in the installed virtual environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,11 +17,11 @@ flags=() groups=()
 for arg in "$@"; do
   case "$arg" in
     -*) flags+=("$arg") ;;
-    main|memory|identity|htl) groups+=("$arg") ;;
-    *) echo "rebuild.sh: unknown group '$arg' (main, memory, identity, htl)" >&2; exit 2 ;;
+    main|memory|controls|identity|htl|calibration) groups+=("$arg") ;;
+    *) echo "rebuild.sh: unknown group '$arg' (main, memory, controls, identity, htl, calibration)" >&2; exit 2 ;;
   esac
 done
-[ ${#groups[@]} -gt 0 ] || groups=(main memory identity htl)
+[ ${#groups[@]} -gt 0 ] || groups=(main memory controls identity htl calibration)
 
 run() { echo "+ bridgeprobe $*" >&2; bridgeprobe "$@" ${flags[@]+"${flags[@]}"}; }
 
@@ -31,6 +33,16 @@ for group in "${groups[@]}"; do
     memory)
       run memory --model smollm2-135m --prompts curated --map-items 120 --stride 4 --out reports/smollm2-135m/memory
       run memory --model gemma3-270m --prompts curated --map-items 120 --stride 3 --out reports/gemma3-270m/memory ;;
+    controls)  # docs/memory.md, positive controls: the bridge written in place of e1 (present) or another bridge
+      # there (absent), through the same analysis; memory.csv is kept compressed (memory-report reads memory.csv.gz)
+      bridgeprobe memory-controls --out reports/memory-controls/prompts
+      for kind in present absent; do
+        run memory --model smollm2-135m --prompts reports/memory-controls/prompts/$kind.jsonl --items 240 \
+          --map-items 120 --stride 30 --analyses crosspatch,decoding,alignment --out reports/memory-controls/$kind
+        if [ -f reports/memory-controls/$kind/memory.csv ]; then
+          gzip -9 -n -f reports/memory-controls/$kind/memory.csv
+        fi
+      done ;;
     identity)  # docs/identity.md; the grid keeps only run.json, results.csv, comparison.* and metrics.csv per cell
       run reproduce --out reports/identity/reproduce               # the default: the grid's best cell, 5 seeds
       G="--model gpt2 --steps 5000 --lr 2e-3 --weight-decays 1.0 --identity-repeats 10 --eval-every 500 --checkpoint-every 500 --seeds 0 1 2"
@@ -66,7 +78,12 @@ for group in "${groups[@]}"; do
       for state in base no_identity identity; do
         adapter=(); [ $state = base ] || adapter=(--adapter $F/adapters/${state}_seed0)
         run memory --model smollm2-135m ${adapter[@]+"${adapter[@]}"} --prompts $F/data/seed0/prompts.jsonl --items 384 \
-          --map-items 120 --stride 6 --analyses crosspatch,alignment --out reports/identity/finetune-memory/$state
+          --map-items 120 --stride 6 --analyses crosspatch,decoding,alignment --out reports/identity/finetune-memory/$state
+      done
+      # the comparison tables and pages of the finished LoRA runs, from their files (after a change to the statistics)
+      for dir in reports/identity/finetune reports/identity/finetune-lens reports/identity/reversal \
+          reports/identity/reversal-all-blocks-everyone; do
+        bridgeprobe finetune-report $dir
       done ;;
     htl)  # the README's Hopping Too Late rows (the data are not copied in: HTL_DIR, default ../shared/data/...)
       H=${HTL_DIR:-../shared/data/hopping_too_late}
@@ -74,5 +91,7 @@ for group in "${groups[@]}"; do
         run lens --model $model --prompts $H/raw_llama3-8b_two_hop_correct.csv $H/raw_llama3-8b_two_hop_incorrect.csv \
           --preset hopping_too_late --out reports/htl/$model --report
       done ;;
+    calibration)  # docs/statistics.md: the decision rule's error rates on planted effects
+      python tests/benchmarks/bench_decision_rule.py --families 1000 --resamples 1999 --out reports/calibration ;;
   esac
 done

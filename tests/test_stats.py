@@ -122,6 +122,7 @@ def test_sign_test_and_signflip_match_exact_references():
     flips = np.array(list(itertools.product((-1, 1), repeat=len(x))))
     exact = np.mean((flips * x).mean(1) >= x.mean() - 1e-12)
     assert stats.signflip_test(x, "greater") == pytest.approx(exact)  # 2**8 < resamples: scipy enumerates
+    assert [stats.signflip_test([0.3], a) for a in ("greater", "less", "two-sided")] == [0.5, 1.0, 1.0]
     assert stats.fisher_test(12, 120, 0, 120, "greater") == pytest.approx(
         sps.fisher_exact([[12, 108], [0, 120]], alternative="greater").pvalue)
 

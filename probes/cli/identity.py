@@ -221,11 +221,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     lens.set_defaults(handler=finetune_lens_job)
 
     report = sub.add_parser(
-        "finetune-report", help="rebuild a finished finetune run's comparison tables and page from its files",
-        description="Rewrite DIR/comparison.csv, the lens and patching tables, the PNGs and index.html of a finished "
-                    "`bridgeprobe finetune` run from its items.csv, metrics.csv, results.csv and per-state tables, "
-                    "without the model (after a change to the statistics, say).")
-    report.add_argument("out", type=Path, metavar="DIR", help="directory of a finished finetune run")
+        "finetune-report", help="rebuild a finished finetune or finetune-lens run's tables from its files",
+        description="Without the model (after a change to the statistics, say): for a finished `bridgeprobe finetune` "
+                    "run, rewrite DIR/comparison.csv, the lens and patching tables, the PNGs and index.html from its "
+                    "items.csv, metrics.csv, results.csv and per-state tables; for a finished `bridgeprobe "
+                    "finetune-lens` run, rewrite DIR/lens_states.csv, lens_comparison.csv and lens_layers.png from "
+                    "its prompts.csv and lens_layers.csv.")
+    report.add_argument("out", type=Path, metavar="DIR", help="directory of a finished finetune or finetune-lens run")
     report.set_defaults(handler=finetune_report_job)
 
 
@@ -337,14 +339,25 @@ def finetune_report_job(args: argparse.Namespace) -> Path:
     from bridgeprobe.probes.identity import finetune_report
     from bridgeprobe.probes.rundir import RunDirError, RunDirectory
 
+    from bridgeprobe.probes.finetune_lens import lens_tables
+
     record = args.out / "run.json"
-    if not record.is_file() or not (args.out / "items.csv").is_file():
-        raise RunDirError(f"{args.out} has no finetune run (run.json and items.csv)")
-    status = json.loads(record.read_text()).get("status")
-    if status != "finished":
-        raise RunDirError(f"{record}: the run is not finished (status {status!r}); rerun its command first")
+    if not record.is_file():
+        raise RunDirError(f"{args.out} has no finetune or finetune-lens run (no run.json)")
+    run = json.loads(record.read_text())
+    lens = run.get("command") == "finetune-lens"
+    needed = ("prompts.csv", "lens_layers.csv") if lens else ("items.csv",)
+    missing = [name for name in needed if not (args.out / name).is_file()]
+    if missing:
+        raise RunDirError(f"{args.out}: missing {', '.join(missing)}; rerun its command")
+    if run.get("status") != "finished":
+        raise RunDirError(f"{record}: the run is not finished (status {run.get('status')!r}); rerun its command first")
     with RunDirectory.locked(args.out):
-        return finetune_report(args.out)
+        if not lens:
+            return finetune_report(args.out)
+        summary, _ = lens_tables(args.out, run["model"])
+        print(summary)
+        return args.out
 
 
 def finetune_job(args: argparse.Namespace) -> Path:
