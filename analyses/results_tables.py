@@ -18,6 +18,10 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma 3 270M"}
 POSITIONS = {"last": "at the last token", "e1_last": "at e1's last token"}
+TESTS = {"crosspatch": "cross-patch", "other_relation": "other relation", "decoding": "decoding", "probe": "probe"}
+SPLITS = {"ood_two_hop": "OOD two-hop", "id_two_hop": "ID two-hop, held out", "one_hop": "one-hop facts",
+          "reverse_test": "never-seen reversals", "reverse_train": "trained reversals", "forward": "forward facts",
+          "identity": "identity sentences"}
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -79,7 +83,7 @@ def _memory_cell(part: dict[str, Any]) -> str:
     if part["status"] == "band":
         return "**band {}–{}**".format(*part["band"])
     holds = part["layers_by_evidence"]
-    held = "; ".join(f"{t.replace('_', ' ')} {holds[t]}" for t in ("crosspatch", "other_relation", "decoding", "probe"))
+    held = "; ".join(f"{name} {holds[test].replace('-', '–')}" for test, name in TESTS.items())
     if part["status"] == "none":
         return f"**no band** (tests hold: {held})"
     return f"**not enough items to decide** (tests hold: {held})"
@@ -100,18 +104,22 @@ def memory_table(reports: Path = ROOT / "reports") -> str:
 
 def lora_table(reports: Path = ROOT / "reports") -> str:
     """The LoRA comparisons, identity minus no identity with the seed as the unit, per split."""
-    lines = ["| run | split | no identity | identity | difference over seeds [95% t] | per seed | seeds higher | "
+    lines = ["| run | split (items) | no identity | identity | difference over seeds [95% t] | per seed | seeds higher | "
              "sign-flip p (seeds) |", "|---|---|---|---|---|---|---|---|"]
-    for run, splits in (("finetune", ("ood_two_hop", "id_two_hop", "one_hop")),
+    for run, splits in (("two-hop", ("ood_two_hop", "id_two_hop", "one_hop")),
                         ("reversal", ("reverse_test", "reverse_train", "forward", "identity"))):
-        table = pd.read_csv(reports / "identity" / run / "comparison.csv").set_index("split")
+        table = pd.read_csv(reports / "identity" / ("finetune" if run == "two-hop" else run) / "comparison.csv")
         for split in splits:
-            row = table.loc[split]
-            interval = ("no interval" if pd.isna(row["delta ci_low"])
-                        else f"[{row['delta ci_low']:+.3f}, {row['delta ci_high']:+.3f}]")
-            lines.append(f"| {run} | {split} | {row['no_identity acc']:.3f} | {row['identity acc']:.3f} | "
-                         f"{row['delta']:+.3f} {interval} | {row['delta per seed']} | {row['seeds identity higher']} | "
-                         f"{row['seeds sign-flip p']:.2g} |")
+            row = table.set_index("split").loc[split]
+            if pd.isna(row["delta ci_low"]):
+                interval = "no interval below 3 seeds"
+            elif row["delta ci_low"] == row["delta ci_high"]:
+                interval = "(every seed the same)"
+            else:
+                interval = f"[{row['delta ci_low']:+.3f}, {row['delta ci_high']:+.3f}]"
+            lines.append(f"| {run} | {SPLITS[split]} ({row['items']}) | {row['no_identity acc']:.3f} | "
+                         f"{row['identity acc']:.3f} | {row['delta']:+.3f} {interval} | {row['delta per seed']} | "
+                         f"{row['seeds identity higher']} | {row['seeds sign-flip p']:.2g} |")
     return "\n".join(lines) + "\n"
 
 

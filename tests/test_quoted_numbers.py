@@ -78,3 +78,40 @@ def test_memory_prose_states_what_the_summaries_decide() -> None:
         for position, where in results_tables.POSITIONS.items():
             status = _memory(model)["positions"][position]["status"]
             assert f"{name}, {where}: {words[status]}" in text, (model, position)
+
+
+def _summary(*parts: str) -> dict:
+    return json.loads(_text(ROOT.joinpath("reports", *parts, "summary.json")))
+
+
+def _rate(block: dict, key: str) -> str:
+    return f"{100 * block[key]:.1f}% [{100 * block[f'{key}_ci_low']:.1f}, {100 * block[f'{key}_ci_high']:.1f}]"
+
+
+def _lens_prose() -> list[str]:
+    """The lens figures the README's prose quotes, formatted from the summaries."""
+    smol, gemma = _summary("smollm2-135m"), _summary("gemma3-270m")
+    htl = [_summary("htl", m) for m in results_tables.MODELS]
+    failed, correct = gemma["groups"]["hops_ok_composition_failed"], gemma["groups"]["correct"]
+    fisher = gemma["failures_vs_correct"]["bridge_top1_any_layer_fisher_p"]
+    ranks = {m: [round(x) for x in s["bridge"]["median_rank_by_layer"]] for m, s in (("s", smol), ("g", gemma))}
+    return [
+        f"({smol['unambiguous']['n_prompts']} and {gemma['unambiguous']['n_prompts']},",
+        f"{_rate(smol['unambiguous']['bridge'], 'top10_any_layer')} and\n{_rate(gemma['unambiguous']['bridge'], 'top10_any_layer')}",
+        f"({htl[0]['unambiguous']['n_flagged']} and {htl[1]['unambiguous']['n_flagged']}\nof 750 prompts flagged)",
+        f"on the {htl[0]['unambiguous']['n_prompts']} and {htl[1]['unambiguous']['n_prompts']} unambiguous",
+        f"{_rate(htl[0]['unambiguous']['bridge'], 'top10_any_layer')} (control 0.0%)",
+        f"{_rate(htl[1]['unambiguous']['bridge'], 'top10_any_layer')} (control 0.0%)",
+        f"the {failed['n_bridge_is_output']} whose output *is* the bridge",
+        f"{_rate(failed, 'bridge_top1_any_layer')} (n = {failed['bridge_top1_any_layer_n']})",
+        f"{_rate(correct, 'bridge_top1_any_layer')} of the correct prompts (n = {correct['bridge_top1_any_layer_n']}; "
+        f"Fisher's exact test p = {fisher:.2g})",
+        f"{ranks['s'][23]:,} at layer 23, {ranks['s'][-1]} at the output",
+        f"from {ranks['g'][10]:,} at layer 10 and {ranks['g'][11]:,} at layer 11 to {ranks['g'][12]} at layer 12",
+    ]
+
+
+@pytest.mark.parametrize("quoted", _lens_prose())
+def test_readme_lens_prose_quotes_the_summaries(quoted: str) -> None:
+    text = re.sub(r"\s+", " ", _text(ROOT / "README.md"))
+    assert re.sub(r"\s+", " ", quoted) in text
