@@ -110,12 +110,13 @@ def test_item_comparison_equals_direct_computations() -> None:
 
 def test_seed_level_interval_covers_when_seeds_differ_and_the_pooled_one_does_not() -> None:
     """Coverage by simulation over 200 experiments of 5 seeds x 100 items whose adapters differ by seed (the
-    identity rate moves by sd 0.08 per seed): the t interval over seeds holds the true mean difference (0.15) in
-    about 95% of them; the item-level interval, which pools the 500 items as if independent, far less often."""
+    identity rate moves by sd 0.12 per seed): the t interval over seeds holds the true mean difference (0.15) in
+    about 95% of them; the item-level interval, which pools the 500 items as if independent, far less often (its
+    expected coverage here is about 66%: its width ignores the seed-to-seed sd of 0.12/sqrt(5) = 0.054)."""
     rng = np.random.default_rng(1)
     seed_level = pooled = 0
     for _ in range(200):
-        row = item_comparison(_items(rng, 100, {"no_identity": 0.3, "identity": 0.45}, seeds=5, seed_sd=0.08)).iloc[0]
+        row = item_comparison(_items(rng, 100, {"no_identity": 0.3, "identity": 0.45}, seeds=5, seed_sd=0.12)).iloc[0]
         seed_level += row["delta ci_low"] <= 0.15 <= row["delta ci_high"]
         pooled += row["pooled delta ci_low"] <= 0.15 <= row["pooled delta ci_high"]
     assert 0.9 <= seed_level / 200 <= 0.99
