@@ -80,9 +80,10 @@ CELL_KEYS = (("model", ("train", "model"), None), ("tied", ("train", "tie_embedd
 GRID_METRICS = ("ood_two_hop_acc", "id_two_hop_acc", "one_hop_acc")
 
 
-def grid_results(run_dirs: Sequence[Path]) -> pd.DataFrame:
+def grid_results(run_dirs: Sequence[Path], extra: dict[Path, dict[str, Any]] | None = None) -> pd.DataFrame:
     """The results.csv rows of finished ``reproduce`` runs, each with the :data:`CELL_KEYS` columns of its
-    settings, so runs that differ in model, data or training fall into separate grid cells."""
+    settings, so runs that differ in model, data or training fall into separate grid cells; ``extra``: more such
+    columns per run (the other settings in which the runs differ)."""
     import json
 
     frames = []
@@ -93,17 +94,22 @@ def grid_results(run_dirs: Sequence[Path]) -> pd.DataFrame:
             frame[column] = settings[part].get(key, default)
         if settings["train"]["model"] != "emb_mlp":
             frame["residual"] = "n/a"  # an Emb-MLP knob (a string: groupby drops missing keys)
+        for column, value in ((extra or {}).get(run_dir) or {}).items():
+            frame[column] = value
         frames.append(frame.assign(run_dir=str(run_dir)))
     return pd.concat(frames, ignore_index=True)
 
 
-def grid_table(results: pd.DataFrame, chance: float | None = None) -> pd.DataFrame:
+def grid_table(results: pd.DataFrame, chance: float | None = None, extra_keys: Sequence[str] = ()) -> pd.DataFrame:
     """:func:`comparison_table` over every grid cell (:data:`CELL_KEYS` and the knobs reproduce sweeps), with
     whether the cell meets the paper's claim as the issue states it: ID two-hop >= 0.9 in both conditions, OOD
     without identity within 0.05 of ``chance``, OOD with identity >= 0.5, identity higher in every seed, >= 5
-    seeds."""
-    keys = [c for c, _, _ in CELL_KEYS] + ["init_scale", "weight_decay", "identity_repeat"]
+    seeds. ``extra_keys``: more columns that tell cells apart (:func:`grid_results`); with ``data.n_objects``
+    among them, chance is 1/|E3| of each cell."""
+    keys = [c for c, _, _ in CELL_KEYS] + list(extra_keys) + ["init_scale", "weight_decay", "identity_repeat"]
     table = comparison_table(results, keys, GRID_METRICS)
+    if chance is None and "data.n_objects" in table:
+        chance = 1 / table["data.n_objects"].astype(float)
     ood = "ood_two_hop_acc"
     higher = table[f"{ood} identity higher"].str.split("/", expand=True).astype(int)
     table["claim met"] = ((table["id_two_hop_acc no_identity mean"] >= 0.9) & (table["id_two_hop_acc identity mean"] >= 0.9)
@@ -115,8 +121,8 @@ def grid_table(results: pd.DataFrame, chance: float | None = None) -> pd.DataFra
 def grid_markdown(table: pd.DataFrame) -> str:
     """The grid as a Markdown table: one row per cell, the knobs that vary, OOD and ID two-hop per condition
     (mean over seeds), the OOD difference with its t interval, seeds where identity is higher, and the tests."""
-    varying = [c for c in [k for k, _, _ in CELL_KEYS] + ["init_scale", "weight_decay", "identity_repeat"]
-               if table[c].nunique() > 1]
+    keys = list(table.columns[: list(table.columns).index("seeds")])  # grid_table's cell keys come first
+    varying = [c for c in keys if table[c].nunique() > 1]
     ood = "ood_two_hop_acc"
     header = [*varying, "seeds", "ID without", "ID with", "OOD without", "OOD with", "OOD Δ [95% t]", "higher",
               "sign p", "sign-flip p", "claim"]

@@ -10,7 +10,6 @@ and calls :func:`finetune_lens`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,8 @@ import pandas as pd
 
 from bridgeprobe.analyses.summaries import files_line
 from bridgeprobe.probes.pipeline import Timer, versions
-from bridgeprobe.probes.results import atomic_write_csv
+from bridgeprobe.probes.results import atomic_write_csv, read_table
+from bridgeprobe.probes.rundir import RunDirError, differences, model_identity, read_run_record, write_finished
 from bridgeprobe.prompts.schema import PromptItem
 
 FILES = ("lens_states.csv", "lens_comparison.csv", "lens_layers.csv", "prompts.csv", "lens_layers.png")
@@ -31,10 +31,9 @@ def finished_two_hop_run(run_dir: Path) -> dict[str, Any]:
     from bridgeprobe.probes.models import check_adapter
 
     path = run_dir / "run.json"
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a finished finetune run ({err})") from None
+    if not path.is_file():
+        raise ValueError(f"{path}: not a finished finetune run (no such file)")
+    record = read_run_record(path, "rerun that finetune run with --overwrite")
     if record.get("command") != "finetune" or record.get("status") != "finished":
         raise ValueError(f"{path}: not a finished finetune run (command {record.get('command')!r}, "
                          f"status {record.get('status')!r})")
@@ -48,6 +47,27 @@ def finished_two_hop_run(run_dir: Path) -> dict[str, Any]:
         if not prompts.is_file():
             raise ValueError(f"{prompts}: missing (the two-hop test prompts of seed {seed})")
     return record
+
+
+def base_model(run_dir: Path, record: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """Where the finetune run's base model is (the absolute location it recorded; older runs: the checkpoint
+    directory of its fingerprint, else the name it was given) and its identity, checked before any model loads:
+    weights that are not the ones the adapters were trained on are a one-line error."""
+    from bridgeprobe.probes.models import ModelLoadError
+    recorded = record.get("model_identity") or (record.get("fingerprint") or {}).get("model")
+    location = record.get("model_path") or (recorded or {}).get("directory") or record["model"]
+    if not recorded:
+        return location, None
+    try:
+        found = model_identity(location)
+    except (ModelLoadError, OSError) as err:
+        raise RunDirError(f"{run_dir / 'run.json'}: its base model {location} cannot be read ({err}); put the "
+                          "model back there, or rerun finetune") from None
+    if found != recorded:
+        raise RunDirError(f"{run_dir / 'run.json'}: the base model {location} is not the one its adapters were "
+                          f"trained on ({'; '.join(differences(recorded, found))}); put those weights back, or "
+                          "rerun finetune with --recompute")
+    return location, found
 
 
 def seed_items(run_dir: Path, seed: int, per_split: int | None) -> list[PromptItem]:
@@ -74,18 +94,21 @@ def finetune_lens(run_dir: Path, out: Path, *, per_split: int | None = None,
     from bridgeprobe.probes.finetune import BASE, inner_model, model_state
     from bridgeprobe.probes.hooks import NativeHooks
     from bridgeprobe.probes.identity import adapter_name
-    from bridgeprobe.probes.models import load_model
+    from bridgeprobe.probes.models import check_adapter_fits, load_model
     from bridgeprobe.probes.pipeline import run_lens
-    from bridgeprobe.probes.rundir import write_finished
 
     record = finished_two_hop_run(run_dir)
+    location, identity = base_model(run_dir, record)
     settings, load = record["settings"], record["load"]
     seeds, conditions = settings["seeds"], settings["conditions"]
     items = {seed: seed_items(run_dir, seed, per_split) for seed in seeds}
     timer = Timer()
     with timer.section("load_model_s"):
-        base, tokenizer = load_model(record["model"], dtype=load["dtype"], device=load["device"],
+        base, tokenizer = load_model(location, dtype=load["dtype"], device=load["device"],
                                      device_map=load["device_map"], quantize=load["quantize"])
+        names = [adapter_name(condition, seed) for seed in seeds for condition in conditions]
+        for name in names:  # before peft wraps the base model: its module names are the ones adapters name
+            check_adapter_fits(base, run_dir / "adapters" / name)
         peft_model = None
         for seed in seeds:
             for condition in conditions:
@@ -113,6 +136,7 @@ def finetune_lens(run_dir: Path, out: Path, *, per_split: int | None = None,
     atomic_write_csv(out / "lens_layers.csv", pd.concat(layers, ignore_index=True))
     summary, comparison = lens_tables(out, record["model"])
     write_finished(out, {"command": "finetune-lens", "source": str(run_dir.resolve()), "model": record["model"],
+                         "model_path": location, "model_identity": identity,
                          "settings": {"per_split": per_split, "batch_size": batch_size, "seeds": seeds,
                                       "conditions": conditions},
                          "n_prompts": {str(seed): len(v) for seed, v in items.items()},
@@ -127,7 +151,7 @@ def lens_tables(out: Path, model: str) -> tuple[str, pd.DataFrame]:
     tables without the model, ``bridgeprobe finetune-report``)."""
     from bridgeprobe.analyses import identity_report as report
 
-    table = pd.read_csv(out / "prompts.csv", dtype={"prompt_id": str})
+    table = read_table(out / "prompts.csv")
     layer_table = pd.read_csv(out / "lens_layers.csv")
     states, comparison = report.lens_states(table), report.lens_comparison(table)
     pooled = (layer_table.groupby(["state", "split", "prompt_kind", "target", "layer"], as_index=False)

@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from bridgeprobe.analyses.summaries import files_line, identity_lines
 from bridgeprobe.probes.pipeline import ModelOptions, Timer, versions
-from bridgeprobe.probes.results import IncrementalCSV, atomic_write, atomic_write_csv
-from bridgeprobe.probes.rundir import write_finished
+from bridgeprobe.probes.results import IncrementalCSV, atomic_write, atomic_write_csv, read_table
+from bridgeprobe.probes.rundir import (RunDirError, RunDirectory, check_rows, flat_settings, model_identity,
+                                      model_location, read_run_record, write_finished)
 from bridgeprobe.prompts.sampling import sample_items
 from bridgeprobe.prompts.schema import PromptItem
 from bridgeprobe.prompts.reversal import generate_reversal
@@ -122,6 +123,35 @@ def finished(out: Path, settings: dict[str, Any]) -> bool:
     return True
 
 
+# report files each command writes from its tables, and those tables (what rebuilds a finished run's report)
+REPRODUCE_REPORT = ("comparison.csv", "comparison.md", "learning_curves.png", "alignment.png", "alignment_vs_ood.png",
+                    "spectrum.png", "nuclear_norm.png", "index.html")
+REPRODUCE_TABLES = ("metrics.csv", "alignment.csv", "weights.csv", "spectrum.csv", "results.csv")
+FINETUNE_REPORT = ("comparison.csv", "learning_curves.png", "index.html")
+FINETUNE_TABLES = ("metrics.csv", "results.csv", "items.csv")
+
+
+def missing_report(out: Path, command: str) -> list[str]:
+    """The report files of the finished ``reproduce`` or ``finetune`` run in ``out`` that are not there."""
+    names = list(REPRODUCE_REPORT if command == "reproduce" else FINETUNE_REPORT)
+    if command == "finetune" and any(out.glob("lens/*/*/lens.csv")):
+        names += ["lens_layers.csv", "lens_summary.csv", "lens_layers.png"]
+    if command == "finetune" and any(out.glob("patching/*/*/patching.csv")):
+        names.append("patching_layers.csv")
+    return [name for name in names if not (out / name).is_file()]
+
+
+def rebuild_report(out: Path, command: str) -> Path:
+    """Rewrite the report files of the finished ``command`` run in ``out`` from its tables (no model, no
+    training); a one-line error naming what to run when a table is missing too."""
+    gone = [name for name in (REPRODUCE_TABLES if command == "reproduce" else FINETUNE_TABLES)
+            if not (out / name).is_file()]
+    if gone:
+        raise RunDirError(f"{out}: {', '.join(gone)} {'is' if len(gone) == 1 else 'are'} missing too, so the report "
+                          f"cannot be rebuilt from the tables; rerun the same {command} command with --recompute")
+    return reproduce_report(out) if command == "reproduce" else finetune_report(out)
+
+
 # -------------------------------------------------------------------------------------------------- reproduce
 
 RUN_KEYS = ("run", "model", "init_scale", "weight_decay", "identity_repeat", "condition", "seed")
@@ -193,17 +223,20 @@ def reproduce(out: Path, base: Any, data: dict[int, SynthConfig], grid: Sequence
               "threads": torch.get_num_threads(), "seed": seeds, "timings": timer.timings,
               "run_seconds": run_seconds, "results": results}
     atomic_write_csv(out / "results.csv", pd.DataFrame(results))
+    reproduce_report(out, record)
+    # last, after every report file: a run killed before here resumes (its checkpoints say the training is done)
     write_finished(out, record, summary_text(out, pd.DataFrame(results), REPRODUCE_FILES))
     if not keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    return reproduce_report(out)
+    return out
 
 
-def reproduce_report(out: Path) -> Path:
-    """The reproduce page and tables, from the files of a finished grid (no training)."""
+def reproduce_report(out: Path, record: dict[str, Any] | None = None) -> Path:
+    """The reproduce page and tables, from the files of a finished grid (no training); ``record``: the run's
+    record (default: its run.json)."""
     from bridgeprobe.analyses import identity_report as report
 
-    record = json.loads((out / "run.json").read_text())
+    record = record if record is not None else json.loads((out / "run.json").read_text())
     metrics = pd.read_csv(out / "metrics.csv")
     alignment = pd.read_csv(out / "alignment.csv")
     results = pd.read_csv(out / "results.csv").merge(
@@ -276,14 +309,48 @@ def reproduce_report(out: Path) -> Path:
 
 
 def reproduce_runs(paths: Sequence[Path]) -> list[Path]:
-    """The finished ``reproduce`` run directories among ``paths`` and below them."""
+    """The finished ``reproduce`` run directories among ``paths`` and below them; a damaged run.json, or a
+    finished run without its settings or with a results.csv missing or not of the row count its run recorded, is
+    a one-line error naming the file."""
     found = []
     for path in paths:
         for record in sorted([path / "run.json"] if (path / "run.json").is_file() else path.rglob("run.json")):
-            data = json.loads(record.read_text())
+            data = read_run_record(record)
             if data.get("command") == "reproduce" and data.get("status", "finished") == "finished":
+                if not isinstance(data.get("settings"), dict):
+                    raise RunDirError(f"{record} has no settings; delete that run, or rerun it with --overwrite")
+                if not (record.parent / "results.csv").is_file():
+                    raise RunDirError(f"{record.parent / 'results.csv'} is missing; rerun that run with --recompute")
+                check_rows(record.parent, "results.csv")  # cut short or edited since its run wrote it
                 found.append(record.parent)
     return found
+
+
+# settings that are no property of a grid cell: the seed and the swept knobs (columns of every results.csv row),
+# the sweep's lists, the preset's name and how often a checkpoint is saved
+GRID_IGNORED = ("preset", "seeds", "grid", "conditions", "data.seed", "train.init_scale", "train.weight_decay",
+                "train.identity_repeat", "train.checkpoint_every")
+
+
+def grid_cells(runs: Sequence[Path]) -> dict[Path, dict[str, Any]]:
+    """Per run, its value of every setting in which the runs differ and that no grid column shows
+    (:data:`analyses.identity_report.CELL_KEYS`): layers, batch size, entity counts, ... (dotted names,
+    ``train.n_layer``), so that only runs with equal settings but the seed share a grid cell."""
+    from bridgeprobe.analyses.identity_report import CELL_KEYS
+    shown = {".".join(where) for _, where, _ in CELL_KEYS} | set(GRID_IGNORED)
+    flat = {run: flat_settings(json.loads((run / "run.json").read_text())["settings"]) for run in runs}
+    names = sorted({name for values in flat.values() for name in values if name not in shown})
+    unset = "(unset)"
+    differing = [name for name in names if len({json.dumps(v.get(name, unset), sort_keys=True)
+                                                for v in flat.values()}) > 1]
+    cells: dict[Path, dict[str, Any]] = {run: {} for run in runs}
+    for name in differing:
+        values = {run: v.get(name, unset) for run, v in flat.items()}
+        plain = all(isinstance(x, (int, float, str)) and not isinstance(x, bool) for x in values.values()) and \
+            len({type(x) for x in values.values()}) == 1
+        for run, value in values.items():  # a string where types mix (or None): groupby drops missing keys
+            cells[run][name] = value if plain else (value if isinstance(value, str) else json.dumps(value))
+    return cells
 
 
 GRID_FILES = ("grid.csv", "grid.md")
@@ -297,12 +364,22 @@ def write_grid(paths: Sequence[Path], out: Path) -> pd.DataFrame:
     runs = reproduce_runs(paths)
     if not runs:
         raise ValueError(f"no finished reproduce run under {', '.join(map(str, paths))}")
-    results = report.grid_results(runs)
+    cells = grid_cells(runs)
+    extra_keys = list(next(iter(cells.values())))
+    results = report.grid_results(runs, cells)
+    keys = [c for c, _, _ in report.CELL_KEYS] + extra_keys + [*GRID_KEYS, "condition", "seed"]
+    for _, group in results.groupby(keys, dropna=False, sort=False):
+        if len(group) > 1:  # one row per cell, condition and seed in each run: the seed is in two runs
+            raise RunDirError(f"{' and '.join(sorted(set(group['run_dir'])))} both hold seed {group['seed'].iloc[0]} "
+                              "of the same grid cell (equal settings); pass only one of them")
     chances = {1 / json.loads((r / "run.json").read_text())["settings"]["data"]["n_objects"] for r in runs}
-    table = report.grid_table(results, chance=chances.pop() if len(chances) == 1 else None)
+    table = report.grid_table(results, chance=chances.pop() if len(chances) == 1 else None, extra_keys=extra_keys)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{out} is a file, not a directory; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_csv(out / "grid.csv", table)
-    atomic_write(out / "grid.md", report.grid_markdown(table))
+    with RunDirectory.locked(out):  # like every writer: not into a directory a running job holds
+        atomic_write_csv(out / "grid.csv", table)
+        atomic_write(out / "grid.md", report.grid_markdown(table))
     return table
 
 
@@ -361,6 +438,8 @@ def finetune(out: Path, options: ModelOptions, data: dict[int, Any], config: Any
         raise ValueError("with several processes, train one condition and seed per launch (--conditions identity)")
     timer = Timer()
     seeds = list(data)
+    # where the base model is and what it is, so that later readers (finetune-lens) load the same weights
+    base_location, base_identity = model_location(options.model), model_identity(options.model)
     with timer.section("load_model_s"):
         base, tokenizer = load_base(options.model, quantize=options.quantize, dtype=options.dtype,
                                     device=options.device, device_map=options.device_map)
@@ -446,6 +525,7 @@ def finetune(out: Path, options: ModelOptions, data: dict[int, Any], config: Any
                                MemoryConfig(analyses=("decoding", "alignment"), seed=seeds[0]),
                                settings={**settings, "state": state})
     record = run_record("finetune", hooked, options, settings, timer, {
+        "model_path": base_location, "model_identity": base_identity,
         "results": results, "n_probe_items": {k: len(v) for k, v in probed.items()} if task == "two_hop" else {},
         "trainable_parameters": sum(p.numel() for n, p in peft_model.named_parameters()  # per adapter
                                     if f".{adapter_name(conditions[0], seeds[0])}." in n),
@@ -455,10 +535,12 @@ def finetune(out: Path, options: ModelOptions, data: dict[int, Any], config: Any
     store.finish(sort_by=["condition", "seed", "step"])  # last: a crash before here resumes with every row kept
     from bridgeprobe.analyses.identity_report import item_comparison
 
+    finetune_report(out, record)
+    # last, after every report file: a run killed before here resumes (its checkpoints say the training is done)
     write_finished(out, record, finetune_summary(out, item_comparison(pd.DataFrame(rows)), task))
     if not keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    return finetune_report(out)
+    return out
 
 
 def state_accuracies(items: pd.DataFrame) -> pd.DataFrame:
@@ -474,19 +556,20 @@ def _state_tables(out: Path, kind: str) -> list[pd.DataFrame]:
     """``out/<kind>/<state>/<split>/<kind>.csv`` tables, each with ``state`` and ``split`` columns."""
     tables = []
     for path in sorted(out.glob(f"{kind}/*/*/{kind}.csv")):
-        frame = pd.read_csv(path, dtype={"prompt_id": str, "clean_id": str, "corrupt_id": str})
+        frame = read_table(path)
         tables.append(frame.assign(state=path.parent.parent.name, split=path.parent.name))
     return tables
 
 
-def finetune_report(out: Path) -> Path:
-    """The finetune page and tables, from the files of a finished run (no model needed)."""
+def finetune_report(out: Path, record: dict[str, Any] | None = None) -> Path:
+    """The finetune page and tables, from the files of a finished run (no model needed); ``record``: the run's
+    record (default: its run.json)."""
     from bridgeprobe.analyses import identity_report as report
     from bridgeprobe.analyses.aggregate import per_layer
     from bridgeprobe.analyses.patching_report import by_layer
     from bridgeprobe.probes.finetune import two_hop_stats
 
-    record = json.loads((out / "run.json").read_text())
+    record = record if record is not None else json.loads((out / "run.json").read_text())
     results = pd.read_csv(out / "results.csv")
     metrics = pd.read_csv(out / "metrics.csv")
     comparison = report.item_comparison(pd.read_csv(out / "items.csv"))

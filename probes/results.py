@@ -8,8 +8,9 @@ import io
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import pandas as pd
 
@@ -23,12 +24,24 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with naming(path), os.fdopen(fd, "wb") as fh:
             fh.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Let an OSError raised while writing ``path`` name it: a failed ``write`` or ``close`` (a full disk) carries
+    no file name, and the user's one-line message must say which file."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno:
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
 
 
@@ -119,7 +132,7 @@ class IncrementalCSV:
         self._write(buffer.getvalue(), mode="a")
 
     def _write(self, text: str, mode: str) -> None:
-        with self.partial.open(mode, newline="", encoding="utf-8") as fh:
+        with naming(self.partial), self.partial.open(mode, newline="", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
@@ -154,9 +167,27 @@ def finish_rows(final: Path, columns: Sequence[str], texts: Iterable[str], sort_
     return _write_sorted(final, buffer, sort_by)
 
 
+TEXT_COLUMNS = frozenset({"prompt_id", "clean_id", "corrupt_id", "source_id", "receiving_id", "item_id",
+                          "prompt_token", "target_token", "token"})
+"""Columns of the package's tables that hold text whatever it looks like: ids (``"01"`` is not ``"1"``, ``"NA"``
+and ``"null"`` are ids, not missing values) and decoded tokens."""
+MISSING = ("", "nan", "NaN")
+"""How the package's writers spell a missing number (pandas writes "", the csv module "nan")."""
+
+
+def read_table(source: Path | str | io.StringIO) -> pd.DataFrame:
+    """Read a table the package wrote (``.csv`` or ``.csv.gz``): :data:`TEXT_COLUMNS` exactly as written, the
+    other columns as pandas infers them, from all rows at once (so types do not depend on row order). The one
+    reader for the package's own CSVs: every re-read must keep ids as the text the run used."""
+    header = list(pd.read_csv(source, nrows=0).columns)
+    if isinstance(source, io.StringIO):
+        source.seek(0)
+    return pd.read_csv(source, dtype={c: str for c in header if c in TEXT_COLUMNS}, keep_default_na=False,
+                       na_values={c: list(MISSING) for c in header if c not in TEXT_COLUMNS}, low_memory=False)
+
+
 def _write_sorted(final: Path, source: Path | io.StringIO, sort_by: Sequence[str]) -> pd.DataFrame:
-    # low_memory=False: column types are inferred from all rows at once, so they do not depend on row order
-    frame = pd.read_csv(source, keep_default_na=True, dtype={"prompt_id": str}, low_memory=False)
+    frame = read_table(source)
     frame = frame.sort_values(list(sort_by), kind="stable").reset_index(drop=True)
     atomic_write_csv(final, frame)
     return frame

@@ -92,6 +92,30 @@ def adapter_identity(directory: str) -> dict[str, Any]:
             **{name: file_sha256(path / name) for name in ("adapter_config.json", "adapter_model.safetensors")}}
 
 
+def model_location(spec: str) -> str:
+    """Where ``spec`` points, as a run records it: a local checkpoint directory or GGUF file as its absolute,
+    resolved path (a relative name read from another directory would point elsewhere); an embedded alias or a hub
+    name as given."""
+    from bridgeprobe.probes.models import EMBEDDED
+
+    path = Path(spec).expanduser()
+    if spec not in EMBEDDED and (path.suffix == ".gguf" or path.is_dir()):
+        return str(path.resolve())
+    return spec
+
+
+def read_run_record(path: Path, fix: str = "delete it, or rerun that run with --overwrite") -> dict[str, Any]:
+    """The JSON object in a run.json, or a one-line :class:`RunDirError` naming the file and ``fix`` when it is
+    damaged or holds no JSON object."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RunDirError(f"{path} is damaged ({err}); {fix}") from None
+    if not isinstance(record, dict):
+        raise RunDirError(f"{path} is damaged (a JSON {type(record).__name__}, not an object); {fix}")
+    return record
+
+
 def _hub_revision(name: str) -> str | None:
     """The commit the local hub cache resolves ``name``'s main branch to (None if not cached)."""
     try:
@@ -118,18 +142,19 @@ def prompt_identity(entries: list[str] | None) -> list[str] | None:
     return found
 
 
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+def flat_settings(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as one level, with dotted names (``train.n_layer``)."""
     if isinstance(value, dict) and value:
         flat: dict[str, Any] = {}
         for key, inner in value.items():
-            flat.update(_flat(inner, f"{prefix}.{key}" if prefix else str(key)))
+            flat.update(flat_settings(inner, f"{prefix}.{key}" if prefix else str(key)))
         return flat
     return {prefix: value}
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``setting: old -> new`` for each setting that differs (nested settings as dotted names)."""
-    old_flat, new_flat = _flat(old), _flat(new)
+    old_flat, new_flat = flat_settings(old), flat_settings(new)
     missing = object()
     lines = []
     for key in sorted(set(old_flat) | set(new_flat)):
@@ -358,6 +383,20 @@ def check_rows(out: Path, name: str) -> None:
     if expected is not None and found != expected:
         raise RunDirError(f"{path} has {found} rows but its run wrote {expected}: the file is damaged or cut short; "
                           "rerun the job with --recompute")
+
+
+def check_prompt_files(out: Path) -> None:
+    """Stop with a clear error when a prompt file that the finished run in ``out`` read has other content now
+    (its sha256 against the run's fingerprint): a report must not pair the edited prompts with old results."""
+    record = json.loads((out / RUN_JSON).read_text(encoding="utf-8"))
+    recorded = (record.get("fingerprint") or {}).get("prompts")
+    entries = (record.get("settings") or {}).get("prompts")
+    if not recorded or not entries:
+        return
+    for entry, old, now in zip(entries, recorded, prompt_identity(list(entries)) or []):
+        if old != now:
+            raise RunDirError(f"{entry}: this prompt file has changed since the run in {out} read it ({old} -> "
+                              f"{now.split()[-1]}); restore it, or rerun the job with --recompute")
 
 
 def _count_rows(path: Path) -> int:

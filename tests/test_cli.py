@@ -81,8 +81,7 @@ def test_interrupted_run_resumes_to_the_same_result(prompt_file: Path, tmp_path:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(bridgeprobe.probes.pipeline, "lens_batch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        _lens(prompt_file, tmp_path / "resumed")
+    assert _lens(prompt_file, tmp_path / "resumed") == 130  # Ctrl-C: one line, exit 130
     assert (tmp_path / "resumed" / "lens.partial.csv").exists() and not (tmp_path / "resumed" / "lens.csv").exists()
     monkeypatch.setattr(bridgeprobe.probes.pipeline, "lens_batch", real)
     assert _lens(prompt_file, tmp_path / "resumed") == 0

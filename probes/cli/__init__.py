@@ -9,6 +9,7 @@ subcommand lives in its own module here and registers its parser with ``register
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from typing import NoReturn, Sequence
@@ -54,16 +55,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunComplete as done:  # the output directory already holds this run, finished
         print(done)
         return 0
+    except KeyboardInterrupt:  # Ctrl-C: every writer keeps what it finished, so the same command resumes
+        if args.debug:
+            raise
+        print("bridgeprobe: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     except (PromptSetError, ModelLoadError, ResumeMismatch, RunDirError, ValueError, OSError) as err:
         # user errors (bad option, file or directory; OSError: a file we cannot read or write): one line, exit 2.
         # Anything else is a bug and keeps its traceback (exit 1).
         if args.verbose or args.debug:
             raise
-        message = str(err) if not isinstance(err, OSError) or not err.filename else \
-            f"{err.filename}: {err.strerror or err}"
-        print(f"bridgeprobe: error: {message}", file=sys.stderr)
+        print(f"bridgeprobe: error: {error_line(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def error_line(err: BaseException) -> str:
+    """The one-line message of a user error: an OSError names its file and, for a full disk, what to do."""
+    if not isinstance(err, OSError):
+        return str(err)
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += "; free some space and rerun the same command to resume"
+    return f"{err.filename}: {reason}" if err.filename else reason
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ import argparse
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from bridgeprobe.probes.models import DTYPES, EMBEDDED
 from bridgeprobe.probes.pipeline import BACKENDS, ModelOptions
@@ -62,18 +63,55 @@ def run_args(parser: argparse.ArgumentParser) -> None:
                         help="queries per forward pass (default: as many as fit in half the free GPU memory, halved "
                              "on out-of-memory; 16 on the CPU)")
     parser.add_argument("--all-positions", action="store_true", help="also read out every prompt position")
-    parser.add_argument("--seed", type=int, default=0, help="random seed recorded in run.json (default 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed recorded in run.json (default 0)")
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in ``low..high`` (no upper bound without ``high``), checked at parse time so a
+    bad value stops with a one-line message naming the option before anything loads."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}" if high is None
+                                             else f"must lie in {low}..{high}, got {value}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def real_number(low: float, high: float | None = None, *, open_low: bool = False,
+                open_high: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in the interval from ``low`` to ``high`` (each end included unless
+    ``open_low`` / ``open_high``; no upper bound without ``high``), checked at parse time."""
+    if high is None:
+        wanted = f"must be {'greater than' if open_low else 'at least'} {low:g}"
+    else:
+        wanted = f"must lie in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        inside = math.isfinite(value) and (value > low if open_low else value >= low) and (
+            high is None or (value < high if open_high else value <= high))
+        if not inside:
+            raise argparse.ArgumentTypeError(f"{wanted}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+positive_int = whole_number(1)  # sizes, steps, intervals: --batch-size, --steps, --eval-every, ...
+non_negative_int = whole_number(0)  # counts where 0 means none or all (--patch-pairs 0 skips), seeds
+positive_float = real_number(0, open_low=True)  # learning rates, init scales
+non_negative_float = real_number(0)  # weight decays
+fraction = real_number(0, 1)  # shares of a set
 
 
 def rundir_args(parser: argparse.ArgumentParser) -> None:

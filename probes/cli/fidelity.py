@@ -14,7 +14,7 @@ import torch
 from bridgeprobe.analyses.summaries import files_line
 from bridgeprobe.probes.checks import check_context_length
 from bridgeprobe.probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, positive_int,
-                                           prompt_args, prompt_settings, rundir_args)
+                                           non_negative_int, prompt_args, prompt_settings, rundir_args)
 from bridgeprobe.probes.fidelity import COLUMNS, compare_lens, compare_patching, summary
 from bridgeprobe.probes.hooks import SITES
 from bridgeprobe.probes.models import DTYPES
@@ -43,12 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     fidelity.add_argument("--out", required=True, type=Path, help="output directory")
     fidelity.add_argument("--compare", nargs="+", choices=VARIANTS, default=["8bit", "4bit"],
                           help="variants compared with the reference --dtype (default: 8bit 4bit)")
-    fidelity.add_argument("--patch-pairs", type=int, default=4,
+    fidelity.add_argument("--patch-pairs", type=non_negative_int, default=4,
                           help="pairs for the patching comparison (default 4; 0 skips it)")
     fidelity.add_argument("--site", default="resid_pre",
                           help=f"comma-separated patching sites among {', '.join(SITES)} (default resid_pre)")
     fidelity.add_argument("--batch-size", type=positive_int, help="lens queries per forward pass (default: from free memory)")
-    fidelity.add_argument("--seed", type=int, default=0, help="random seed recorded in run.json (default 0)")
+    fidelity.add_argument("--seed", type=non_negative_int, default=0,
+                          help="random seed recorded in run.json (default 0)")
     rundir_args(fidelity)
     fidelity.set_defaults(handler=fidelity_job)
 

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from bridgeprobe.analyses.summaries import files_line
-from bridgeprobe.probes.cli.common import (EPILOG, RUNS, check_options, fingerprint, model_args, model_options,
-                                           positive_int, rundir_args)
+from bridgeprobe.probes.cli.common import (EPILOG, RUNS, check_options, fingerprint, fraction, model_args,
+                                           model_options, non_negative_float, non_negative_int, positive_float,
+                                           positive_int, real_number, rundir_args, whole_number)
 from bridgeprobe.probes.identity import (FINETUNE_DATA, GRID_FILES, REPRODUCE_PRESETS, finetune, reproduce, write_grid,
                                         write_synth)
 from bridgeprobe.probes.models import DEFAULT_MODEL
-from bridgeprobe.prompts.reversal import IDENTITY_OF, ReversalConfig
+from bridgeprobe.prompts.reversal import IDENTITY_OF, RELATIONS, ReversalConfig
 from bridgeprobe.prompts.synthetic import IDENTITY_FORMS, OOD_KINDS, SynthConfig
 
 
@@ -25,23 +27,23 @@ from bridgeprobe.prompts.synthetic import IDENTITY_FORMS, OOD_KINDS, SynthConfig
 def _data_args(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
     """Synthetic-data flags; unset ones take the preset's (or SynthConfig's) value."""
     group = parser.add_argument_group("synthetic data (unset: the preset's value)")
-    group.add_argument("--subjects", type=int, help="|E1|, subject entities")
-    group.add_argument("--bridges", type=int, help="|E2|, bridge entities")
-    group.add_argument("--objects", type=int, help="|E3|, object entities")
-    group.add_argument("--r1", type=int, help="|R1|, relations E1 -> E2")
-    group.add_argument("--r2", type=int, help="|R2|, relations E2 -> E3")
+    group.add_argument("--subjects", type=positive_int, help="|E1|, subject entities")
+    group.add_argument("--bridges", type=positive_int, help="|E2|, bridge entities")
+    group.add_argument("--objects", type=positive_int, help="|E3|, object entities")
+    group.add_argument("--r1", type=positive_int, help="|R1|, relations E1 -> E2")
+    group.add_argument("--r2", type=positive_int, help="|R2|, relations E2 -> E3")
     group.add_argument("--ood", choices=OOD_KINDS,
                        help="what the OOD two-hop queries hold out: bridge (default: queries through bridges that no "
                             "trained two-hop query goes through; their hop-2 facts are seen only as one-hop facts) or "
                             "relation_pair (relation pairs never composed in training)")
-    group.add_argument("--ood-bridge-fraction", type=float,
+    group.add_argument("--ood-bridge-fraction", type=fraction,
                        help="bridge OOD: share of the bridges held out as OOD bridges (default 0.5)")
     group.add_argument("--identity-form", choices=IDENTITY_FORMS,
                        help="token-level identity examples: relation (default: e2 r_id -> e2) or zero_hop (the entity "
                             "alone, e2 -> e2)")
-    group.add_argument("--ood-pair-fraction", type=float,
+    group.add_argument("--ood-pair-fraction", type=fraction,
                        help="relation_pair OOD: share of (r1, r2) pairs never composed in training (default 0.25)")
-    group.add_argument("--two-hop-train-fraction", type=float,
+    group.add_argument("--two-hop-train-fraction", type=fraction,
                        help="share of each in-distribution pair's two-hop queries that are trained")
     group.add_argument("--no-two-hop-training", action="store_true",
                        help="no two-hop training data at all: every two-hop query is out of distribution")
@@ -72,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                        "DIR/train.jsonl (the natural-language training sentences).",
                            epilog=EPILOG)
     _data_args(synth)
-    synth.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
+    synth.add_argument("--seed", type=non_negative_int, default=0, help="data seed (default 0)")
     synth.add_argument("--tokenizer-model",
                        help="give bridges and objects distinct first tokens, and counterfactual pairs equal lengths, "
                             "under this model's tokenizer (an embedded alias, directory or hub name)")
@@ -92,21 +94,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     reproduce.add_argument("--preset", choices=sorted(REPRODUCE_PRESETS), default="cpu",
                            help="named configuration (default cpu: at most 15 min on 2 CPU cores); flags override it")
     reproduce.add_argument("--model", choices=("gpt2", "emb_mlp"), help="GPT-2 from a GPT2Config, or the Emb-MLP")
-    reproduce.add_argument("--seeds", type=int, nargs="+",
+    reproduce.add_argument("--seeds", type=non_negative_int, nargs="+",
                            help="seeds (data and init; default: the preset's, 0-4 for cpu)")
-    reproduce.add_argument("--init-scales", type=float, nargs="+",
+    reproduce.add_argument("--init-scales", type=positive_float, nargs="+",
                            help="init std multipliers (default: the preset's, 1.0)")
-    reproduce.add_argument("--weight-decays", type=float, nargs="+",
+    reproduce.add_argument("--weight-decays", type=non_negative_float, nargs="+",
                            help="AdamW weight decays (default: the preset's, 1.0 for cpu and gpu)")
-    reproduce.add_argument("--identity-repeats", type=int, nargs="+",
+    reproduce.add_argument("--identity-repeats", type=positive_int, nargs="+",
                            help="copies of the identity examples in the identity condition's training set, the data "
                                 "ratio (default: the preset's, 10 for cpu)")
     train = reproduce.add_argument_group("training (unset: the preset's value)")
-    for flag, kind, text in (("--steps", int, "optimizer steps"), ("--batch-size", int, "examples per step"),
-                             ("--lr", float, "AdamW learning rate"), ("--layers", int, "transformer blocks"),
-                             ("--d-model", int, "width"), ("--heads", int, "attention heads"),
-                             ("--d-mlp", int, "MLP width"), ("--eval-every", int, "steps between evaluations"),
-                             ("--checkpoint-every", int, "steps between checkpoints")):
+    for flag, kind, text in (("--steps", positive_int, "optimizer steps"),
+                             ("--batch-size", positive_int, "examples per step"),
+                             ("--lr", positive_float, "AdamW learning rate"),
+                             ("--layers", positive_int, "transformer blocks"), ("--d-model", positive_int, "width"),
+                             ("--heads", positive_int, "attention heads"), ("--d-mlp", positive_int, "MLP width"),
+                             ("--eval-every", positive_int, "steps between evaluations"),
+                             ("--checkpoint-every", positive_int, "steps between checkpoints")):
         train.add_argument(flag, type=kind, help=text)
     tying = train.add_mutually_exclusive_group()
     tying.add_argument("--untied", action="store_true", help="a separate unembedding matrix")
@@ -151,22 +155,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     model_args(finetune, DEFAULT_MODEL)
     _data_args(finetune)
     lora = finetune.add_argument_group("LoRA and optimization")
-    lora.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
-    lora.add_argument("--alpha", type=int, default=16, help="LoRA alpha (default 16)")
+    lora.add_argument("--rank", type=positive_int, default=8, help="LoRA rank (default 8)")
+    lora.add_argument("--alpha", type=positive_int, default=16, help="LoRA alpha (default 16)")
     lora.add_argument("--target-modules", default="all-linear",
                       help="comma-separated module names, or all-linear (default: every linear layer but the head)")
-    lora.add_argument("--lora-layers", type=int, default=0,
+    lora.add_argument("--lora-layers", type=non_negative_int, default=0,
                       help="adapt only the last N blocks (default 0: all); cheaper on CPU, as the backward pass "
                            "stops at the first adapted block")
-    lora.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
-    lora.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    lora.add_argument("--steps", type=int, default=128, help="optimizer steps per condition (default 128)")
-    lora.add_argument("--batch-size", type=int, default=8, help="sentences per step (default 8)")
-    lora.add_argument("--eval-every", type=int, default=32, help="steps between evaluations (default 32)")
-    lora.add_argument("--checkpoint-every", type=int, default=32, help="steps between checkpoints (default 32)")
-    lora.add_argument("--eval-items", type=int, default=256,
+    lora.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW learning rate (default 3e-3)")
+    lora.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay (default 0)")
+    lora.add_argument("--steps", type=positive_int, default=128, help="optimizer steps per condition (default 128)")
+    lora.add_argument("--batch-size", type=positive_int, default=8, help="sentences per step (default 8)")
+    lora.add_argument("--eval-every", type=positive_int, default=32, help="steps between evaluations (default 32)")
+    lora.add_argument("--checkpoint-every", type=positive_int, default=32,
+                      help="steps between checkpoints (default 32)")
+    lora.add_argument("--eval-items", type=positive_int, default=256,
                       help="evaluation items per split, scored item by item for both conditions (default 256)")
-    lora.add_argument("--identity-repeat", type=int, default=4,
+    lora.add_argument("--identity-repeat", type=positive_int, default=4,
                       help="copies of the identity sentences in the identity condition, the data ratio (default 4)")
     finetune.add_argument("--task", choices=("two_hop", "reversal"), default="two_hop",
                           help="two_hop (default): made-up two-hop facts, OOD = queries through OOD bridges; reversal: "
@@ -174,11 +179,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                "questions 'B's student is' -> A of pairs whose reversal is never trained, identity "
                                "sentences 'The name of A is A')")
     reversal = finetune.add_argument_group("reversal data (--task reversal)")
-    reversal.add_argument("--pairs", type=int, default=ReversalConfig.n_pairs,
+    reversal.add_argument("--pairs", type=whole_number(2), default=ReversalConfig.n_pairs,
                           help=f"(A, B) pairs of made-up people (default {ReversalConfig.n_pairs})")
-    reversal.add_argument("--relations", type=int, default=ReversalConfig.n_relations,
-                          help=f"relation types, 1-4 (default {ReversalConfig.n_relations})")
-    reversal.add_argument("--reverse-train-fraction", type=float, default=ReversalConfig.reverse_train_fraction,
+    reversal.add_argument("--relations", type=whole_number(1, len(RELATIONS)), default=ReversalConfig.n_relations,
+                          help=f"relation types, 1-{len(RELATIONS)} (default {ReversalConfig.n_relations})")
+    reversal.add_argument("--reverse-train-fraction", type=real_number(0, 1, open_high=True),
+                          default=ReversalConfig.reverse_train_fraction,
                           help="share of the pairs whose reversed fact is trained (default "
                                f"{ReversalConfig.reverse_train_fraction}); the others' reversal is the OOD test")
     reversal.add_argument("--identity-of", choices=IDENTITY_OF, default=ReversalConfig.identity_of,
@@ -186,14 +192,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                "reversed questions) or everyone (the B's too)")
     finetune.add_argument("--conditions", nargs="+", choices=("no_identity", "identity"),
                           default=["no_identity", "identity"], help="conditions to train (default both)")
-    finetune.add_argument("--probe-items", type=int, default=16,
+    finetune.add_argument("--probe-items", type=positive_int, default=16,
                           help="two-hop items per split (ID, OOD) for the lens and patching (default 16)")
-    finetune.add_argument("--patch-pairs", type=int, default=2,
+    finetune.add_argument("--patch-pairs", type=non_negative_int, default=2,
                           help="counterfactual pairs per split for exact resid_pre patching (default 2; 0 skips)")
     finetune.add_argument("--memory", action="store_true",
                           help="also run the shared-memory analyses (probes.memory: decoding and alignment) on the "
                                "probe items of each model state -> DIR/memory/<state>/memory.csv")
-    finetune.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+    finetune.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2],
                           help="seeds, each with its own data, names and LoRA initialization (default 0 1 2); the "
                                "lens, patching and memory analyses run on the first")
     finetune.add_argument("--out", type=Path, default=RUNS / "identity" / "finetune",
@@ -298,9 +304,30 @@ def reproduce_job(args: argparse.Namespace) -> Path:
     grid = list(itertools.product(args.init_scales or [base.init_scale], args.weight_decays or [base.weight_decay],
                                   args.identity_repeats or [base.identity_repeat]))
     data = {seed: _data_config(args, preset["data"], seed) for seed in args.seeds or preset["seeds"]}
-    with _run_directory(args):
+    with _finished_report(args, "reproduce"), _run_directory(args):
         return reproduce(args.out, base, data, grid, preset=args.preset, device=args.device,
                          keep_checkpoints=args.keep_checkpoints)
+    return args.out  # finished before; its missing report files rebuilt
+
+
+@contextmanager
+def _finished_report(args: argparse.Namespace, command: str) -> Iterator[None]:
+    """Around a job: when its directory holds this run finished (``RunComplete``, exit 0) but report files are
+    missing (deleted, or a run killed after its finished mark by an earlier bridgeprobe), rebuild them from the
+    run's tables under the lock, without training; the run is still complete."""
+    from bridgeprobe.probes.identity import missing_report, rebuild_report
+    from bridgeprobe.probes.rundir import RunComplete, RunDirectory
+
+    try:
+        yield
+    except RunComplete:
+        missing = missing_report(args.out, command)
+        if not missing:
+            raise
+        print(f"{args.out}: the run is finished but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+              "missing; rebuilding the report from its tables (no training)")
+        with RunDirectory.locked(args.out):
+            rebuild_report(args.out, command)
 
 
 def grid_job(args: argparse.Namespace) -> Path:
@@ -318,15 +345,18 @@ def grid_job(args: argparse.Namespace) -> Path:
 def finetune_lens_job(args: argparse.Namespace) -> Path:
     """Check the finetune run (before loading), lock OUT with a fingerprint of the run's record and adapters,
     and run :func:`probes.finetune_lens.finetune_lens`."""
-    from bridgeprobe.probes.finetune_lens import finetune_lens, finished_two_hop_run
+    from bridgeprobe.probes.finetune_lens import base_model, finetune_lens, finished_two_hop_run
     from bridgeprobe.probes.identity import adapter_name
     from bridgeprobe.probes.rundir import adapter_identity, file_sha256, run_directory
 
-    settings = finished_two_hop_run(args.run)["settings"]
+    record = finished_two_hop_run(args.run)
+    settings = record["settings"]
+    location, identity = base_model(args.run, record)  # the weights the adapters were trained on, checked
     adapters = {adapter_name(c, s): adapter_identity(str(args.run / "adapters" / adapter_name(c, s)))
                 for s in settings["seeds"] for c in settings["conditions"]}
     found = fingerprint(args, args.command, run=file_sha256(args.run / "run.json"), adapters=adapters,
-                        per_split=args.per_split, batch_size=args.batch_size)
+                        model={"location": location, "identity": identity}, per_split=args.per_split,
+                        batch_size=args.batch_size)
     with run_directory(args.out, found, overwrite=args.overwrite, recompute=args.recompute):
         finetune_lens(args.run, args.out, per_split=args.per_split, batch_size=args.batch_size)
     return args.out
@@ -334,17 +364,15 @@ def finetune_lens_job(args: argparse.Namespace) -> Path:
 
 def finetune_report_job(args: argparse.Namespace) -> Path:
     """Check that DIR holds a finished finetune run, lock it and rebuild its report files."""
-    import json
-
     from bridgeprobe.probes.identity import finetune_report
-    from bridgeprobe.probes.rundir import RunDirError, RunDirectory
+    from bridgeprobe.probes.rundir import RunDirError, RunDirectory, read_run_record
 
     from bridgeprobe.probes.finetune_lens import lens_tables
 
     record = args.out / "run.json"
     if not record.is_file():
         raise RunDirError(f"{args.out} has no finetune or finetune-lens run (no run.json)")
-    run = json.loads(record.read_text())
+    run = read_run_record(record, "rerun its command with --overwrite")
     lens = run.get("command") == "finetune-lens"
     needed = ("prompts.csv", "lens_layers.csv") if lens else ("items.csv",)
     missing = [name for name in needed if not (args.out / name).is_file()]
@@ -376,7 +404,8 @@ def finetune_job(args: argparse.Namespace) -> Path:
                                 for seed in args.seeds}
     else:
         data = {seed: _data_config(args, FINETUNE_DATA, seed) for seed in args.seeds}
-    with _run_directory(args):
+    with _finished_report(args, "finetune"), _run_directory(args):
         return finetune(args.out, model_options(args), data, config, task=args.task, conditions=args.conditions,
                         probe_items=args.probe_items, patch_pairs=args.patch_pairs, memory=args.memory,
                         keep_checkpoints=args.keep_checkpoints)
+    return args.out  # finished before; its missing report files rebuilt

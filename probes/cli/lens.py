@@ -6,19 +6,21 @@ import argparse
 import json
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from bridgeprobe.analyses.summaries import lens_run_lines, lens_summary
 from bridgeprobe.probes.checks import check_context_length
 from bridgeprobe.probes.cli.common import (EPILOG, check_options, default_out, fingerprint, load_items, model_args,
-                                           model_options, prompt_args, prompt_settings, run_args, rundir_args)
+                                           model_options, non_negative_int, prompt_args, prompt_settings, run_args,
+                                           rundir_args)
 from bridgeprobe.probes.cli.memory import (memory_config, memory_flags, memory_report_section, read_memory_csv,  # memory section
                                            run_memory_section)
 from bridgeprobe.probes.hooks import HookedModel
 from bridgeprobe.probes.models import DEFAULT_MODEL
 from bridgeprobe.probes.pipeline import ModelOptions, PatchingRun, Timer, item_pairs, run_lens, run_patching, run_record
-from bridgeprobe.probes.rundir import RunDirError, RunDirectory, check_rows, run_directory
+from bridgeprobe.probes.results import read_table
+from bridgeprobe.probes.rundir import (RunDirError, RunDirectory, check_prompt_files, check_rows, run_directory,
+                                      table_path)
 from bridgeprobe.prompts.loaders import load_prompts, parse_columns
 from bridgeprobe.prompts.sampling import sample_pairs
 from bridgeprobe.prompts.schema import PromptItem
@@ -53,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     model_args(run, DEFAULT_MODEL)
     prompt_args(run, "curated")
     run.add_argument("--out", type=Path, help="output directory (default: runs/<model name>)")
-    run.add_argument("--patch-pairs", type=int, default=32,
+    run.add_argument("--patch-pairs", type=non_negative_int, default=32,
                      help="pairs for the report's attribution-patching section, chosen like --limit by --sample "
                           "(default 32; 0 skips it)")
     run_args(run)
@@ -155,7 +157,10 @@ def _report(out: Path) -> None:
     from bridgeprobe.analyses.patching_report import attribution_section
     from bridgeprobe.analyses.report import write_lens_report
 
-    check_rows(out, "lens.csv")
+    for name in ("lens.csv", "attribution.csv", "memory.csv"):
+        if table_path(out, name).is_file():
+            check_rows(out, name)
+    check_prompt_files(out)
     record = json.loads((out / "run.json").read_text())
     settings = record["settings"]
     columns = parse_columns(settings["columns"]) if settings.get("columns") else None
@@ -164,10 +169,10 @@ def _report(out: Path) -> None:
                          seed=settings.get("seed") or 0)
     sections, attribution, memory = [], None, None
     if (out / "attribution.csv").is_file():
-        attribution = pd.read_csv(out / "attribution.csv", dtype={"clean_id": str, "corrupt_id": str})
+        attribution = read_table(out / "attribution.csv")
         sections.append(attribution_section(attribution, out, record["model"]))
-    if (out / "memory.csv").is_file():
+    if table_path(out, "memory.csv").is_file():
         sections.append(memory_report_section(read_memory_csv(out), out, record))
         memory = json.loads((out / "memory_summary.json").read_text())
-    summary = write_lens_report(pd.read_csv(out / "lens.csv", dtype={"prompt_id": str}), items, out, record, sections)
+    summary = write_lens_report(read_table(out / "lens.csv"), items, out, record, sections)
     print("\n".join(lens_run_lines(summary, out, record["model"], attribution, memory)))

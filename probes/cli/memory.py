@@ -14,10 +14,11 @@ import torch
 from bridgeprobe.analyses.summaries import MEMORY_FILES, files_line, memory_lines
 from bridgeprobe.probes.checks import check_context_length
 from bridgeprobe.probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, positive_int,
-                                           prompt_args, prompt_settings, rundir_args)
+                                           non_negative_int, prompt_args, prompt_settings, rundir_args)
 from bridgeprobe.probes.hooks import HookedModel
 from bridgeprobe.probes.memory import ANALYSES, MemoryConfig, MemoryRun, run_memory
 from bridgeprobe.probes.pipeline import ModelOptions, Timer, run_record
+from bridgeprobe.probes.results import read_table
 from bridgeprobe.probes.rundir import RunDirError, RunDirectory, check_rows, run_directory, table_path
 from bridgeprobe.probes.variants import METHODS
 from bridgeprobe.prompts.schema import PromptItem
@@ -40,10 +41,11 @@ def _count(text: str) -> int | None:
     """An item count: a non-negative integer, or ``all`` (None)."""
     if text == "all":
         return None
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a count or 'all', got {text}")
-    return value
+    try:
+        int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'all', got {text!r}") from None
+    return non_negative_int(text)
 
 
 def memory_flags(parser: argparse.ArgumentParser, prefix: str = "", *, items: int | None = None,
@@ -62,7 +64,7 @@ def memory_flags(parser: argparse.ArgumentParser, prefix: str = "", *, items: in
                        help=f"layer stride of the source x target maps; the diagonal is always complete (default {stride})")
     group.add_argument(f"--{prefix}analyses", default=",".join(ANALYSES),
                        help=f"comma-separated subset of {','.join(ANALYSES)} (default: all)")
-    group.add_argument(f"--{prefix}decode-layer", type=int,
+    group.add_argument(f"--{prefix}decode-layer", type=non_negative_int,
                        help="fixed target layer of the decoding (default: n_layers // 8)")
     group.add_argument(f"--{prefix}batch-items", type=positive_int, default=8,
                        help="items per decoding call (they share the identity prompt; default 8)")
@@ -88,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     memory.add_argument("--method", choices=METHODS, default="auto",
                         help="patching engine: fast (resume from the patched block), batched, naive, or auto (fast "
                              "where verified; default)")
-    memory.add_argument("--seed", type=int, default=0,
+    memory.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of the control choices and the CKA jackknife groups (default 0)")
     rundir_args(memory)
     memory.set_defaults(handler=memory_job)
@@ -108,7 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(docs/memory.md, positive controls).", formatter_class=argparse.RawDescriptionHelpFormatter)
     prompt_args(controls, "curated")
     controls.add_argument("--out", required=True, type=Path, help="output directory")
-    controls.add_argument("--seed", type=int, default=0, help="seed of the replacement bridges of 'absent' (default 0)")
+    controls.add_argument("--seed", type=non_negative_int, default=0, help="seed of the replacement bridges of 'absent' (default 0)")
     controls.set_defaults(handler=controls_job)
 
 
@@ -125,7 +127,7 @@ def run_memory_section(hooked: HookedModel, items: list[PromptItem], out: Path, 
 
 def read_memory_csv(out: Path) -> pd.DataFrame:
     """``DIR/memory.csv`` (or ``memory.csv.gz``) as :func:`~probes.memory.run_memory` returns it."""
-    return pd.read_csv(table_path(out, "memory.csv"), dtype={"prompt_id": str}, low_memory=False)
+    return read_table(table_path(out, "memory.csv"))
 
 
 def memory_report_section(frame: pd.DataFrame, out: Path, record: dict) -> Section:

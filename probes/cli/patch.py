@@ -10,7 +10,7 @@ import torch
 from bridgeprobe.analyses.summaries import PATCH_FILES, files_line, patching_lines
 from bridgeprobe.probes.checks import check_context_length
 from bridgeprobe.probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, prompt_args,
-                                           prompt_settings, rundir_args)
+                                           non_negative_int, prompt_settings, rundir_args)
 from bridgeprobe.probes.hooks import SITES
 from bridgeprobe.probes.patching import HEAD
 from bridgeprobe.probes.pipeline import ModelOptions, Timer, item_pairs, run_patching, run_record
@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="also write DIR/patching_bridge.csv: the clean bridge's logit-lens rank at the last token, "
                             "at every layer from the patched one on, after each patch (read in the same sweep; "
                             "exact patching only)")
-    patch.add_argument("--seed", type=int, default=0, help="random seed recorded in run.json (default 0)")
+    patch.add_argument("--seed", type=non_negative_int, default=0, help="random seed recorded in run.json (default 0)")
     rundir_args(patch)
     patch.set_defaults(handler=patch_job)
 
