@@ -66,7 +66,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bridgeprobe.analyses.page import Figure, Section, doc_to_html, key_values, render  # noqa: E402
+from bridgeprobe.analyses.page import Figure, Section, key_values, p_value, render, too_small  # noqa: E402
+from bridgeprobe.analyses.provenance import provenance  # noqa: E402
 from bridgeprobe.analyses.plots import legend_below, save_figure  # noqa: E402
 from bridgeprobe.analyses.stats import N_RESAMPLES, column_intervals, equivalence_decisions  # noqa: E402
 from bridgeprobe.probes.results import atomic_write, atomic_write_csv, atomic_write_json  # noqa: E402
@@ -465,6 +466,8 @@ def _fmt(row: pd.Series | None, pct: bool = False) -> str:
     if row is None or pd.isna(row.get("mean")):
         return "n/a"
     f = (lambda x: f"{100 * x:.0f}%") if pct else (lambda x: f"{x:.2f}")
+    if too_small(row.get("ci_low"), row.get("ci_high"), row.get("n"), f):
+        return f"n too small (n = {int(row['n'])})"
     ci = "" if pd.isna(row.get("ci_low")) else f" [{f(row['ci_low'])}, {f(row['ci_high'])}]"
     if not ci and not pd.isna(row.get("n", np.nan)) and row["n"] < 3:
         ci = f" (n = {int(row['n'])}: no interval below 3)"
@@ -497,6 +500,8 @@ def _position_summary(frame: pd.DataFrame, table: pd.DataFrame, cells: pd.DataFr
         row = row.iloc[0]
         if row["n"] < 3:
             return f"{row['mean']:+.2f} (n = {int(row['n'])}: too few to test)" if row["n"] else "n/a (n = 0)"
+        if too_small(row["lower"], row["upper"], row["n"]):
+            return f"n too small (n = {int(row['n'])}: every item gave the same difference)"
         verdict = "holds" if row["holds"] else "ruled out" if row["rules_out"] else "undecided"
         return (f"{row['mean']:+.2f}, family-wise bounds [{row['lower']:.2f}, {row['upper']:.2f}] (n = {int(row['n'])}, "
                 f"adjusted {_p(row['p_adjusted'])}; minimum {row['min_effect']:g}: {verdict})")
@@ -523,9 +528,7 @@ def _position_summary(frame: pd.DataFrame, table: pd.DataFrame, cells: pd.DataFr
             "n": decision["n"], "to_decide": decision["to_decide"], "evidence_at_peak": evidence_at}
 
 
-def _p(value: float) -> str:
-    """A p-value for people: ``p < 0.001`` below 0.001, ``p = 0.012`` (two significant digits) above."""
-    return "p < 0.001" if value < 0.001 else f"p = {value:.2g}"
+_p = p_value  # the pages' one p-value format
 
 
 def _sentence(position: str, part: dict[str, Any], n_tests: int) -> str:
@@ -769,9 +772,11 @@ def write_memory_outputs(frame: pd.DataFrame, out_dir: Path, run: dict[str, Any]
         figures.append(backpatch_heatmaps(backpatch, out_dir / "memory_backpatch.png",
                                           f"Back-patching later into earlier layers, {model}"))
     summary["figures"] = [f.name for f in figures]
+    summary["provenance"] = provenance(run)
     atomic_write_json(out_dir / "memory_summary.json", summary)
     section = memory_section(summary, figures)
-    atomic_write(out_dir / "memory.html", render(f"{section.title}, {model}", [section]))
+    atomic_write(out_dir / "memory.html", render(f"{section.title}, {model}", [section],
+                                                 provenance=summary["provenance"]))
     return summary
 
 
@@ -791,7 +796,9 @@ EVIDENCE_NAMES = {
     "probe_chance_majority": "probe chance (majority bridge)", "cosine_centered_gap": "centered cosine gap (same "
     "item - partner)", "cka_matched": "linear CKA, matched", "cka_mismatched": "linear CKA, partners (control)",
     "crosspatch": "cross-patching", "decoding": "decoding", "alignment": "probe",
-    "crosspatch_some_target": "cross-patching into another target layer (source->target)",
+    "crosspatch_some_target": "A's state written into another layer of the partner's prompt, bridge-specific "
+                              "(source layer -> target layer; the best target per source, a maximum: readable "
+                              "somewhere, not an effect size)",
 }
 CAPTIONS = {
     "memory_layers.png": "Per-layer curves, each a mean over prompts with its 95% interval (shaded, same "
@@ -811,14 +818,65 @@ def _sensitivity_html(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
     frame = pd.DataFrame(rows).rename(columns={"min_effect_scale": "minimum effects (x as set)",
-                                               "min_gap": "min gap (logit)",
+                                               "min_gap": "minimum gap (logit)",
                                                **{p: f"at {w}" for p, w in POSITIONS.items()}})
     return ("<h3>Sensitivity</h3><p>The decision with each threshold of the band test halved and doubled (the "
             "others as set).</p>" + frame.to_html(index=False, border=0, classes="data"))
 
 
+TERMS = ("<p><b>Terms.</b> An item A is a two-hop prompt such as \"The capital of the country where the Eiffel "
+         "Tower is located is\", whose bridge (France) is never written in it. <b>e1</b> is the first entity of the "
+         "two-hop prompt, its subject (the Eiffel Tower): the bridge can be computed from e1's last token on. "
+         "<b>A's state</b> is the hidden state (residual stream) of A's two-hop prompt at one layer, at its last token "
+         "or at e1's last token: where the bridge is kept, if it is. A's <b>partner</b> is an item with another "
+         "bridge; its hop-2 prompt names that bridge (\"The capital of Italy is\"). <b>Cross-patching</b> writes A's "
+         "state into the partner's hop-2 prompt at its bridge: if the state carries France, the prompt moves toward "
+         "Paris. The <b>control</b> of each test is the same measurement with a random other item's state or the "
+         "partner's bridge.</p>")
+
+
+def criteria_html() -> str:
+    """The band test in plain words, with the thresholds as set (the module docstring is the developers' version)."""
+    effects = sorted(set(MIN_EFFECTS.values()))
+    minimum = (f"{effects[0]:g} for each test" if len(effects) == 1 else
+               ", ".join(f"{TEST_NAMES[t]} {e:g}" for t, e in MIN_EFFECTS.items()))
+    return (
+        "<p>The band of the shared memory is the longest run of consecutive layers where four tests all hold. Each "
+        "test compares, item by item, the bridge with its matched control (a difference centred on 0 when the state "
+        "does not carry the bridge), on A's state at a layer, at the last token and at e1's last token:</p><ul>"
+        "<li><b>cross-patch</b>: A's state written into the partner's hop-2 prompt at the same layer, against a "
+        "random other item's state written there; in fractions of what writing A's bridge out in words does (1 = as "
+        f"much). Only items where the written-out bridge moves the partner's prompt by at least {MIN_GAP:g} logit "
+        "count (a smaller gap would let one item dominate).</li>"
+        "<li><b>other relation</b>: A's state written into the hop-2 prompt of another relation, at that prompt's "
+        "own bridge (\"The main language spoken in Italy is\", A's bridge being France): how far it moves that "
+        "prompt toward the value of A's bridge there (French), against the random item's state; in fractions of "
+        "what writing A's bridge out there does, over the "
+        f"items where that is at least {MIN_GAP:g} logit. The state then serves as the bridge for a relation it was "
+        "not computed for.</li>"
+        "<li><b>decoding</b>: the bridge decoded in the top 10 from A's state (through an identity prompt, read at a "
+        "fixed early layer) minus the partner's bridge decoded there; a rate difference (0.1 = 10 points).</li>"
+        "<li><b>probe</b>: a linear probe trained on written-out bridges (of prompts that share no template with the "
+        "item) names the item's bridge, minus it names the partner's bridge; a rate difference.</li></ul>"
+        f"<p>A test <b>holds</b> at a layer when its lower bound is above 0 and its mean difference is at least its "
+        f"minimum effect ({minimum}: a tenth of what the written-out bridge does, or 10 points); it <b>rules the "
+        f"layer out</b> when its upper bound is below the minimum effect. The bounds are one-sided and family-wise "
+        f"over every test, layer and position ({ALPHA:.0%} error for the lower bounds and, separately, for the upper "
+        f"bounds), from {N_RESAMPLES:,} random sign flips of the items' differences. With no layer where all four "
+        "hold, the statement says \"no band\" only when every layer is ruled out, and otherwise \"not enough items "
+        "to decide\", with the number of items that would decide if the estimates stayed as they are. The rule's "
+        "error rates on planted effects are in docs/statistics.md; the sensitivity table repeats the decision with "
+        "each threshold halved and doubled.</p>"
+        "<p>The band is compared with the median layer where the answer rises (the first layer from which it stays "
+        "in the logit-lens top 10 at the last token). The row \"A's state written into another layer\" lists the "
+        "source layers whose state is bridge-specific when written into some other layer of the partner's prompt "
+        "(the best target layer per source: a maximum, so read it as \"readable somewhere\", not as an effect size; "
+        "not part of the test).</p>")
+
+
 def memory_section(summary: dict[str, Any], figures: list[Path]) -> Section:
-    """The report section: the statement as its findings, the evidence per position, the criteria."""
+    """The report section: the statement as its findings (e1 defined where it first appears), the terms, the
+    evidence per position, the criteria in plain words."""
     fixes = summary.get("backpatch") or {}
     settings = summary.get("settings", {})
     tables = ""
@@ -828,24 +886,27 @@ def memory_section(summary: dict[str, Any], figures: list[Path]) -> Section:
         tables += (f"<h3>Latent state at {POSITIONS[position]}</h3><p>Layers where each kind of evidence holds:</p>"
                    + key_values(kinds)
                    + (f"<p>Evidence at layer {evidence['layer']}:</p>" + key_values(evidence) if evidence else ""))
+    decode_layer = settings.get("decode_layer")
     body = (
-        f"<p>{summary['n_items']} items ({summary['n_map_items']} with the cross-patch maps and the decoding; "
+        TERMS
+        + f"<p>{summary['n_items']} items ({summary['n_map_items']} with the cross-patch maps and the decoding; "
         f"{summary['n_crosspatch_eligible']} of those where writing the bridge out moves the partner's prompt by "
         f"at least {MIN_GAP:g} logit). Identity prompt for the decoding: <code>"
-        f"{html.escape(repr(settings.get('identity_prompt', '')))}</code>, fixed target layer "
-        f"{settings.get('decode_layer')}. "
+        f"{html.escape(repr(settings.get('identity_prompt', '')))}</code>"
+        + (f", read at the fixed layer {decode_layer}. " if decode_layer is not None else ". ")
         + (f"Back-patching fixes {fixes['fixed']} of the {fixes['n_failures']} two-hop failures whose hops are both "
            f"right at the best cell (source, target) = {tuple(fixes['best_cell'])} (net of breakage; a maximum over cells, so biased upward), and breaks "
            f"{fixes['broken_correct_at_best_cell']} of the {fixes['n_correct']} correct prompts there. "
            if fixes else "")
-        + "Means with 95% t intervals over prompts, rates with exact intervals (none below 3 prompts); CKA with "
-        "grouped-jackknife CIs. Files: memory.csv "
-        "(every row), memory_cells.csv, memory_layers.csv, memory_backpatch.csv, memory_summary.json. "
-        "<code>bridgeprobe memory</code> runs the analysis on every item (<code>--map-items</code>, "
-        "<code>--stride</code> set its cost).</p>" + tables
+        + "Means with 95% t intervals over prompts, rates with exact intervals (none below 3 prompts; an interval "
+        "of no width from fewer than 10 items is shown as \"n too small\"); CKA with grouped-jackknife intervals. "
+        "Files: memory.csv (every row), memory_cells.csv, memory_layers.csv, memory_backpatch.csv, "
+        "memory_summary.json. <code>bridgeprobe memory</code> runs the analysis on every item (<code>--map-items"
+        "</code>, <code>--stride</code> set its cost).</p>" + tables
         + _sensitivity_html(summary.get("sensitivity") or [])
-        + "<h3>Criteria</h3>" + doc_to_html("The band of the shared memory is " + summary["criteria"],
-                                            {"MIN_GAP": MIN_GAP, "ALPHA": ALPHA, "N_RESAMPLES": N_RESAMPLES})
+        + "<h3>Criteria</h3>" + criteria_html()
     )
-    return Section("Shared latent memory", summary["statement"], body,
+    findings = summary["statement"].replace(
+        "e1's last token", "e1's last token (e1: the first entity of the two-hop prompt, its subject)", 1)
+    return Section("Shared latent memory", findings, body,
                    [Figure(f, CAPTIONS.get(Path(f).name, "")) for f in figures])

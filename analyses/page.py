@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jinja2
 import markdown
+import numpy as np
 import pandas as pd
 from markupsafe import Markup
 
@@ -72,17 +73,66 @@ def seconds(value: Any) -> str:
     return f"{value / 60:.1f} min" if value < 5400 else f"{value / 3600:.1f} h"
 
 
-def interval(values: Mapping[str, Any], key: str, fmt: Callable[[Any], str] = pct, with_n: bool = True) -> str:
+def points(value: Any) -> str:
+    """A difference of two rates in percentage points, signed: 0.2 -> '+20.0 points' (never '%': 20% of a rate
+    is not 20 points of it)."""
+    return "–" if missing(value) else f"{100 * float(value):+.1f} points"
+
+
+def signed_points(value: Any) -> str:
+    """An interval bound of a rate difference, in points without the unit: 0.171 -> '+17.1'."""
+    return "–" if missing(value) else f"{100 * float(value):+.1f}"
+
+
+def p_value(value: Any) -> str:
+    """A p-value for people, the one format of every page: ``p < 0.001`` below 0.001, else two significant digits
+    (``p = 0.012``, ``p = 0.5``, ``p = 1``); never scientific notation."""
+    if missing(value):
+        return "p not computed"
+    return "p < 0.001" if float(value) < 0.001 else f"p = {float(value):.2g}"
+
+
+def sig(value: Any, digits: int = 3) -> str:
+    """A real number with ``digits`` significant digits and no scientific notation: 0.0969 -> '0.0969',
+    1.2e-05 -> '0.000012', 12345.6 -> '12,346'."""
+    if missing(value):
+        return "–"
+    value = float(value)
+    if abs(value) >= 10 ** digits:
+        return f"{value:,.0f}"
+    return np.format_float_positional(value, precision=digits, unique=False, fractional=False, trim="-")
+
+
+SMALL_N = 10  # an interval of no width from fewer items than this is shown as "n too small"
+
+
+def too_small(low: Any, high: Any, n: Any, fmt: Callable[[Any], str] = lambda x: f"{float(x):.2f}") -> bool:
+    """Whether an interval has no width as printed (every item gave the same value) on fewer than
+    :data:`SMALL_N` items: such an interval says nothing about the uncertainty, so a page shows "n too small"
+    instead of it."""
+    if missing(low) or missing(high) or missing(n) or float(n) >= SMALL_N:
+        return False
+    unsigned = lambda x: re.sub(r"^[+-](?=[0.,]*\D*$)", "", fmt(x))  # noqa: E731  -0.00 is 0.00
+    return unsigned(low) == unsigned(high)
+
+
+def interval(values: Mapping[str, Any], key: str, fmt: Callable[[Any], str] = pct, with_n: bool = True,
+             bounds: Callable[[Any], str] | None = None) -> str:
     """``values[key]`` with its interval when the summary has one (``KEY_ci_low``/``KEY_ci_high``, or ``KEY`` a
-    dict with ``mean``/``ci_low``/``ci_high``/``n``); the bare value otherwise. ``with_n``: add "(n = N)"."""
+    dict with ``mean``/``ci_low``/``ci_high``/``n``); the bare value otherwise. ``with_n``: add "(n = N)";
+    ``bounds``: the bounds' format (default ``fmt``). An interval of no width on fewer than :data:`SMALL_N` items
+    is "n too small (n = N)" (:func:`too_small`)."""
     value = values.get(key)
     if isinstance(value, Mapping):
         low, high, n, value = value.get("ci_low"), value.get("ci_high"), value.get("n"), value.get("mean")
     else:
         low, high, n = values.get(f"{key}_ci_low"), values.get(f"{key}_ci_high"), values.get(f"{key}_n")
+    bounds = bounds or fmt
+    if too_small(low, high, n, bounds):
+        return f"n too small (n = {count(n)})"
     text = fmt(value)
     if not missing(low) and not missing(high):
-        text += f" [{fmt(low)}, {fmt(high)}]"
+        text += f" [{bounds(low)}, {bounds(high)}]"
     if with_n and not missing(n):
         text += f" (n = {count(n)})"
     return text
@@ -118,9 +168,9 @@ def image(path: Path, alt: str) -> Markup:
 def table(frame: pd.DataFrame, formats: Mapping[str, Callable[[Any], str]] | None = None,
           default: Callable[[Any], str] | None = None) -> str:
     """A DataFrame as an HTML table; ``formats`` per column (e.g. :func:`count` for ranks, :func:`pct` for
-    rates), ``default`` for the other numeric columns (3 significant digits)."""
+    rates), ``default`` for the other numeric columns (3 significant digits, :func:`sig`)."""
     formats = formats or {}
-    default = default or (lambda x: "–" if missing(x) else f"{x:.3g}")
+    default = default or sig
     shown, numeric = frame.copy(), []
     for column in shown.columns:
         numeric.append(column in formats or pd.api.types.is_numeric_dtype(shown[column]))
@@ -141,7 +191,10 @@ def key_values(facts: Mapping[str, Any]) -> str:
 
 
 def render(title: str, sections: Sequence[Section], intro: str = "", facts: Mapping[str, Any] | None = None,
-           footer: str = "") -> str:
-    """The whole page."""
+           footer: str = "", provenance: Mapping[str, Any] | None = None) -> str:
+    """The whole page; ``provenance`` (:func:`analyses.provenance.provenance`) is shown as a box under the title."""
+    from bridgeprobe.analyses.provenance import provenance_line
+
     return _ENV.get_template("page.html").render(title=title, intro=intro, facts=facts or {}, sections=sections,
-                                                 footer=footer, image=image)
+                                                 footer=footer, image=image,
+                                                 provenance=provenance_line(provenance) if provenance else "")

@@ -32,6 +32,8 @@ BEST = {"denoise": ("max", "max over positions per pair: biased upward"),
         "noise": ("min", "min over positions per pair: biased downward")}
 SITE_COLORS = {"resid_pre": "tab:blue", "resid_post": "tab:cyan", "attn_out": "tab:orange",
                "mlp_out": "tab:green"}
+SITE_NAMES = {"resid_pre": "the residual stream before the block", "resid_post": "the residual stream after the block",
+              "attn_out": "the attention output", "mlp_out": "the MLP output", "head": "one attention head's output"}
 
 
 def pair_gaps(frame: pd.DataFrame, min_gap: float = MIN_PAIR_GAP) -> pd.DataFrame:
@@ -144,7 +146,8 @@ def write_patching_outputs(frame: pd.DataFrame, out_dir: Path, title: str, prefi
     figures = [layer_curves(layers, out_dir / f"{prefix}_layers.png", title)] if len(layers) else []
     for site in sorted(frame["site"].unique()):
         if site != "head":
-            figures.append(heatmaps(frame, site, out_dir / f"{prefix}_{site}.png", f"{title}: {site}"))
+            figures.append(heatmaps(frame, site, out_dir / f"{prefix}_{site}.png",
+                                    f"{title}: {SITE_NAMES.get(site, site)} ({site})"))
     return figures
 
 
@@ -176,7 +179,13 @@ def attribution_section(frame: pd.DataFrame, out_dir: Path, model: str) -> Secti
     captions = {"layers": "Per-layer recovery, mean over pairs with its 95% CI (shaded; Student t, none "
                           "below 3 pairs): left at the last token, right at the position where each pair recovers most (a maximum: biased upward)."}
     return Section("Per-layer attribution", findings, body,
-                   [Figure(f, captions["layers"] if f.name.endswith("_layers.png") else
-                           "Layer × position map of the normalized recovery: left one pair with its tokens, right "
-                           "the mean over pairs (positions counted from the end); red = restores the clean answer.")
-                    for f in figures])
+                   [Figure(f, captions["layers"] if f.name.endswith("_layers.png")
+                           else site_caption(f.stem.removeprefix("attribution_"))) for f in figures])
+
+
+def site_caption(site: str) -> str:
+    """The caption of one site's heatmap, naming the site."""
+    return (f"Site: {SITE_NAMES.get(site, site)} ({site}), at every layer and position. Layer × position map of the "
+            f"normalized recovery when this site's clean activation is patched into the corrupted run: left one pair "
+            f"with its tokens, right the mean over pairs (positions counted from the end); red = restores the clean "
+            f"answer.")

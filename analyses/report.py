@@ -10,8 +10,9 @@ from markupsafe import Markup
 
 from bridgeprobe.analyses import plots
 from bridgeprobe.analyses.aggregate import TOP_K, per_layer, per_prompt, summarize
-from bridgeprobe.analyses.page import (Figure, Section, count, doc_to_html, interval, key_values, missing, num, pct, render,
-                                       seconds, table)
+from bridgeprobe.analyses.page import (Figure, Section, count, doc_to_html, interval, key_values, num, p_value, pct,
+                                       points, render, seconds, signed_points, table)
+from bridgeprobe.analyses.provenance import provenance
 from bridgeprobe.probes.results import atomic_write, atomic_write_csv, atomic_write_json
 from bridgeprobe.prompts.schema import PromptItem
 
@@ -24,7 +25,7 @@ def write_lens_report(frame: pd.DataFrame, items: Sequence[PromptItem], out_dir:
     texts = pd.DataFrame([{"prompt_id": i.id, "two_hop": i.two_hop, "bridge": i.bridge, "answer": i.answer,
                            "composition": i.composition} for i in items])
     prompts = per_prompt(frame).merge(texts, on="prompt_id", how="left")
-    summary = {"model": run["model"], **summarize(frame, layers, prompts)}
+    summary = {"model": run["model"], **summarize(frame, layers, prompts), "provenance": provenance(run)}
     atomic_write_csv(out_dir / "layers.csv", layers)
     atomic_write_csv(out_dir / "prompts.csv", prompts)
     atomic_write_json(out_dir / "summary.json", summary)
@@ -98,7 +99,7 @@ def _html(summary: dict[str, Any], layers: pd.DataFrame, prompts: pd.DataFrame, 
     definitions = Section("Definitions", "", f'<div class="definitions">{doc_to_html(summary["definitions"], {"TOP_K": TOP_K})}</div>')
     return render(f"Where is the bridge entity? {run['model']}",
                   [lens, by_group, heatmap, examples, per_layer_table, *sections, definitions],
-                  facts=facts,
+                  facts=facts, provenance=summary["provenance"],
                   footer="Files beside this page: lens.csv (every row), layers.csv, prompts.csv, summary.json, "
                          "run.json.")
 
@@ -121,11 +122,10 @@ def _lens_findings(summary: dict[str, Any], layers: pd.DataFrame) -> str:
             f"{count(ranks[-1])} at the last layer.")
     control, diff = summary.get("control", {}), summary.get("bridge_minus_control", {})
     if control.get("measured"):
-        signed = lambda x: pct(x) if missing(x) else f"{100 * x:+.1f}%"  # noqa: E731
         text += (f" A matched control entity (another item's bridge, scored the same way) is in the top {TOP_K} at "
                  f"some layer for {ci(control, 'top10_any_layer')}; bridge minus control, paired over prompts: "
-                 f"{ci(diff, 'top10_any_layer', signed)}"
-                 + (f" (sign test p = {diff['top10_any_layer_sign_test_p']:.2g})."
+                 f"{_difference(diff, 'top10_any_layer', with_n=False)}"
+                 + (f" (sign test {p_value(diff['top10_any_layer_sign_test_p'])})."
                     if "top10_any_layer_sign_test_p" in diff else "."))
     elif len(layers[(layers["prompt_kind"] == "two_hop") & (layers["target"] == "control")]) == 0:
         text += " " + control.get("note", "This run has no matched control entity (its lens.csv has no control rows).")
@@ -147,8 +147,8 @@ def _group_findings(summary: dict[str, Any]) -> str:
         return (f"Prompts per outcome group: {sizes}. Comparing the composition failures with the correct prompts "
                 f"needs both groups.")
     test = summary.get("failures_vs_correct") or {}
-    fisher = (f" (Fisher's exact test p = {test['bridge_top1_any_layer_fisher_p']:.2g} and "
-              f"{test[f'bridge_top{TOP_K}_any_layer_fisher_p']:.2g})" if test else "")
+    fisher = (f" (Fisher's exact test: top 1 {p_value(test['bridge_top1_any_layer_fisher_p'])}, top {TOP_K} "
+              f"{p_value(test[f'bridge_top{TOP_K}_any_layer_fisher_p'])})" if test else "")
     return (f"Prompts per outcome group: {sizes}. Of the {count(failed['n'])} prompts answered wrongly although both "
             f"one-hop prompts are right, leaving out the {count(failed.get('n_bridge_is_output', 0))} whose output "
             f"is the bridge itself (a correct prompt cannot have it), the bridge is top 1 at some layer in "
@@ -163,27 +163,28 @@ def _control_facts(summary: dict[str, Any]) -> dict[str, str]:
     control, diff, sub = summary["control"], summary["bridge_minus_control"], summary.get("unambiguous", {})
     if not control.get("measured"):
         return {"matched control": control["note"]}
-
-    def signed(x: Any) -> str:
-        return pct(x) if x is None or x != x else f"{100 * x:+.1f}%"
-
     facts = {
         f"control in top {TOP_K} at some layer": (f'{interval(control, "top10_any_layer")} (at the bridge\'s best '
                                                   f'layer: {interval(control, "top10_rate_at_bridge_best_layer")})'),
-        f"bridge − control, top {TOP_K} at some layer": (f'{interval(diff, "top10_any_layer", signed)}, sign test '
-                                                         f'p = {diff["top10_any_layer_sign_test_p"]:.3g}'),
+        f"bridge − control, top {TOP_K} at some layer": (f'{_difference(diff, "top10_any_layer")}, sign test '
+                                                         f'{p_value(diff["top10_any_layer_sign_test_p"])}'),
         "best layer, bridge − control": (diff["best_layer_note"] if diff["best_layer"] is None else
-                                         f'{diff["best_layer"]} ({interval(diff, "best_layer_top10_difference", signed)}; '
+                                         f'{diff["best_layer"]} ({_difference(diff, "best_layer_top10_difference")}; '
                                          f'{diff["best_layer_note"]})'),
     }
     if sub.get("n_prompts"):
         facts["unambiguous prompts (no target flags)"] = (
             f'n = {sub["n_prompts"]} ({sub["n_flagged"]} flagged): bridge {interval(sub["bridge"], "top10_any_layer")}, '
-            f'bridge − control {interval(sub["bridge_minus_control"], "top10_any_layer", signed)}'
+            f'bridge − control {_difference(sub["bridge_minus_control"], "top10_any_layer")}'
             if sub["bridge_minus_control"].get("measured") else f'n = {sub["n_prompts"]}')
     else:
         facts["unambiguous prompts (no target flags)"] = sub.get("note", "none")
     return facts
+
+
+def _difference(values: dict[str, Any], key: str, with_n: bool = True) -> str:
+    """A rate difference in percentage points with its interval: ``+20.0 points [+17.1, +23.1] (n = 794)``."""
+    return interval(values, key, points, with_n=with_n, bounds=signed_points)
 
 
 def _examples_note(prompts: pd.DataFrame) -> str:

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from bridgeprobe.analyses.page import p_value
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma 3 270M"}
 POSITIONS = {"last": "at the last token", "e1_last": "at e1's last token"}
@@ -43,9 +45,7 @@ def _points(block: dict[str, Any], key: str, signed_bounds: bool = True) -> str:
     return f"{100 * block[key]:+.1f} points [{fmt(block[f'{key}_ci_low'])}, {fmt(block[f'{key}_ci_high'])}]"
 
 
-def _p(p: float) -> str:
-    """p for people: ``p < 0.001`` below 0.001, two significant digits above."""
-    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
+_p = p_value  # p for people, the pages' one format: ``p < 0.001`` below 0.001, two significant digits above
 
 
 def _lens_row(label: str, model: str, summary: dict[str, Any], items: str) -> str:

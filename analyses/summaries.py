@@ -22,14 +22,25 @@ def rate(block: Mapping[str, Any], key: str, with_n: bool = True) -> str:
 
 
 def files_line(out: Path, names: Iterable[str], check: bool = True) -> str:
-    """``Files in DIR/: a, b, c`` for the names that exist (all of them without ``check``)."""
-    present = [name for name in names if not check or (out / name).exists()]
+    """``Files in DIR/: a, b, c`` for the names that exist (all of them without ``check``; a table kept compressed
+    as ``NAME.gz`` by that name). A name with ``*`` is a pattern: every file it matches, sorted, each once."""
+    present: list[str] = []
+    for name in names:
+        if "*" in name:
+            found = sorted(p.name for p in out.glob(name) if p.is_file())
+        elif not check or (out / name).exists():
+            found = [name]
+        else:
+            found = [f"{name}.gz"] if (out / f"{name}.gz").is_file() else []
+        present += [f for f in found if f not in present]
     return f"Files in {out}/: {', '.join(present)}"
 
 
 def lens_lines(summary: Mapping[str, Any], model: str) -> list[str]:
     """Two lines of lens headlines (:func:`analyses.aggregate.summarize`): accuracy; the bridge against its
     matched control and the best layer."""
+    from bridgeprobe.analyses.page import p_value
+
     acc, bridge = summary["accuracy"], summary["bridge"]
     control, diff = summary.get("control") or {}, summary.get("bridge_minus_control") or {}
     lines = [f"{model}: {summary['n_prompts']} two-hop prompts, {summary['n_layers']} layers. Two-hop accuracy "
@@ -37,7 +48,7 @@ def lens_lines(summary: Mapping[str, Any], model: str) -> list[str]:
     if control.get("measured"):
         lines.append(f"Bridge in the top 10 at some layer: {rate(bridge, 'top10_any_layer')}, matched control "
                      f"{rate(control, 'top10_any_layer', False)}, difference {_signed(diff, 'top10_any_layer')} "
-                     f"(sign test p={diff.get('top10_any_layer_sign_test_p', float('nan')):.2g}).")
+                     f"(sign test {p_value(diff.get('top10_any_layer_sign_test_p'))}).")
         best = diff.get("best_layer")
         lines[-1] += (f" Best layer over the control: {best}." if best is not None else
                       f" Best layer: {diff.get('best_layer_note') or 'none'}.")
@@ -81,11 +92,14 @@ def memory_lines(summary: Mapping[str, Any]) -> list[str]:
     return [f"Shared memory: {summary['statement']}"]
 
 
-PATCH_FILES = ("patching.csv", "patching_layers.csv", "patching_pairs.csv", "patching_cells.csv", "run.json")
-MEMORY_FILES = ("memory.csv", "memory_layers.csv", "memory_cells.csv", "memory_summary.json", "memory_layers.png",
-                "run.json")
-LENS_FILES = ("index.html", "summary.json", "lens.csv", "layers.csv", "prompts.csv", "attribution_layers.csv",
-              "memory_summary.json", "run.json")
+PATCH_FILES = ("patching.csv", "patching_layers.csv", "patching_pairs.csv", "patching_cells.csv", "patching_layers.png",
+               "patching_*.png", "run.json")
+MEMORY_FILES = ("memory.html", "memory.csv", "memory_layers.csv", "memory_cells.csv", "memory_backpatch.csv",
+                "memory_summary.json", "memory_layers.png", "memory_crosspatch.png", "memory_backpatch.png", "run.json")
+LENS_FILES = ("index.html", "summary.json", "lens.csv", "layers.csv", "prompts.csv", "ranks_by_layer.png",
+              "ranks_by_group.png", "bridge_heatmap.png", "attribution.csv", "attribution_pairs.csv",
+              "attribution_cells.csv", "attribution_layers.csv", "attribution_layers.png", "attribution_*.png",
+              *MEMORY_FILES)
 
 
 def lens_run_lines(summary: Mapping[str, Any], out: Path, model: str, attribution: pd.DataFrame | None = None,

@@ -101,8 +101,9 @@ def write_text_sets(splits: Splits, names: dict[str, str], out: Path, tokenizer:
     return items
 
 
-REPRODUCE_FILES = ("index.html", "results.csv", "comparison.md", "metrics.csv", "alignment.csv", "run.json")
-FINETUNE_FILES = ("index.html", "comparison.csv", "items.csv", "results.csv", "metrics.csv", "adapters/", "run.json")
+REPRODUCE_FILES = ("index.html", "results.csv", "comparison.md", "metrics.csv", "alignment.csv", "*.png", "run.json")
+FINETUNE_FILES = ("index.html", "comparison.csv", "items.csv", "results.csv", "metrics.csv", "*.png", "adapters/",
+                  "run.json")
 
 
 def summary_text(out: Path, results: pd.DataFrame, files: Sequence[str]) -> str:

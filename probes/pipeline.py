@@ -28,6 +28,7 @@ from bridgeprobe.probes.variants import is_oom
 from bridgeprobe.prompts.schema import PromptItem
 
 BACKENDS = ("native", "transformer-lens")
+COMMAND_LINE: str | None = None  # the command as typed (set by the CLI's main), kept in run.json for the pages
 log = logging.getLogger(__name__)
 
 
@@ -170,6 +171,7 @@ def run_record(command: str, hooked: HookedModel, options: ModelOptions, setting
     """The content of ``run.json``; ``timer.timings`` is shared, so later sections still land in it."""
     return {
         "command": command,
+        **({"command_line": COMMAND_LINE} if COMMAND_LINE else {}),
         "model": options.model,
         "model_class": type(hooked.model).__name__,
         "n_layers": hooked.n_layers,

@@ -70,11 +70,12 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 def results(directory: Path) -> dict[str, object]:
     """The result files that must not depend on interruptions: tables byte for byte, and JSON summaries without
-    their timings and resume counts (not run.json, nor images)."""
+    their timings, resume counts and provenance (its command names the output directory; not run.json, nor
+    images)."""
     def untimed(value: object) -> object:
         if isinstance(value, dict):
             return {k: untimed(v) for k, v in value.items()
-                    if k != "timings" and not k.endswith("_s") and not k.startswith("resumed")}
+                    if k not in ("timings", "provenance") and not k.endswith("_s") and not k.startswith("resumed")}
         return [untimed(v) for v in value] if isinstance(value, list) else value
 
     return {name: untimed(json.loads(data)) if name.endswith(".json") else data

@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import shlex
 import sys
 from typing import NoReturn, Sequence
 
+from bridgeprobe.probes import pipeline
 from bridgeprobe.probes.cli import fidelity, identity, lens, memory, patch
 from bridgeprobe.probes.cli.common import EPILOG
 from bridgeprobe.probes.models import ModelLoadError
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    pipeline.COMMAND_LINE = shlex.join(["bridgeprobe", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         args.handler(args)

@@ -115,6 +115,7 @@ def _lens_run(args: argparse.Namespace, report: bool, out: Path, items: list[Pro
     if memory is not None:
         extra["memory"] = memory.info
     record = run_record(args.command, hooked, options, settings, timer, extra)
+    record["fingerprint"] = run.fingerprint  # for the pages' provenance (run.finish writes the same)
     if report:
         from bridgeprobe.analyses.patching_report import attribution_section
         from bridgeprobe.analyses.report import write_lens_report

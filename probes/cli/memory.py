@@ -162,6 +162,7 @@ def _memory_run(args: argparse.Namespace, config: MemoryConfig, items: list[Prom
     if done.frame is None:  # another process of a data-parallel run: rank 0 writes the outputs
         return args.out
     record = run_record("memory", hooked, options, settings, timer, {"memory": done.info})
+    record["fingerprint"] = run.fingerprint  # for the pages' provenance (run.finish writes the same)
     from bridgeprobe.analyses.memory_report import write_memory_outputs
 
     with timer.section("report_s"):
