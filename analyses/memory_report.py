@@ -228,7 +228,8 @@ def curves(frame: pd.DataFrame) -> pd.DataFrame:
             parts.append(_curve((ranks < k).astype(float), "lens",
                                 f"{condition}_{position}_{metric.removesuffix('_rank')}_top{k}"))
     align = _select(frame, analysis="alignment")
-    per_item = align[align["prompt_id"].notna()]
+    set_level = align["prompt_id"].fillna("") == ""  # rows about the whole set (CKA, counts) have no prompt id
+    per_item = align[~set_level]
     suffix = {"last": "", "e1_last": "_e1_last"}  # the explicit held-out probe has no position: ""
     for (position, metric), rows in per_item.groupby([per_item["source_position"].fillna(""), "metric"]):
         parts.append(_curve(_matrix(rows), "alignment", metric + suffix.get(position, "")))
@@ -238,7 +239,7 @@ def curves(frame: pd.DataFrame) -> pd.DataFrame:
                                    for m in ("matched", "mismatched"))
             if not matched.empty and not mismatched.empty:
                 parts.append(_curve(matched - mismatched, "alignment", f"{kind}_gap{end}"))
-        dataset = align[align["prompt_id"].isna() & align["source_layer"].notna() & (align["source_position"] == position)]
+        dataset = align[set_level & align["source_layer"].notna() & (align["source_position"] == position)]
         for kind in ("matched", "mismatched"):
             rows = dataset[dataset["metric"].str.startswith(f"cka_{kind}")]
             if rows.empty:

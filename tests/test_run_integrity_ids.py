@@ -10,6 +10,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -68,6 +69,14 @@ def test_ids_stay_text_through_run_lens_attribution_memory_and_report(ws: Path, 
     cross = memory[(memory["analysis"] == "crosspatch") & memory["source_layer"].notna()]  # patched cells
     assert set(cross["source_id"]) <= set(IDS) and set(cross["receiving_id"]) <= set(IDS)
     assert not memory[["prompt_id"]].isna().any().any()
+    # the alignment's set-level rows (empty id) stay set-level: the memory curves are those of the same table with
+    # missing ids, as the analysis built them before ids were read as text (CKA with its interval, not as curves)
+    from bridgeprobe.analyses.memory_report import curves
+
+    as_missing = memory.assign(prompt_id=memory["prompt_id"].replace("", np.nan))
+    assert (memory["prompt_id"] == "").sum() > 0
+    pd.testing.assert_frame_equal(curves(memory), curves(as_missing))
+    assert not curves(memory)["curve"].str.contains("_ci_").any()
     # the report re-reads every table: same ids, and the prompt table of the page shows each one
     assert cli(["report", str(out)]) == 0
     prompts = pd.read_csv(out / "prompts.csv", dtype=str, keep_default_na=False)
