@@ -23,7 +23,7 @@ from bridgeprobe.analyses.summaries import files_line, identity_lines
 from bridgeprobe.probes.pipeline import ModelOptions, Timer, versions
 from bridgeprobe.probes.results import IncrementalCSV, atomic_write, atomic_write_csv, read_table
 from bridgeprobe.probes.rundir import (RunDirError, RunDirectory, check_rows, flat_settings, model_identity,
-                                      model_location, read_run_record, write_finished)
+                                      read_run_record, write_finished)
 from bridgeprobe.prompts.sampling import sample_items
 from bridgeprobe.prompts.schema import PromptItem
 from bridgeprobe.prompts.reversal import generate_reversal
@@ -440,7 +440,7 @@ def finetune(out: Path, options: ModelOptions, data: dict[int, Any], config: Any
     timer = Timer()
     seeds = list(data)
     # where the base model is and what it is, so that later readers (finetune-lens) load the same weights
-    base_location, base_identity = model_location(options.model), model_identity(options.model)
+    base_identity = model_identity(options.model)
     with timer.section("load_model_s"):
         base, tokenizer = load_base(options.model, quantize=options.quantize, dtype=options.dtype,
                                     device=options.device, device_map=options.device_map)
@@ -526,7 +526,7 @@ def finetune(out: Path, options: ModelOptions, data: dict[int, Any], config: Any
                                MemoryConfig(analyses=("decoding", "alignment"), seed=seeds[0]),
                                settings={**settings, "state": state})
     record = run_record("finetune", hooked, options, settings, timer, {
-        "model_path": base_location, "model_identity": base_identity,
+        "model_identity": base_identity,
         "results": results, "n_probe_items": {k: len(v) for k, v in probed.items()} if task == "two_hop" else {},
         "trainable_parameters": sum(p.numel() for n, p in peft_model.named_parameters()  # per adapter
                                     if f".{adapter_name(conditions[0], seeds[0])}." in n),

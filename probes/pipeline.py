@@ -23,6 +23,7 @@ from bridgeprobe.probes.lens import COLUMNS, LensQuery, auto_batch_size, batches
 from bridgeprobe.probes.models import load_model
 from bridgeprobe.probes.patching import Pair
 from bridgeprobe.probes.results import IncrementalCSV
+from bridgeprobe.probes.rundir import model_location
 from bridgeprobe.probes.targets import target_ids
 from bridgeprobe.probes.variants import is_oom
 from bridgeprobe.prompts.schema import PromptItem
@@ -173,6 +174,7 @@ def run_record(command: str, hooked: HookedModel, options: ModelOptions, setting
         "command": command,
         **({"command_line": COMMAND_LINE} if COMMAND_LINE else {}),
         "model": options.model,
+        "model_path": model_location(options.model),  # absolute for local paths: what later readers load
         "model_class": type(hooked.model).__name__,
         "n_layers": hooked.n_layers,
         "d_model": hooked.d_model,

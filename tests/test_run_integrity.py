@@ -288,6 +288,7 @@ def test_report_checks_the_row_count_and_works_from_any_directory(ws: Path, tmp_
     assert cli(args) == 0
     record = json.loads((out / "run.json").read_text())
     assert Path(record["settings"]["prompts"][0]).is_absolute()
+    assert record["model"] == "model" and record["model_path"] == str((ws / "model").resolve())  # as typed; resolved
     monkeypatch.chdir(tmp_path)
     assert cli(["report", str(out)]) == 0
     lines = (out / "lens.csv").read_bytes().splitlines(keepends=True)
