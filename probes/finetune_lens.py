@@ -54,7 +54,8 @@ def base_model(run_dir: Path, record: dict[str, Any]) -> tuple[str, dict[str, An
     directory of its fingerprint, else the name it was given) and its identity, checked before any model loads:
     weights that are not the ones the adapters were trained on are a one-line error."""
     from bridgeprobe.probes.models import ModelLoadError
-    recorded = record.get("model_identity") or (record.get("fingerprint") or {}).get("model")
+
+    recorded = (record.get("fingerprint") or {}).get("model")  # the identity the run started with
     location = record.get("model_path") or (recorded or {}).get("directory") or record["model"]
     if not recorded:
         return location, None

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from bridgeprobe.analyses.summaries import files_line, identity_lines
 from bridgeprobe.probes.pipeline import ModelOptions, Timer, versions
 from bridgeprobe.probes.results import IncrementalCSV, atomic_write, atomic_write_csv, read_table
-from bridgeprobe.probes.rundir import (RunDirError, RunDirectory, check_rows, flat_settings, model_identity,
+from bridgeprobe.probes.rundir import (RunDirError, RunDirectory, check_rows, flat_settings,
                                       read_run_record, write_finished)
 from bridgeprobe.prompts.sampling import sample_items
 from bridgeprobe.prompts.schema import PromptItem
@@ -101,9 +101,10 @@ def write_text_sets(splits: Splits, names: dict[str, str], out: Path, tokenizer:
     return items
 
 
-REPRODUCE_FILES = ("index.html", "results.csv", "comparison.md", "metrics.csv", "alignment.csv", "*.png", "run.json")
-FINETUNE_FILES = ("index.html", "comparison.csv", "items.csv", "results.csv", "metrics.csv", "*.png", "adapters/",
-                  "run.json")
+REPRODUCE_FILES = ("index.html", "results.csv", "comparison.csv", "comparison.md", "metrics.csv", "alignment.csv",
+                   "weights.csv", "spectrum.csv", "*.png", "run.json")
+FINETUNE_FILES = ("index.html", "comparison.csv", "items.csv", "results.csv", "metrics.csv", "lens_layers.csv",
+                  "lens_summary.csv", "patching_layers.csv", "*.png", "adapters/", "run.json")
 
 
 def summary_text(out: Path, results: pd.DataFrame, files: Sequence[str]) -> str:
@@ -317,6 +318,8 @@ def reproduce_runs(paths: Sequence[Path]) -> list[Path]:
     for path in paths:
         for record in sorted([path / "run.json"] if (path / "run.json").is_file() else path.rglob("run.json")):
             data = read_run_record(record)
+            if record.parent.resolve() in {run.resolve() for run in found}:
+                continue  # named twice (a directory and its parent)
             if data.get("command") == "reproduce" and data.get("status", "finished") == "finished":
                 if not isinstance(data.get("settings"), dict):
                     raise RunDirError(f"{record} has no settings; delete that run, or rerun it with --overwrite")
@@ -439,8 +442,6 @@ def finetune(out: Path, options: ModelOptions, data: dict[int, Any], config: Any
         raise ValueError("with several processes, train one condition and seed per launch (--conditions identity)")
     timer = Timer()
     seeds = list(data)
-    # where the base model is and what it is, so that later readers (finetune-lens) load the same weights
-    base_identity = model_identity(options.model)
     with timer.section("load_model_s"):
         base, tokenizer = load_base(options.model, quantize=options.quantize, dtype=options.dtype,
                                     device=options.device, device_map=options.device_map)
@@ -526,7 +527,6 @@ def finetune(out: Path, options: ModelOptions, data: dict[int, Any], config: Any
                                MemoryConfig(analyses=("decoding", "alignment"), seed=seeds[0]),
                                settings={**settings, "state": state})
     record = run_record("finetune", hooked, options, settings, timer, {
-        "model_identity": base_identity,
         "results": results, "n_probe_items": {k: len(v) for k, v in probed.items()} if task == "two_hop" else {},
         "trainable_parameters": sum(p.numel() for n, p in peft_model.named_parameters()  # per adapter
                                     if f".{adapter_name(conditions[0], seeds[0])}." in n),

@@ -73,6 +73,14 @@ class ModelOptions:
         return hook_model(model, tokenizer, self.backend)
 
 
+def placement(model: Any) -> str:
+    """Where the model's weights are: one device (``cpu``, ``cuda:0``), or the devices of a sharded model."""
+    devices = sorted({str(device) for device in (getattr(model, "hf_device_map", None) or {}).values()})
+    if len(devices) > 1:
+        return "sharded over " + ", ".join(devices)
+    return str(next(model.parameters()).device)
+
+
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for name in ("bridgeprobe", "torch", "transformers", "accelerate", "transformer-lens", "bitsandbytes", "peft"):
@@ -180,6 +188,7 @@ def run_record(command: str, hooked: HookedModel, options: ModelOptions, setting
         "d_model": hooked.d_model,
         "backend": options.backend,
         "load": {k: v for k, v in vars(options).items() if k not in ("model", "backend")},
+        "placement": placement(hooked.model),
         "versions": versions(),
         "seed": settings.get("seed"),
         "settings": settings,

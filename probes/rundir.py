@@ -279,16 +279,13 @@ class RunDirectory:
         if not path.is_file():
             return None
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-            return record
-        except (ValueError, UnicodeDecodeError) as err:
+            return read_run_record(path, "pass --overwrite to start the run again")
+        except RunDirError:
             if quiet:
                 return None
             if self.overwrite:
                 return {}
-            raise RunDirError(f"{path} is damaged ({err}); pass --overwrite to start the run again") from err
+            raise
 
     def _empty(self) -> None:
         """Remove everything in the directory (it stays, with its lock)."""

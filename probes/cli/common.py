@@ -79,7 +79,6 @@ def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
                                              else f"must lie in {low}..{high}, got {value}")
         return value
 
-    parse.__name__ = "whole number"
     return parse
 
 
@@ -103,7 +102,6 @@ def real_number(low: float, high: float | None = None, *, open_low: bool = False
             raise argparse.ArgumentTypeError(f"{wanted}, got {text}")
         return value
 
-    parse.__name__ = "number"
     return parse
 
 

@@ -148,7 +148,7 @@ def _attribution_run(hooked: HookedModel, items: list[PromptItem], out: Path, ar
 
 def report_job(out: Path) -> None:
     """Regenerate the report of a finished run from its lens.csv and run.json."""
-    if not (out / "lens.csv").is_file() or not (out / "run.json").is_file():
+    if not table_path(out, "lens.csv").is_file() or not (out / "run.json").is_file():
         raise RunDirError(f"{out} has no finished run (lens.csv and run.json)")
     with RunDirectory.locked(out):
         _report(out)
@@ -169,11 +169,11 @@ def _report(out: Path) -> None:
                          limit=settings.get("limit"), sample=settings.get("sample", "first"),  # older runs: first N
                          seed=settings.get("seed") or 0)
     sections, attribution, memory = [], None, None
-    if (out / "attribution.csv").is_file():
-        attribution = read_table(out / "attribution.csv")
+    if table_path(out, "attribution.csv").is_file():
+        attribution = read_table(table_path(out, "attribution.csv"))
         sections.append(attribution_section(attribution, out, record["model"]))
     if table_path(out, "memory.csv").is_file():
         sections.append(memory_report_section(read_memory_csv(out), out, record))
         memory = json.loads((out / "memory_summary.json").read_text())
-    summary = write_lens_report(read_table(out / "lens.csv"), items, out, record, sections)
+    summary = write_lens_report(read_table(table_path(out, "lens.csv")), items, out, record, sections)
     print("\n".join(lens_run_lines(summary, out, record["model"], attribution, memory)))
