@@ -22,7 +22,7 @@ import pandas as pd  # noqa: E402
 from bridgeprobe.analyses.plots import legend_below, save_figure  # noqa: E402
 from bridgeprobe.analyses.stats import (MIN_N, mean_interval, paired_difference, proportion_interval, sign_test,  # noqa: E402
                                        signflip_test)
-from bridgeprobe.analyses.page import Figure, Section, render, table as page_table  # noqa: E402
+from bridgeprobe.analyses.page import Figure, Section, p_number, p_value, render, table as page_table  # noqa: E402
 from bridgeprobe.probes.results import atomic_write  # noqa: E402
 
 CONDITIONS = ("no_identity", "identity")
@@ -132,8 +132,8 @@ def grid_markdown(table: pd.DataFrame) -> str:
         cells += [f"{row[f'{m} {c} mean']:.2f}" for m, c in (("id_two_hop_acc", "no_identity"),
                                                                ("id_two_hop_acc", "identity"),
                                                                (ood, "no_identity"), (ood, "identity"))]
-        cells += [_delta(row, ood), row[f"{ood} identity higher"], f"{row[f'{ood} sign test p']:.2g}",
-                  f"{row[f'{ood} signflip p']:.2g}", "yes" if row["claim met"] else "no"]
+        cells += [_delta(row, ood), row[f"{ood} identity higher"], p_number(row[f"{ood} sign test p"]),
+                  p_number(row[f"{ood} signflip p"]), "yes" if row["claim met"] else "no"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -241,8 +241,8 @@ def lens_lines(states: pd.DataFrame, comparison: pd.DataFrame) -> list[str]:
                      f"[{row['bridge_top10 ci_low']:.3f}, {row['bridge_top10 ci_high']:.3f}] (at the last layer "
                      f"{row['bridge_top10_final']:.3f}) vs control "
                      f"{row['control_top10']:.3f}; difference {row['bridge - control']:+.3f} "
-                     f"[{row['bridge - control ci_low']:+.3f}, {row['bridge - control ci_high']:+.3f}], sign p = "
-                     f"{row['bridge - control sign p']:.2g} (n = {row['items']} over {row['seeds']} seeds)")
+                     f"[{row['bridge - control ci_low']:+.3f}, {row['bridge - control ci_high']:+.3f}], sign "
+                     f"{p_value(row['bridge - control sign p'])} (n = {row['items']} over {row['seeds']} seeds)")
     bridge = comparison[comparison["measure"] == "bridge_top10"]
     return lines + [f"bridge top 10, {line}" for line in comparison_lines(bridge, list(bridge["split"]))]
 
@@ -258,10 +258,10 @@ def comparison_lines(table: pd.DataFrame, splits: Sequence[str]) -> list[str]:
                     else f"[{row['delta ci_low']:+.3f}, {row['delta ci_high']:+.3f}]")
         lines.append(f"{row['split']}: identity {rate['identity']} vs no_identity {rate['no_identity']}; "
                      f"difference {row['delta']:+.3f} {interval} over seeds (t interval, per seed "
-                     f"{row['delta per seed']}; sign-flip p = {row['seeds sign-flip p']:.2g}), identity higher in "
+                     f"{row['delta per seed']}; sign-flip {p_value(row['seeds sign-flip p'])}), identity higher in "
                      f"{row['seeds identity higher']} seeds; pooled over {row['items']} items as if independent "
                      f"(secondary): [{row['pooled delta ci_low']:+.3f}, {row['pooled delta ci_high']:+.3f}], McNemar "
-                     f"p = {row['pooled mcnemar p']:.2g}")
+                     f"{p_value(row['pooled mcnemar p'])}")
     return lines
 
 

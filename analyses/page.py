@@ -89,7 +89,16 @@ def p_value(value: Any) -> str:
     (``p = 0.012``, ``p = 0.5``, ``p = 1``); never scientific notation."""
     if missing(value):
         return "p not computed"
-    return "p < 0.001" if float(value) < 0.001 else f"p = {float(value):.2g}"
+    number = p_number(value)
+    return f"p {number}" if number.startswith("<") else f"p = {number}"
+
+
+def p_number(value: Any) -> str:
+    """The number of :func:`p_value` alone, for a table cell or after "p = " in running text: ``< 0.001`` or two
+    significant digits."""
+    if missing(value):
+        return "–"
+    return "< 0.001" if float(value) < 0.001 else f"{float(value):.2g}"
 
 
 def sig(value: Any, digits: int = 3) -> str:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from bridgeprobe.analyses.page import p_value
+from bridgeprobe.analyses.page import p_number, p_value
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma 3 270M"}
@@ -119,7 +119,7 @@ def lora_table(reports: Path = ROOT / "reports") -> str:
                 interval = f"[{row['delta ci_low']:+.3f}, {row['delta ci_high']:+.3f}]"
             lines.append(f"| {run} | {SPLITS[split]} ({row['items']}) | {row['no_identity acc']:.3f} | "
                          f"{row['identity acc']:.3f} | {row['delta']:+.3f} {interval} | {row['delta per seed']} | "
-                         f"{row['seeds identity higher']} | {row['seeds sign-flip p']:.2g} |")
+                         f"{row['seeds identity higher']} | {p_number(row['seeds sign-flip p'])} |")
     return "\n".join(lines) + "\n"
 
 

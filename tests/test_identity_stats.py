@@ -4,6 +4,7 @@ intervals), and the grid table flags the paper's claim only where every criterio
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -153,3 +154,13 @@ def test_grid_claim_needs_every_criterion(without, with_, id_acc, met) -> None:
         sps.binomtest(int((delta > 0).sum()), int((delta != 0).sum()), 0.5).pvalue)
     if len(delta) == 5 and (delta > 0).all():
         assert row["ood_two_hop_acc signflip p"] == pytest.approx(1 / 32)  # exact: one of 2^5 sign patterns
+
+
+def test_grid_markdown_prints_tiny_p_values_without_scientific_notation() -> None:
+    """12 seeds all higher: the sign test's p is 2 / 2^12 = 0.00049, printed "< 0.001" (not "0.00049" or "4.9e-04")."""
+    from bridgeprobe.analyses.identity_report import grid_markdown
+
+    table = grid_table(_grid_rows([0.05] * 12, [0.5 + i / 100 for i in range(12)]), chance=0.05)
+    assert table.iloc[0]["ood_two_hop_acc sign test p"] == pytest.approx(2 / 2**12)
+    text = grid_markdown(table)
+    assert "< 0.001" in text and not re.search(r"\d[eE][-+]?\d", text)
