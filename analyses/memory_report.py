@@ -505,7 +505,7 @@ def _position_summary(frame: pd.DataFrame, table: pd.DataFrame, cells: pd.DataFr
             return f"n too small (n = {int(row['n'])}: every item gave the same difference)"
         verdict = "holds" if row["holds"] else "ruled out" if row["rules_out"] else "undecided"
         return (f"{row['mean']:+.2f}, family-wise bounds [{row['lower']:.2f}, {row['upper']:.2f}] (n = {int(row['n'])}, "
-                f"adjusted {_p(row['p_adjusted'])}; minimum {row['min_effect']:g}: {verdict})")
+                f"adjusted {p_value(row['p_adjusted'])}; minimum {row['min_effect']:g}: {verdict})")
 
     chance = _select(frame, analysis="alignment", metric="chance_majority")["value"]
     evidence_at = None if peak is None else {
@@ -529,7 +529,6 @@ def _position_summary(frame: pd.DataFrame, table: pd.DataFrame, cells: pd.DataFr
             "n": decision["n"], "to_decide": decision["to_decide"], "evidence_at_peak": evidence_at}
 
 
-_p = p_value  # the pages' one p-value format
 
 
 def _sentence(position: str, part: dict[str, Any], n_tests: int) -> str:

@@ -45,7 +45,6 @@ def _points(block: dict[str, Any], key: str, signed_bounds: bool = True) -> str:
     return f"{100 * block[key]:+.1f} points [{fmt(block[f'{key}_ci_low'])}, {fmt(block[f'{key}_ci_high'])}]"
 
 
-_p = p_value  # p for people, the pages' one format: ``p < 0.001`` below 0.001, two significant digits above
 
 
 def _lens_row(label: str, model: str, summary: dict[str, Any], items: str) -> str:
@@ -60,7 +59,8 @@ def _lens_row(label: str, model: str, summary: dict[str, Any], items: str) -> st
     return (f"| {label} | {model} ({n_layers} layers) | {items} | {_rate(acc, 'two_hop')} / {_pct(acc['hop1'])} / "
             f"{_pct(acc['hop2'])} | {_rate(bridge, 'top10_any_layer')} ({_pct(bridge['top1_any_layer'])}) | "
             f"{_rate(control, 'top10_any_layer')} ({_pct(control['top1_any_layer'])}) | "
-            f"{_points(diff, 'top10_any_layer')}, sign test {_p(diff['top10_any_layer_sign_test_p'])} | {best_text} | "
+            f"{_points(diff, 'top10_any_layer')}, sign test {p_value(diff['top10_any_layer_sign_test_p'])} | "
+            f"{best_text} | "
             f"{ranks[0]:.0f} → {ranks[mid]:.0f} (layer {mid}) → {ranks[-1]:.0f} |")
 
 

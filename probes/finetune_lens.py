@@ -111,13 +111,12 @@ def finetune_lens(run_dir: Path, out: Path, *, per_split: int | None = None,
         for name in names:  # before peft wraps the base model: its module names are the ones adapters name
             check_adapter_fits(base, run_dir / "adapters" / name)
         peft_model = None
-        for seed in seeds:
-            for condition in conditions:
-                path, name = str(run_dir / "adapters" / adapter_name(condition, seed)), adapter_name(condition, seed)
-                if peft_model is None:
-                    peft_model = PeftModel.from_pretrained(base, path, adapter_name=name)
-                else:
-                    peft_model.load_adapter(path, adapter_name=name)
+        for name in names:
+            path = str(run_dir / "adapters" / name)
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(base, path, adapter_name=name)
+            else:
+                peft_model.load_adapter(path, adapter_name=name)
     hooked = NativeHooks(inner_model(peft_model), tokenizer)
     prompts, layers = [], []
     for seed in seeds:

@@ -325,7 +325,7 @@ def reproduce_runs(paths: Sequence[Path]) -> list[Path]:
                     raise RunDirError(f"{record} has no settings; delete that run, or rerun it with --overwrite")
                 if not (record.parent / "results.csv").is_file():
                     raise RunDirError(f"{record.parent / 'results.csv'} is missing; rerun that run with --recompute")
-                check_rows(record.parent, "results.csv")  # cut short or edited since its run wrote it
+                check_rows(record.parent, "results.csv", data)  # cut short or edited since its run wrote it
                 found.append(record.parent)
     return found
 

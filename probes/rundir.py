@@ -368,11 +368,11 @@ def table_path(out: Path, name: str) -> Path:
     return packed if not path.is_file() and packed.is_file() else path
 
 
-def check_rows(out: Path, name: str) -> None:
+def check_rows(out: Path, name: str, record: dict[str, Any] | None = None) -> None:
     """Stop with a clear error when ``out/name`` (or ``name.gz``) has not the row count its finished run recorded
-    (cut short or edited since)."""
+    (cut short or edited since); ``record``: the run's run.json when the caller has read it already."""
     path = table_path(out, name)
-    record = json.loads((out / RUN_JSON).read_text(encoding="utf-8"))
+    record = record if record is not None else read_run_record(out / RUN_JSON)
     if record.get("status", "finished") != "finished":
         raise RunDirError(f"{out} holds an unfinished run; rerun its command to finish it first")
     expected = (record.get("rows") or {}).get(name)
@@ -382,10 +382,10 @@ def check_rows(out: Path, name: str) -> None:
                           "rerun the job with --recompute")
 
 
-def check_prompt_files(out: Path) -> None:
+def check_prompt_files(out: Path, record: dict[str, Any] | None = None) -> None:
     """Stop with a clear error when a prompt file that the finished run in ``out`` read has other content now
     (its sha256 against the run's fingerprint): a report must not pair the edited prompts with old results."""
-    record = json.loads((out / RUN_JSON).read_text(encoding="utf-8"))
+    record = record if record is not None else read_run_record(out / RUN_JSON)
     recorded = (record.get("fingerprint") or {}).get("prompts")
     entries = (record.get("settings") or {}).get("prompts")
     if not recorded or not entries:

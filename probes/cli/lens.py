@@ -19,8 +19,8 @@ from bridgeprobe.probes.hooks import HookedModel
 from bridgeprobe.probes.models import DEFAULT_MODEL
 from bridgeprobe.probes.pipeline import ModelOptions, PatchingRun, Timer, item_pairs, run_lens, run_patching, run_record
 from bridgeprobe.probes.results import read_table
-from bridgeprobe.probes.rundir import (RunDirError, RunDirectory, check_prompt_files, check_rows, run_directory,
-                                      table_path)
+from bridgeprobe.probes.rundir import (RunDirError, RunDirectory, check_prompt_files, check_rows, read_run_record,
+                                      run_directory, table_path)
 from bridgeprobe.prompts.loaders import load_prompts, parse_columns
 from bridgeprobe.prompts.sampling import sample_pairs
 from bridgeprobe.prompts.schema import PromptItem
@@ -158,11 +158,11 @@ def _report(out: Path) -> None:
     from bridgeprobe.analyses.patching_report import attribution_section
     from bridgeprobe.analyses.report import write_lens_report
 
+    record = read_run_record(out / "run.json")
     for name in ("lens.csv", "attribution.csv", "memory.csv"):
         if table_path(out, name).is_file():
-            check_rows(out, name)
-    check_prompt_files(out)
-    record = json.loads((out / "run.json").read_text())
+            check_rows(out, name, record)
+    check_prompt_files(out, record)
     settings = record["settings"]
     columns = parse_columns(settings["columns"]) if settings.get("columns") else None
     items = load_prompts(settings["prompts"], columns=columns, preset=settings.get("preset"),
