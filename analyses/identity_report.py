@@ -76,7 +76,8 @@ CELL_KEYS = (("model", ("train", "model"), None), ("tied", ("train", "tie_embedd
              ("steps", ("train", "steps"), None), ("lr", ("train", "lr"), None),
              ("subjects", ("data", "n_subjects"), None), ("bridges", ("data", "n_bridges"), None),
              ("ood", ("data", "ood"), "relation_pair"), ("identity_form", ("data", "identity_form"), "relation"),
-             ("two_hop_training", ("data", "two_hop_training"), True))
+             ("two_hop_training", ("data", "two_hop_training"), True),
+             ("identity_coverage", ("data", "identity_coverage"), 1.0))
 GRID_METRICS = ("ood_two_hop_acc", "id_two_hop_acc", "one_hop_acc")
 
 

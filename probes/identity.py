@@ -165,10 +165,11 @@ def reproduce(out: Path, base: Any, data: dict[int, SynthConfig], grid: Sequence
     """Train every (init_scale, weight_decay, identity_repeat) of ``grid`` x seed (the keys of ``data``) x condition
     from the :class:`~probes.scratch.TrainConfig` ``base`` (resumable), then write the tables, plots, page and
     run.json under ``out``; ``preset`` is the name recorded in the settings."""
-    from bridgeprobe.probes.scratch import ALIGNMENT_COLUMNS, CONDITIONS, METRIC_COLUMNS, WEIGHT_COLUMNS, train, weight_stats
+    from bridgeprobe.probes.scratch import (ALIGNMENT_COLUMNS, CONDITIONS, METRIC_COLUMNS, WEIGHT_COLUMNS, run_name, train,
+                                            weight_stats)
 
     seeds = list(data)
-    settings = {"preset": preset, "train": asdict(base), "data": asdict(data[seeds[0]]),
+    settings = {"preset": preset, "train": asdict(base), "data": data[seeds[0]].record(),
                 "seeds": seeds, "grid": [dict(zip(GRID_KEYS, g)) for g in grid], "conditions": list(CONDITIONS)}
     if finished(out, settings):
         print(f"{out} holds a finished run with these settings; rebuilding its report")
@@ -191,7 +192,7 @@ def reproduce(out: Path, base: Any, data: dict[int, SynthConfig], grid: Sequence
     with timer.section("train_s"):
         for index, ((init_scale, weight_decay, repeat), seed, condition) in enumerate(runs):
             config = replace(base, init_scale=init_scale, weight_decay=weight_decay, identity_repeat=repeat)
-            name = f"{config.model}_init{init_scale:g}_wd{weight_decay:g}_rep{repeat}_{condition}_seed{seed}"
+            name = run_name(config, condition, seed)
             keys = {"run": name, "model": config.model, "init_scale": init_scale, "weight_decay": weight_decay,
                     "identity_repeat": repeat, "condition": condition, "seed": seed}
             bar.set_postfix_str(name)
@@ -449,7 +450,7 @@ def finetune(out: Path, options: ModelOptions, data: dict[int, Any], config: Any
     for seed, data_config in data.items():
         tasks[seed], data_files[seed], items[seed] = _task_data(task, data_config, tokenizer, out / "data" / f"seed{seed}")
     settings = {"model": options.model, "quantize": options.quantize, "dtype": options.dtype, "task": task,
-                "finetune": asdict(config), "data": asdict(data[seeds[0]]), "seeds": seeds,
+                "finetune": asdict(config), "data": data[seeds[0]].record(), "seeds": seeds,
                 "conditions": list(conditions), "probe_items": probe_items, "patch_pairs": patch_pairs,
                 "memory": memory}
     if finished(out, settings):

@@ -218,6 +218,12 @@ class GPT2Scratch(nn.Module):
         return logits[torch.arange(len(ids)), lengths - 1]
 
 
+def run_name(config: TrainConfig, condition: str, seed: int) -> str:
+    """The name of one run of a grid: its checkpoint file's stem and the ``run`` column of its tables."""
+    return (f"{config.model}_init{config.init_scale:g}_wd{config.weight_decay:g}_rep{config.identity_repeat}"
+            f"_{condition}_seed{seed}")
+
+
 def build_model(config: TrainConfig, vocab_size: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if config.model == "gpt2":

@@ -55,6 +55,10 @@ class ReversalConfig:
         if self.identity_of not in IDENTITY_OF:
             raise ValueError(f"identity_of must be one of {', '.join(IDENTITY_OF)}, got {self.identity_of!r}")
 
+    def record(self) -> dict[str, Any]:
+        """The config as recorded in run settings and data files."""
+        return asdict(self)
+
 
 @dataclass(frozen=True)
 class Fact:
@@ -86,7 +90,7 @@ class ReversalData:
         return {name: [(f.prompt, f.target) for f in self.examples[name]] for name in SPLITS}
 
     def summary(self) -> dict[str, Any]:
-        return {"task": "reversal", "config": asdict(self.config),
+        return {"task": "reversal", "config": self.config.record(),
                 "sizes": {name: len(self.examples[name]) for name in SPLITS}}
 
 

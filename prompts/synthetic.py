@@ -3,7 +3,7 @@
 Entity sets E1 (subjects), E2 (bridges), E3 (objects); relations R1 (E1 -> E2) and R2 (E2 -> E3), each a random
 function. Atomic facts ``(e1, r1) -> e2`` and ``(e2, r2) -> e3``; two-hop queries ``(e1, r1, r2) -> e3`` through
 the bridge ``e2``; the zero-hop identity task ``(e2, r_id) -> e2`` (or ``e2 -> e2`` without a relation token,
-``identity_form="zero_hop"``) for every bridge.
+``identity_form="zero_hop"``) for every bridge, or for a share of them (``identity_coverage``, the dose).
 
 Splits (:class:`Splits`), under one of two notions of out of distribution (``SynthConfig.ood``):
 
@@ -16,7 +16,7 @@ Splits (:class:`Splits`), under one of two notions of out of distribution (``Syn
   ``ood_test`` = every composition of those pairs. Every r1 and r2 keeps at least one ID pair, and every bridge
   serves as a latent bridge in trained compositions, so this tests composing relations, not bridges.
 
-In both: ``one_hop`` holds every atomic fact, all trained; ``identity`` the identity example of every bridge
+In both: ``one_hop`` holds every atomic fact, all trained; ``identity`` the identity example of every covered bridge
 (trained only in the ``identity`` condition); ``two_hop_train`` a ``two_hop_train_fraction`` of each ID relation
 pair's in-distribution queries; ``id_test`` the other in-distribution queries. With ``two_hop_training=False``
 there is no two-hop training data at all: every query is OOD and ``id_test`` is empty.
@@ -62,12 +62,13 @@ class SynthConfig:
     ood: str = "bridge"  # "bridge" or "relation_pair": what the OOD queries hold out (module docstring)
     ood_bridge_fraction: float = 0.5  # bridge OOD: share of the bridges never used as a latent bridge in training
     identity_form: str = "relation"  # "relation": (e2, r_id) -> e2; "zero_hop": (e2) -> e2, no relation token
+    identity_coverage: float = 1.0  # share of the bridges with an identity example (the dose; :func:`covered_bridges`)
 
     def __post_init__(self) -> None:
         for name in ("n_subjects", "n_bridges", "n_objects", "n_r1", "n_r2"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("ood_pair_fraction", "two_hop_train_fraction", "ood_bridge_fraction"):
+        for name in ("ood_pair_fraction", "two_hop_train_fraction", "ood_bridge_fraction", "identity_coverage"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.identity_form not in IDENTITY_FORMS:
@@ -83,6 +84,14 @@ class SynthConfig:
                 and round(self.ood_pair_fraction * n_pairs) > n_pairs - max(self.n_r1, self.n_r2)):
             raise ValueError(f"ood_pair_fraction {self.ood_pair_fraction} leaves too few ID pairs for every relation "
                              f"to be composed in training ({n_pairs} pairs, need {max(self.n_r1, self.n_r2)} ID)")
+
+    def record(self) -> dict[str, Any]:
+        """The config as recorded in run settings and data files. ``identity_coverage`` (added later) appears only
+        when below 1, so the records of runs made before it existed stay equal and those runs resume."""
+        values = asdict(self)
+        if values["identity_coverage"] == 1.0:
+            del values["identity_coverage"]
+        return values
 
 
 @dataclass(frozen=True)
@@ -140,7 +149,7 @@ class Splits:
                 + (self.examples["identity"] * identity_repeat if identity else []))
 
     def summary(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "id_pairs": [list(p) for p in self.id_pairs],
+        return {"config": self.config.record(), "id_pairs": [list(p) for p in self.id_pairs],
                 "ood_pairs": [list(p) for p in self.ood_pairs], "ood_bridges": list(self.ood_bridges),
                 "sizes": {name: len(self.examples[name]) for name in SPLITS}}
 
@@ -166,6 +175,22 @@ def _split_pairs(config: SynthConfig, r1: list[str], r2: list[str], rng: random.
     if len(ood) < n_ood:
         raise ValueError(f"cannot hold out {n_ood} relation pairs and keep every relation composed in training")
     return [p for p in pairs if p not in ood], sorted(ood)
+
+
+def covered_bridges(config: SynthConfig, bridges: Sequence[str], ood_bridges: Sequence[str]) -> list[str]:
+    """The bridges that get an identity example: all of them at ``identity_coverage`` 1, else a random share drawn
+    from its own seeded generator (the facts and splits stay those of coverage 1), stratified so that OOD and
+    in-distribution bridges are covered in nearly the same proportion: ``round(identity_coverage * bridges)`` in
+    all, of which the OOD bridges get their share rounded."""
+    if config.identity_coverage == 1.0:
+        return list(bridges)
+    rng = random.Random(f"identity-coverage-{config.seed}")
+    held_out = [b for b in bridges if b in set(ood_bridges)]
+    others = [b for b in bridges if b not in set(ood_bridges)]
+    total = round(config.identity_coverage * len(bridges))
+    n_held_out = round(total * len(held_out) / len(bridges))
+    covered = set(rng.sample(held_out, n_held_out)) | set(rng.sample(others, total - n_held_out))
+    return [b for b in bridges if b in covered]
 
 
 def generate(config: SynthConfig) -> Splits:
@@ -200,7 +225,7 @@ def generate(config: SynthConfig) -> Splits:
     splits.examples = {
         "one_hop": one_hop,
         "identity": [Example("identity", b, (IDENTITY,) if config.identity_form == "relation" else (), b)
-                     for b in bridges],
+                     for b in covered_bridges(config, bridges, ood_bridges)],
         "two_hop_train": train,
         "id_test": id_test,
         "ood_test": ood_test,

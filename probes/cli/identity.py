@@ -5,6 +5,7 @@ flags, turned into the configs :mod:`probes.identity` runs."""
 from __future__ import annotations
 
 import argparse
+import json
 import itertools
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +48,9 @@ def _data_args(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None 
                        help="share of each in-distribution pair's two-hop queries that are trained")
     group.add_argument("--no-two-hop-training", action="store_true",
                        help="no two-hop training data at all: every two-hop query is out of distribution")
+    group.add_argument("--identity-coverage", type=fraction,
+                       help="share of the bridges that get an identity example, the dose (default 1: all; drawn at "
+                            "random, OOD and in-distribution bridges in the same proportion)")
 
 
 def _data_config(args: argparse.Namespace, base: dict[str, Any], seed: int) -> SynthConfig:
@@ -55,7 +59,8 @@ def _data_config(args: argparse.Namespace, base: dict[str, Any], seed: int) -> S
                         ("r1", "n_r1"), ("r2", "n_r2"), ("ood", "ood"), ("ood_bridge_fraction", "ood_bridge_fraction"),
                         ("identity_form", "identity_form"),
                         ("ood_pair_fraction", "ood_pair_fraction"),
-                        ("two_hop_train_fraction", "two_hop_train_fraction")):
+                        ("two_hop_train_fraction", "two_hop_train_fraction"),
+                        ("identity_coverage", "identity_coverage")):
         if getattr(args, flag) is not None:
             values[field] = getattr(args, flag)
     if args.no_two_hop_training:
@@ -138,6 +143,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     grid.add_argument("runs", type=Path, nargs="+", help="reproduce run directories, or directories holding them")
     grid.add_argument("--out", type=Path, required=True, help="directory for grid.csv and grid.md")
     grid.set_defaults(handler=grid_job)
+
+    analysis = sub.add_parser(
+        "scratch-analysis", help="identity dose and the paper's cross-prompt patch on trained from-scratch models",
+        description="Rebuild every model of finished `bridgeprobe reproduce` runs from their kept final checkpoints "
+                    "(run them with --keep-checkpoints) and measure two things, identity vs no identity with the "
+                    "seed as the unit. (1) The dose: each OOD two-hop query answered, split by whether its bridge "
+                    "had an identity example (reproduce --identity-coverage F), so accuracy through covered vs "
+                    "uncovered bridges is a contrast within one model; the no-identity models carry the same draw "
+                    "as a placebo. (2) Sec. 4.1 of the paper: the hidden state at r1 of (a, r1) after source layer "
+                    "s written into the bridge position of (b', r2) at target layer t; how often the model then "
+                    "answers hop 2 of a's bridge (transfer) or still of b' (own), among items whose three facts it "
+                    "knows (GPT-2 only; the Emb-MLP's hop 2 reads only the hop-1 state, so there the patch is the "
+                    "two-hop query itself). Writes OUT/ood_items.csv, crosspatch.csv, coverage.csv, "
+                    "crosspatch_summary.csv, analysis.md and run.json.", epilog=EPILOG)
+    analysis.add_argument("runs", type=Path, nargs="+", help="finished reproduce run directories")
+    analysis.add_argument("--items", type=positive_int, default=400,
+                          help="queries per split for the patch (a fixed random subset; default 400)")
+    analysis.add_argument("--out", type=Path, required=True, help="output directory")
+    rundir_args(analysis)
+    analysis.set_defaults(handler=scratch_analysis_job)
 
     finetune = sub.add_parser(
         "finetune", help="LoRA identity fine-tuning of a pretrained model, probed before and after",
@@ -239,6 +264,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 RUN_FLAGS = ("out", "overwrite", "recompute", "handler", "command", "verbose", "debug", "keep_checkpoints", "seed")
+# options added after runs were recorded: absent from a fingerprint while unset, so those runs still resume
+LATER_OPTIONS = ("identity_coverage",)
 MODEL_FLAGS = ("model", "dtype", "quantize", "device", "device_map", "max_memory", "backend", "trust_remote_code",
                "offline", "adapter")
 
@@ -249,7 +276,8 @@ def _run_directory(args: argparse.Namespace) -> Any:
 
     check_options(args)
     model_flags = MODEL_FLAGS if hasattr(args, "backend") else ()  # the fingerprint has the model flags already
-    options = {k: v for k, v in vars(args).items() if k not in RUN_FLAGS and k not in model_flags}
+    options = {k: v for k, v in vars(args).items() if k not in RUN_FLAGS and k not in model_flags
+               and not (k in LATER_OPTIONS and v is None)}
     return run_directory(args.out, fingerprint(args, args.command, **options), overwrite=args.overwrite,
                          recompute=args.recompute)
 
@@ -360,6 +388,56 @@ def finetune_lens_job(args: argparse.Namespace) -> Path:
     with run_directory(args.out, found, overwrite=args.overwrite, recompute=args.recompute):
         finetune_lens(args.run, args.out, per_split=args.per_split, batch_size=args.batch_size)
     return args.out
+
+
+def scratch_analysis_job(args: argparse.Namespace) -> Path:
+    """Check the runs (before any model is built), lock OUT with a fingerprint of their records, run
+    :func:`probes.scratch_analysis.analyse_run` on each and write the tables of :mod:`analyses.scratch_report`."""
+    import pandas as pd
+
+    from bridgeprobe.analyses import scratch_report as report
+    from bridgeprobe.probes.identity import reproduce_runs
+    from bridgeprobe.probes.results import atomic_write, atomic_write_csv
+    from bridgeprobe.probes.rundir import RunDirError, file_sha256, run_directory
+    from bridgeprobe.probes.scratch_analysis import analyse_run
+
+    runs = list(dict.fromkeys(reproduce_runs(args.runs)))
+    if len(runs) != len(args.runs):
+        raise RunDirError(f"not every one of {', '.join(map(str, args.runs))} is a finished reproduce run directory")
+    for run in runs:
+        if not (run / "checkpoints").is_dir():
+            raise RunDirError(f"{run}/checkpoints is missing: rerun its reproduce command with --keep-checkpoints")
+    found = fingerprint(args, args.command, runs={str(r): file_sha256(r / "run.json") for r in runs},
+                        items=args.items)
+    with run_directory(args.out, found, overwrite=args.overwrite, recompute=args.recompute) as directory:
+        tables = [analyse_run(run, args.items) for run in tqdm_runs(runs)]
+        items = pd.concat([t[0] for t in tables], ignore_index=True)
+        patch = pd.concat([t[1] for t in tables], ignore_index=True)
+        coverage, patch_summary = report.coverage_table(items), report.patch_table(patch)
+        layers = {json.loads((r / "run.json").read_text())["settings"]["train"]["n_layer"] for r in runs}
+        findings = report.finding_lines(coverage, patch_summary, layers.pop() if len(layers) == 1 else None)
+        atomic_write_csv(args.out / "ood_items.csv", items)
+        atomic_write_csv(args.out / "crosspatch.csv", patch)
+        atomic_write_csv(args.out / "coverage.csv", coverage)
+        atomic_write_csv(args.out / "crosspatch_summary.csv", patch_summary)
+        atomic_write(args.out / "analysis.md", "\n\n".join([
+            "# Identity dose and cross-prompt patch\n\n" + "\n".join(f"- {line}" for line in findings),
+            "## OOD accuracy through covered and uncovered bridges\n\n" + report.coverage_markdown(coverage),
+            "## Cross-prompt patch (Sec. 4.1)\n\n" + report.patch_markdown(patch_summary)]) + "\n")
+        names = ("analysis.md", "ood_items.csv", "crosspatch.csv", "coverage.csv", "crosspatch_summary.csv",
+                 "run.json")
+        summary = "\n".join(findings + [files_line(args.out, names, check=False)])
+        directory.finish({"command": "scratch-analysis", "runs": [str(r) for r in runs], "items": args.items},
+                         summary)
+    print(summary)
+    return args.out
+
+
+def tqdm_runs(runs: list[Path]) -> Any:
+    """A progress bar over run directories."""
+    from tqdm.auto import tqdm
+
+    return tqdm(runs, desc="scratch-analysis", unit="run dir")
 
 
 def finetune_report_job(args: argparse.Namespace) -> Path:
