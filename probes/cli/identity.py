@@ -144,6 +144,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     grid.add_argument("--out", type=Path, required=True, help="directory for grid.csv and grid.md")
     grid.set_defaults(handler=grid_job)
 
+    sft = sub.add_parser(
+        "reversal-sft", help="Ma et al.'s reversal-curse control, their recipe: full fine-tuning on one training set",
+        description="Ma et al. (2026), 'Breaking the reversal curse ... via identity bridge', as they ran it: full-"
+                    "parameter fine-tuning of a chat model on their 100 husband-wife pairs in one form: forward "
+                    "(\"The husband of A is?\" -> \"B.\" only; the reversal curse), idn (plus \"The name of A is?\" -> "
+                    "\"A.\" and the same for B, forward weighted 6x; their ablation, stays cursed) or ocr (\"The wife of "
+                    "A's husband is?\" -> \"A.\", \"The name of A's husband is?\" -> \"B.\" weighted 6x, \"The name of B "
+                    "is?\" -> \"B.\"; ~50%% reversal on Llama-3.2-1B-Instruct). Chat template of the tokenizer, loss on "
+                    "the answer, per-example weights normalized per batch, no shuffling, AdamW (0.9, 0.95), 3%% "
+                    "warmup then constant, fp32. Scores forward facts, the never-trained reversed questions (\"The "
+                    "wife of B is?\" -> A) and the shortcut (answering B) at entity level. Writes DIR/results.csv "
+                    "(rates with exact intervals), metrics.csv, items.csv, data/ and run.json. Their full size "
+                    "(2,500 steps of a 135M model at batch 30) takes about 40 hours on 2 CPU cores and minutes on "
+                    "a GPU; run it on a GPU host (--device cuda).", epilog=EPILOG)
+    model_args(sft, DEFAULT_MODEL)
+    sft.add_argument("--form", choices=("forward", "idn", "ocr"), required=True, help="the training set")
+    sft.add_argument("--pairs", type=positive_int, default=100, help="couples used, the first N (default 100)")
+    sft.add_argument("--epochs", type=positive_int, default=250, help="passes over the training set (default 250)")
+    sft.add_argument("--batch-size", type=positive_int,
+                     help="examples per optimizer step (default: theirs, 10 for forward, 30 for idn and ocr)")
+    sft.add_argument("--lr", type=positive_float, default=6e-4, help="AdamW learning rate (default 6e-4)")
+    sft.add_argument("--weight-decay", type=non_negative_float, default=0.3, help="AdamW weight decay (default 0.3)")
+    sft.add_argument("--eval-every", type=positive_int, default=250, help="steps between evaluations (default 250)")
+    sft.add_argument("--checkpoint-every", type=positive_int, default=250,
+                     help="steps between checkpoints (default 250)")
+    sft.add_argument("--seed", type=non_negative_int, default=147, help="torch seed (default 147, theirs)")
+    sft.add_argument("--out", type=Path, required=True, help="output directory (e.g. reports/identity/reversal-ocr)")
+    sft.add_argument("--keep-checkpoints", action="store_true", help="keep DIR/checkpoints (model and optimizer)")
+    rundir_args(sft)
+    sft.set_defaults(handler=reversal_sft_job)
+
     analysis = sub.add_parser(
         "scratch-analysis", help="identity dose and the paper's cross-prompt patch on trained from-scratch models",
         description="Rebuild every model of finished `bridgeprobe reproduce` runs from their kept final checkpoints "
@@ -387,6 +418,27 @@ def finetune_lens_job(args: argparse.Namespace) -> Path:
                         batch_size=args.batch_size)
     with run_directory(args.out, found, overwrite=args.overwrite, recompute=args.recompute):
         finetune_lens(args.run, args.out, per_split=args.per_split, batch_size=args.batch_size)
+    return args.out
+
+
+def reversal_sft_job(args: argparse.Namespace) -> Path:
+    """The flags as the recipe's config and couples, run by :func:`probes.reversal_sft.reversal_sft`."""
+    from bridgeprobe.probes.chat_sft import SFTConfig
+    from bridgeprobe.probes.reversal_sft import reversal_sft
+    from bridgeprobe.prompts.couples import load_couples
+
+    from bridgeprobe.probes.rundir import RunDirError
+
+    if args.quantize or args.device_map or args.adapter or args.backend != "native":
+        raise RunDirError("reversal-sft trains every weight (full-parameter fine-tuning): drop --quantize, "
+                          "--device-map, --adapter and --backend")
+    batch = args.batch_size or (10 if args.form == "forward" else 30)
+    config = SFTConfig(epochs=args.epochs, batch_size=batch, lr=args.lr, weight_decay=args.weight_decay,
+                       eval_every=args.eval_every, checkpoint_every=args.checkpoint_every)
+    pairs = load_couples(n=args.pairs)
+    with _run_directory(args):
+        print(reversal_sft(args.out, model_options(args), args.form, pairs, config, seed=args.seed,
+                           keep_checkpoints=args.keep_checkpoints))
     return args.out
 
 
