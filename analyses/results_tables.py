@@ -123,7 +123,57 @@ def lora_table(reports: Path = ROOT / "reports") -> str:
     return "\n".join(lines) + "\n"
 
 
-TABLES: dict[str, Callable[[Path], str]] = {"lens": lens_table, "memory": memory_table, "lora": lora_table}
+def _grid_labels(row: dict[str, Any]) -> tuple[str, str]:
+    """(model, knob) of a grid cell in words: the model with its variant, then every setting that differs from the
+    preset's (split, init, weight decay, identity ratio, steps, entities, identity coverage, two-hop training)."""
+    gpt2 = row["model"] == "gpt2"
+    model = "GPT-2" if gpt2 else f"Emb-MLP, {'residual' if str(row['residual']) == 'True' else 'no residual'}"
+    knobs = []
+    if row["ood"] == "relation_pair":
+        knobs.append("**relation-pair OOD**")
+    if not str(row.get("two_hop_training", True)) == "True":
+        knobs.append("one-hop only (no two-hop training)")
+    if row["init_scale"] != 1.0:
+        knobs.append(f"init {row['init_scale']:g}")
+    if row["weight_decay"] != 1.0:
+        knobs.append(f"weight decay {row['weight_decay']:g}")
+    if row["identity_repeat"] != 10:
+        knobs.append(f"identity ×{row['identity_repeat']}")
+    if row["steps"] != (5000 if gpt2 else 10000):
+        knobs.append(f"{row['steps']:,} steps")
+    if row["subjects"] != 100:
+        knobs.append(f"{row['subjects']} subjects ({row['subjects'] / 100:g}× the facts)")
+    coverage = row.get("identity_coverage", 1.0)
+    if not pd.isna(coverage) and float(coverage) != 1.0:
+        knobs.append(f"identity for {float(coverage):.0%} of the bridges")
+    return model, ", ".join(knobs)
+
+
+def identity_grid_table(reports: Path = ROOT / "reports") -> str:
+    """docs/identity.md's grid: every cell of reports/identity/grid/grid.csv (sorted by the OOD difference), the
+    preset's default cell in bold, ID and OOD two-hop per condition (mean over seeds), the OOD difference with its t
+    interval over seeds and the seeds where identity is higher."""
+    grid = pd.read_csv(reports / "identity" / "grid" / "grid.csv")
+    lines = ["| model | embeddings | identity form | knob | seeds | ID without / with | OOD without | OOD with | "
+             "Δ [95% t] | higher |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in grid.to_dict("records"):
+        model, knob = _grid_labels(row)
+        low, high = row["ood_two_hop_acc delta ci_low"], row["ood_two_hop_acc delta ci_high"]
+        interval = "n too small" if pd.isna(low) else f"[{low:+.2f}, {high:+.2f}]".replace("-", "−")
+        default = (model == "GPT-2" and not knob and not row["tied"] and row["identity_form"] == "zero_hop"
+                   and row["seeds"] >= 5)
+        lines.append(f"| {f'**{model} (the default)**' if default else model} | "
+                     f"{'tied' if row['tied'] else 'untied'} | {row['identity_form'].replace('_', '-')} | {knob} | "
+                     f"{row['seeds']} | {row['id_two_hop_acc no_identity mean']:.2f} / "
+                     f"{row['id_two_hop_acc identity mean']:.2f} | {row['ood_two_hop_acc no_identity mean']:.2f} | "
+                     f"{row['ood_two_hop_acc identity mean']:.2f} | "
+                     f"{row['ood_two_hop_acc delta mean']:+.2f} {interval}".replace("| -", "| −").replace(" -0", " −0")
+                     + f" | {row['ood_two_hop_acc identity higher']} |")
+    return "\n".join(lines) + "\n"
+
+
+TABLES: dict[str, Callable[[Path], str]] = {"lens": lens_table, "memory": memory_table, "lora": lora_table,
+                                            "identity_grid": identity_grid_table}
 BLOCK = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results:\2 -->)", re.S)
 
 

@@ -61,7 +61,37 @@ for group in "${groups[@]}"; do
       run reproduce --seeds 0 1 2 --subjects 200 --out $g/gpt2-untied-zero_hop-subjects200
       run reproduce --seeds 0 1 2 --init-scales 0.3 --steps 15000 --eval-every 1500 --checkpoint-every 1500 \
         --out $g/gpt2-untied-zero_hop-init0.3-steps15000
+      # the paper's split at its regularization (docs/identity.md, "As the authors ran it"): relation-pair OOD, GPT-2,
+      # weight decay x init, 5 seeds per cell, final models kept for scratch-analysis; the identity dose (coverage of
+      # the bridges) at weight decay 1; one-hop-only training (no two-hop example at all); Emb-MLP. Each GPT-2 cell
+      # about 18 min with one thread; the whole list about 8 h.
+      P="--seeds 0 1 2 3 4 --keep-checkpoints --ood relation_pair"
+      for cell in "0 1.0" "0.01 1.0" "0.1 1.0" "1.0 1.0" "0 0.3" "0.01 0.3" "0.1 0.3" "1.0 0.3"; do
+        set -- $cell
+        run reproduce $P --weight-decays $1 --init-scales $2 --out $g/gpt2-untied-zero_hop-relation_pair-wd$1-init$2
+      done
+      for coverage in 0.25 0.5 0.75; do
+        run reproduce $P --weight-decays 1.0 --init-scales 1.0 --identity-coverage $coverage \
+          --out $g/gpt2-untied-zero_hop-relation_pair-wd1.0-init1.0-coverage$coverage
+      done
+      for cell in "0 1.0" "0.1 1.0" "1.0 1.0" "0 0.3" "0.1 0.3" "1.0 0.3"; do
+        set -- $cell
+        run reproduce $P --no-two-hop-training --weight-decays $1 --init-scales $2 \
+          --out $g/gpt2-untied-zero_hop-one_hop_only-wd$1-init$2
+      done
+      for wd in 0 0.01 0.1 1.0; do
+        run reproduce $P --model emb_mlp --steps 10000 --lr 1e-3 --eval-every 1000 --checkpoint-every 1000 \
+          --weight-decays $wd --out $g/emb-res-untied-zero_hop-relation_pair-wd$wd-init1.0
+      done
       bridgeprobe identity-grid reports/identity/reproduce $g --out $g
+      # the dose (OOD accuracy through covered vs uncovered bridges) and the paper's Sec. 4.1 cross-prompt patch
+      bridgeprobe scratch-analysis $g/*relation_pair-wd* $g/*one_hop_only* --out reports/identity/scratch-analysis \
+        ${flags[@]+"${flags[@]}"}
+      # Ma et al.'s reversal control as they ran it: full fine-tuning on their 100 pairs, three training sets. About
+      # 40 h each on 2 CPU cores, minutes on a GPU: set DEVICE=cuda on a GPU host.
+      for form in forward idn ocr; do
+        run reversal-sft --form $form --device ${DEVICE:-cpu} --out reports/identity/reversal-sft-$form
+      done
       # LoRA (docs/identity.md; each about 1 h with two threads): two-hop on the bridge split, its lens on every state,
       # and the reversal-curse control
       run finetune --model smollm2-135m --steps 480 --batch-size 16 --lora-layers 12 --lr 3e-3 --eval-every 160 \
