@@ -172,8 +172,66 @@ def identity_grid_table(reports: Path = ROOT / "reports") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _interval(row: dict[str, Any], prefix: str) -> str:
+    low = row[f"{prefix} ci_low"]
+    text = f"{row[prefix]:+.2f} " + ("(n too small)" if pd.isna(low) else f"[{low:+.2f}, {row[f'{prefix} ci_high']:+.2f}]")
+    return text.replace("-", "−")
+
+
+def _scratch(reports: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(reports / "identity" / "scratch-analysis" / name)
+
+
+def _cell_label(row: dict[str, Any]) -> str:
+    kind = "one-hop only" if "one_hop_only" in str(row["cell"]) else "relation-pair OOD"
+    model = "GPT-2" if row["model"] == "gpt2" else "Emb-MLP"
+    return f"{model}, {kind}, weight decay {row['weight_decay']:g}, init {row['init_scale']:g}"
+
+
+def crosspatch_table(reports: Path = ROOT / "reports") -> str:
+    """The paper's Sec. 4.1 test per from-scratch cell: the last block's output at r1 of (a, r1) written into the
+    bridge position of (b', r2) at the input; how often hop 2 of a's bridge comes out (OOD queries whose facts the
+    model knows), without and with identity, the difference over seeds."""
+    table = _scratch(reports, "crosspatch_summary.csv")
+    last = table.groupby("cell")["source_layer"].transform("max")
+    rows = table[(table["split"] == "ood_test") & (table["source_layer"] == last) & (table["target_layer"] == 0)
+                 & (table["identity_coverage"] == 1.0)]
+    lines = ["| cell | items per model | no identity | identity | difference over seeds [95% t] | sign-flip p | "
+             "seeds higher |", "|---|---|---|---|---|---|---|"]
+    for row in rows.to_dict("records"):
+        lines.append(f"| {_cell_label(row)} | {row['items identity']:.0f} | {row['transfer no_identity']:.2f} | "
+                     f"{row['transfer identity']:.2f} | {_interval(row, 'transfer delta')} | "
+                     f"{p_number(row['transfer delta signflip p'])} | {row['transfer delta seeds above 0']} |")
+    return "\n".join(lines) + "\n"
+
+
+def dose_table(reports: Path = ROOT / "reports") -> str:
+    """The identity dose: per share of the bridges given identity examples (same cell otherwise), the identity
+    models' OOD accuracy, through covered and uncovered bridges, and their within-model contrast over seeds; the
+    no-identity models' contrast on the same draw is the placebo."""
+    table = _scratch(reports, "coverage.csv")
+    lines = ["| identity for | OOD accuracy | through covered bridges | through uncovered | covered − uncovered, "
+             "over seeds [95% t] | sign-flip p | placebo (no identity) |", "|---|---|---|---|---|---|---|"]
+    dose = table[(table["weight_decay"] == 1.0) & (table["init_scale"] == 1.0)
+                 & ~table["cell"].str.contains("one_hop_only")]
+    for coverage, part in dose.groupby("identity_coverage", sort=True):
+        rows = {r["condition"]: r for r in part.to_dict("records")}
+        if coverage == 1.0 and "no_identity" in rows:
+            none = rows["no_identity"]
+            lines.append(f"| none (no identity) | {none['ood acc']:.2f} | – | – | – | – | – |")
+        row = rows["identity"]
+        partial = "contrast" in row and not pd.isna(row.get("contrast"))
+        placebo = rows.get("no_identity")
+        lines.append(f"| {coverage:.0%} of the bridges | {row['ood acc']:.2f} | {row['covered acc']:.2f} | "
+                     + (f"{row['uncovered acc']:.2f} | {_interval(row, 'contrast')} | "
+                        f"{p_number(row['contrast signflip p'])} | {_interval(placebo, 'contrast')} |" if partial
+                        else "– | – | – | – |"))
+    return "\n".join(lines) + "\n"
+
+
 TABLES: dict[str, Callable[[Path], str]] = {"lens": lens_table, "memory": memory_table, "lora": lora_table,
-                                            "identity_grid": identity_grid_table}
+                                            "identity_grid": identity_grid_table, "crosspatch": crosspatch_table,
+                                            "dose": dose_table}
 BLOCK = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results:\2 -->)", re.S)
 
 
