@@ -200,10 +200,12 @@ def key_values(facts: Mapping[str, Any]) -> str:
 
 
 def render(title: str, sections: Sequence[Section], intro: str = "", facts: Mapping[str, Any] | None = None,
-           footer: str = "", provenance: Mapping[str, Any] | None = None) -> str:
-    """The whole page; ``provenance`` (:func:`analyses.provenance.provenance`) is shown as a box under the title."""
+           footer: str = "", provenance: Mapping[str, Any] | None = None, finding: str = "") -> str:
+    """The whole page; ``finding`` (:mod:`analyses.findings`) opens it under the title, then ``provenance``
+    (:func:`analyses.provenance.provenance`) as a box."""
     from bridgeprobe.analyses.provenance import provenance_line
 
-    return _ENV.get_template("page.html").render(title=title, intro=intro, facts=facts or {}, sections=sections,
+    return _ENV.get_template("page.html").render(title=title, finding=finding, intro=intro, facts=facts or {},
+                                                 sections=sections,
                                                  footer=footer, image=image,
                                                  provenance=provenance_line(provenance) if provenance else "")

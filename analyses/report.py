@@ -10,6 +10,7 @@ from markupsafe import Markup
 
 from bridgeprobe.analyses import plots
 from bridgeprobe.analyses.aggregate import TOP_K, per_layer, per_prompt, summarize
+from bridgeprobe.analyses.findings import lens_finding
 from bridgeprobe.analyses.page import (Figure, Section, count, doc_to_html, interval, key_values, num, p_value, pct,
                                        points, render, seconds, signed_points, table)
 from bridgeprobe.analyses.provenance import provenance
@@ -26,6 +27,7 @@ def write_lens_report(frame: pd.DataFrame, items: Sequence[PromptItem], out_dir:
                            "composition": i.composition} for i in items])
     prompts = per_prompt(frame).merge(texts, on="prompt_id", how="left")
     summary = {"model": run["model"], **summarize(frame, layers, prompts), "provenance": provenance(run)}
+    summary = {"finding": lens_finding(summary), **summary}
     atomic_write_csv(out_dir / "layers.csv", layers)
     atomic_write_csv(out_dir / "prompts.csv", prompts)
     atomic_write_json(out_dir / "summary.json", summary)
@@ -99,7 +101,7 @@ def _html(summary: dict[str, Any], layers: pd.DataFrame, prompts: pd.DataFrame, 
     definitions = Section("Definitions", "", f'<div class="definitions">{doc_to_html(summary["definitions"], {"TOP_K": TOP_K})}</div>')
     return render(f"Where is the bridge entity? {run['model']}",
                   [lens, by_group, heatmap, examples, per_layer_table, *sections, definitions],
-                  facts=facts, provenance=summary["provenance"],
+                  facts=facts, provenance=summary["provenance"], finding=summary["finding"],
                   footer="Files beside this page: lens.csv (every row), layers.csv, prompts.csv, summary.json, "
                          "run.json.")
 

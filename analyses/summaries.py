@@ -37,13 +37,14 @@ def files_line(out: Path, names: Iterable[str], check: bool = True) -> str:
 
 
 def lens_lines(summary: Mapping[str, Any], model: str) -> list[str]:
-    """Two lines of lens headlines (:func:`analyses.aggregate.summarize`): accuracy; the bridge against its
-    matched control and the best layer."""
+    """The lens finding (:func:`analyses.findings.lens_finding`), then two lines of headlines
+    (:func:`analyses.aggregate.summarize`): accuracy; the bridge against its matched control and the best layer."""
+    from bridgeprobe.analyses.findings import lens_finding
     from bridgeprobe.analyses.page import p_value
 
     acc, bridge = summary["accuracy"], summary["bridge"]
     control, diff = summary.get("control") or {}, summary.get("bridge_minus_control") or {}
-    lines = [f"{model}: {summary['n_prompts']} two-hop prompts, {summary['n_layers']} layers. Two-hop accuracy "
+    lines = [f"Finding: {lens_finding(summary)}", f"{model}: {summary['n_prompts']} two-hop prompts, {summary['n_layers']} layers. Two-hop accuracy "
              f"{rate(acc, 'two_hop')}; hop1 {rate(acc, 'hop1')}; hop2 {rate(acc, 'hop2')}."]
     if control.get("measured"):
         lines.append(f"Bridge in the top 10 at some layer: {rate(bridge, 'top10_any_layer')}, matched control "

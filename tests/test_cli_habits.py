@@ -96,16 +96,17 @@ def test_every_command_ends_with_a_short_summary_of_figures_and_files(tmp_path: 
     lens, run, patch = tmp_path / "lens", tmp_path / "run", tmp_path / "patch"
     assert main(["lens", "--model", model, "--prompts", str(prompt_file), "--out", str(lens)]) == 0
     lines = _summary(capsys)
-    assert 3 <= len(lines) <= 5 and lines[-1] == f"Files in {lens}/: lens.csv, run.json"
-    assert "12 two-hop prompts, 2 layers. Two-hop accuracy" in lines[0] and "(n=12)" in lines[0]
-    assert "Bridge in the top 10 at some layer:" in lines[1] and "matched control" in lines[1]
+    assert 4 <= len(lines) <= 6 and lines[-1] == f"Files in {lens}/: lens.csv, run.json"
+    assert lines[0].startswith("Finding: Through the logit lens the bridge entity is in the top 10")
+    assert "12 two-hop prompts, 2 layers. Two-hop accuracy" in lines[1] and "(n=12)" in lines[1]
+    assert "Bridge in the top 10 at some layer:" in lines[2] and "matched control" in lines[2]
     assert json.loads((lens / "run.json").read_text())["summary"] == "\n".join(lines)  # what a rerun prints
 
     assert main(["run", "--model", model, "--prompts", str(prompt_file), "--out", str(run), "--patch-pairs", "4",
                  "--memory-items", "4", "--memory-map-items", "2", "--memory-stride", "1"]) == 0
     lines = _summary(capsys)
-    assert 3 <= len(lines) <= 5, lines
-    assert lines[2].startswith("Attribution patching: 4 pairs") and lines[3].startswith("Shared memory: ")
+    assert 4 <= len(lines) <= 6, lines
+    assert lines[3].startswith("Attribution patching: 4 pairs") and lines[4].startswith("Shared memory: ")
     assert lines[-1].startswith(f"Files in {run}/: index.html, summary.json, lens.csv")
     assert main(["report", str(run)]) == 0
     assert _summary(capsys) == lines  # rebuilt from the files: the same figures

@@ -6,10 +6,12 @@ page (and summary.json), the message before a GGUF conversion, and "Files in" li
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
 import re
+from html import unescape
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,8 @@ from bridgeprobe.probes.cli import main
 from bridgeprobe.probes.hooks import NativeHooks
 from bridgeprobe.probes.memory import MemoryConfig, run_memory
 from bridgeprobe.probes.pipeline import item_pairs, run_patching
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SIGNED_PERCENT = re.compile(r"(?<![\w.])[+−-]\d+(?:\.\d+)?%")  # "+20.0%": a rate difference written as a rate
 POINTS = re.compile(r"[+-]\d+\.\d points \[[+-]\d+\.\d, [+-]\d+\.\d\]")
@@ -94,7 +98,36 @@ def test_rate_differences_in_points_and_p_values_without_exponents(made: dict) -
     for path in (made["run"] / "index.html", made["run"] / "memory.html", made["memory"] / "memory.html"):
         text = text_of(path)
         assert not SCIENTIFIC.findall(text), (path.name, SCIENTIFIC.findall(text))
-    assert " points [" in made["report_lines"][1] and "p < 0.001" in made["report_lines"][1]  # the terminal agrees
+    assert " points [" in made["report_lines"][2] and "p < 0.001" in made["report_lines"][2]  # the terminal agrees
+
+
+def test_the_page_opens_with_the_finding_that_summary_json_and_the_terminal_carry(made: dict) -> None:
+    finding = json.loads((made["run"] / "summary.json").read_text())["finding"]
+    html = (made["run"] / "index.html").read_text(encoding="utf-8")
+    opening = re.search(r'<h1>.*?</h1>\s*<p class="finding"><strong>Finding.</strong> (.*?)</p>', html, re.S)
+    assert opening and unescape(opening.group(1)) == finding
+    assert made["report_lines"][0] == f"Finding: {finding}" and made["run_lines"][0] == f"Finding: {finding}"
+
+
+def test_the_lens_finding_says_what_the_numbers_say() -> None:
+    from bridgeprobe.analyses.findings import lens_finding
+
+    summary = json.loads((ROOT / "reports" / "smollm2-135m" / "summary.json").read_text())
+    text = lens_finding(summary)
+    assert "21.5% of 794" in text and "+20.0 points [+17.1, +23.1]" in text and "layer 29 of 0–29, the output" in text
+    assert text.endswith("No separate latent bridge stage is visible through the lens.")
+    middle = copy.deepcopy(summary)
+    middle["bridge_minus_control"]["best_layer"] = 12
+    assert "before the output" in lens_finding(middle) and "latent bridge stage is visible there" in lens_finding(middle)
+    closer = copy.deepcopy(summary)
+    closer["bridge"]["median_rank_by_layer"][15] = 3000  # far closer to the top than the control mid-way
+    assert "No separate latent" not in lens_finding(closer)
+    null = copy.deepcopy(summary)
+    null["bridge_minus_control"]["top10_any_layer_ci_low"] = -0.01
+    assert "not more readable than an unrelated entity" in lens_finding(null)
+    bare = copy.deepcopy(summary)
+    bare["control"] = {"measured": False}
+    assert "no matched control" in lens_finding(bare)
 
 
 def test_memory_prose_has_no_code_names_and_defines_its_terms(made: dict) -> None:
