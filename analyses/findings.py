@@ -4,9 +4,10 @@ prints it first, and summary.json carries it (``finding``), so the three never d
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from bridgeprobe.analyses.aggregate import TOP_K
+from bridgeprobe.analyses.page import p_number
 
 LAST_LAYERS = 3  # a best layer among the model's last three blocks counts as "at the output"
 
@@ -51,3 +52,56 @@ def lens_finding(summary: Mapping[str, Any]) -> str:
         return text
     return (f"Through the logit lens {rate} ({against}), most over its control at layer {best} of "
             f"0–{n_layers - 1}, before the output ({middle}): a latent bridge stage is visible there.")
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed{'s' if n != 1 else ''}"
+
+
+def _over_seeds(row: Mapping[str, Any], prefix: str, digits: int = 2) -> str:
+    low, high = row.get(f"{prefix} ci_low"), row.get(f"{prefix} ci_high")
+    if low is None or low != low:  # NaN: fewer than 3 seeds
+        return f"{row[prefix]:+.{digits}f} (no interval below 3 seeds)"
+    if low == high:
+        return f"{row[prefix]:+.{digits}f} (every seed the same)"
+    return f"{row[prefix]:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def reproduce_finding(table: Any, chance: float, labels: Sequence[str] = ()) -> str:
+    """The from-scratch comparison (:func:`analyses.identity_report.comparison_table` rows): per configuration,
+    OOD two-hop accuracy with and without identity against chance, the difference over seeds with its interval,
+    the seeds where identity is higher and the one-sided sign-flip p; ID two-hop beside it. ``labels`` name the
+    configurations when there are several."""
+    sentences = []
+    for n, row in enumerate(table.to_dict("records")):
+        ood, idd = "ood_two_hop_acc", "id_two_hop_acc"
+        interval = _over_seeds({"delta": row[f"{ood} delta mean"], "delta ci_low": row[f"{ood} delta ci_low"],
+                                "delta ci_high": row[f"{ood} delta ci_high"]}, "delta")
+        shown = row[f"{ood} delta ci_low"] > 0 if row[f"{ood} delta ci_low"] == row[f"{ood} delta ci_low"] else None
+        verdict = {True: "identity helps", False: "no difference shown", None: "too few seeds to tell"}[shown]
+        prefix = f"{labels[n]}: " if len(labels) > n and len(table) > 1 else ""
+        sentences.append(
+            f"{prefix}With identity supervision OOD two-hop accuracy is {row[f'{ood} identity mean']:.2f} against "
+            f"{row[f'{ood} no_identity mean']:.2f} without (chance {chance:.2f}): {verdict}, difference {interval} "
+            f"over {_seeds(row['seeds'])}, identity higher in {row[f'{ood} identity higher']} (one-sided sign-flip "
+            f"p = {p_number(row[f'{ood} signflip p'])}); in-distribution two-hop {row[f'{idd} no_identity mean']:.2f} "
+            f"without, {row[f'{idd} identity mean']:.2f} with.")
+    return " ".join(sentences)
+
+
+def finetune_finding(comparison: Any, task: str) -> str:
+    """The LoRA comparison (:func:`analyses.identity_report.item_comparison`) on the split that tests the claim:
+    never-seen reversals (``reversal``) or OOD two-hop queries (``two_hop``), identity vs none, over seeds."""
+    split, name = (("reverse_test", "never-seen reversed questions") if task == "reversal"
+                   else ("ood_two_hop", "OOD two-hop queries"))
+    rows = comparison[comparison["split"] == split].to_dict("records")
+    if not rows or "delta" not in rows[0]:
+        return f"No comparison of identity and no identity on the {name} (one condition only)."
+    row = rows[0]
+    low = row["delta ci_low"]
+    shown = None if low != low else low > 0 or row["delta ci_high"] < 0
+    verdict = {True: "a difference", False: "no difference shown", None: "too few seeds to tell"}[shown]
+    return (f"On {row['items']} {name}, the adapter trained with identity sentences answers {row['identity acc']:.1%} "
+            f"and the one without {row['no_identity acc']:.1%} (base model {row.get('base acc', float('nan')):.1%}): "
+            f"{verdict}, difference {_over_seeds(row, 'delta', 3)} over {_seeds(row['seeds'])} (identity higher in "
+            f"{row['seeds identity higher']}).")

@@ -468,11 +468,12 @@ def patching_layer_plot(layers: pd.DataFrame, path: Path, title: str) -> Path:
 
 
 def write_page(path: Path, title: str, intro: str, facts: dict[str, str],
-               sections: Sequence[tuple[str, str, Sequence[Path]]]) -> Path:
-    """A self-contained HTML page: a title, an introduction, a key/value table and sections of (title, HTML,
-    figures)."""
+               sections: Sequence[tuple[str, str, Sequence[Path]]], finding: str = "") -> Path:
+    """A self-contained HTML page: a title, the finding (:mod:`analyses.findings`), an introduction, a key/value
+    table and sections of (title, HTML, figures)."""
     atomic_write(path, render(title, [Section(heading, "", text, [Figure(f) for f in figures])
-                                      for heading, text, figures in sections], intro=intro, facts=facts))
+                                      for heading, text, figures in sections], intro=intro, facts=facts,
+                              finding=finding))
     return path
 
 

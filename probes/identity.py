@@ -107,9 +107,20 @@ FINETUNE_FILES = ("index.html", "comparison.csv", "items.csv", "results.csv", "m
                   "lens_summary.csv", "patching_layers.csv", "*.png", "adapters/", "run.json")
 
 
-def summary_text(out: Path, results: pd.DataFrame, files: Sequence[str]) -> str:
-    """The lines a finished run prints: final accuracies per condition, and the files."""
-    return "\n".join([*identity_lines(results), files_line(out, files, check=False)])
+def summary_text(out: Path, results: pd.DataFrame, files: Sequence[str], finding: str = "") -> str:
+    """The lines a finished run prints: the finding, final accuracies per condition, and the files."""
+    return "\n".join([*([f"Finding: {finding}"] if finding else []), *identity_lines(results),
+                      files_line(out, files, check=False)])
+
+
+def reproduce_finding_of(out: Path, record: dict[str, Any]) -> str:
+    """The finding of a reproduce run (:func:`analyses.findings.reproduce_finding`) from its comparison.csv."""
+    from bridgeprobe.analyses.findings import reproduce_finding
+
+    table = pd.read_csv(out / "comparison.csv")
+    keys = [k for k in GRID_KEYS if k in table]
+    labels = [", ".join(f"{k.replace('_', ' ')} {row[k]:g}" for k in keys) for row in table.to_dict("records")]
+    return reproduce_finding(table, 1 / record["settings"]["data"]["n_objects"], labels)
 
 
 def finished(out: Path, settings: dict[str, Any]) -> bool:
@@ -228,7 +239,8 @@ def reproduce(out: Path, base: Any, data: dict[int, SynthConfig], grid: Sequence
     atomic_write_csv(out / "results.csv", pd.DataFrame(results))
     reproduce_report(out, record)
     # last, after every report file: a run killed before here resumes (its checkpoints say the training is done)
-    write_finished(out, record, summary_text(out, pd.DataFrame(results), REPRODUCE_FILES))
+    write_finished(out, record, summary_text(out, pd.DataFrame(results), REPRODUCE_FILES,
+                                             reproduce_finding_of(out, record)))
     if not keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return out
@@ -305,8 +317,9 @@ def reproduce_report(out: Path, record: dict[str, Any] | None = None) -> Path:
                            "matrix's nuclear and Frobenius norm and effective rank at each evaluation.</p>",
          [figures["spectrum"], figures["nuclear"]]),
     ]
-    report.write_page(out / "index.html", title, intro, facts, sections)
-    print(summary_text(out, results, REPRODUCE_FILES))
+    finding = reproduce_finding_of(out, record)
+    report.write_page(out / "index.html", title, intro, facts, sections, finding)
+    print(summary_text(out, results, REPRODUCE_FILES, finding))
     return out
 
 
@@ -568,6 +581,7 @@ def finetune_report(out: Path, record: dict[str, Any] | None = None) -> Path:
     record (default: its run.json)."""
     from bridgeprobe.analyses import identity_report as report
     from bridgeprobe.analyses.aggregate import per_layer
+    from bridgeprobe.analyses.findings import finetune_finding
     from bridgeprobe.analyses.patching_report import by_layer
     from bridgeprobe.probes.finetune import two_hop_stats
 
@@ -640,7 +654,7 @@ def finetune_report(out: Path, record: dict[str, Any] | None = None) -> Path:
     report.write_page(out / "index.html", f"Identity fine-tuning ({settings['task']}): {record['model']}",
                       f"LoRA adapters trained on made-up {'facts' if settings['task'] == 'reversal' else 'two-hop facts'}"
                       " with and without identity supervision, and the base model, from one PeftModel.", facts,
-                      sections)
+                      sections, finetune_finding(comparison, settings["task"]))
     print(finetune_summary(out, comparison, settings["task"]))
     return out
 
@@ -649,6 +663,9 @@ def finetune_summary(out: Path, comparison: pd.DataFrame, task: str) -> str:
     """The lines a finished finetune run prints: the with/without-identity comparison on the held-out splits."""
     from bridgeprobe.analyses.identity_report import comparison_lines
 
+    from bridgeprobe.analyses.findings import finetune_finding
+
     shown = ("reverse_test", "reverse_train", "forward") if task == "reversal" else ("ood_two_hop", "id_two_hop",
                                                                                       "one_hop")
-    return "\n".join([*comparison_lines(comparison, shown), files_line(out, FINETUNE_FILES, check=False)])
+    return "\n".join([f"Finding: {finetune_finding(comparison, task)}", *comparison_lines(comparison, shown),
+                      files_line(out, FINETUNE_FILES, check=False)])

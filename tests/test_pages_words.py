@@ -240,3 +240,19 @@ def test_files_lines_list_every_file_written(made: dict) -> None:
         written = {p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")}
         assert set(listed) == written, (sorted(written - set(listed)), sorted(set(listed) - written))
         assert "memory.html" in listed and any(name.endswith(".png") for name in listed)
+
+
+@pytest.mark.parametrize("run,task", [("reproduce", None), ("finetune", "two_hop"), ("reversal", "reversal")])
+def test_identity_pages_open_with_their_finding(run: str, task: str | None) -> None:
+    """The checked-in identity pages open with the sentence the findings module makes from their comparison."""
+    from bridgeprobe.analyses.findings import finetune_finding, reproduce_finding
+
+    out = ROOT / "reports" / "identity" / run
+    table = pd.read_csv(out / "comparison.csv")
+    finding = reproduce_finding(table, 0.05) if task is None else finetune_finding(table, task)
+    opening = re.search(r'<p class="finding"><strong>Finding.</strong> (.*?)</p>', (out / "index.html").read_text())
+    assert opening and unescape(opening.group(1)) == finding
+    if run == "reproduce":
+        assert "identity helps, difference +0.10 [+0.03, +0.17] over 5 seeds" in finding
+    if run == "reversal":  # zero in every seed: no interval pretending to be evidence
+        assert "answers 0.0% and the one without 0.0%" in finding and "(every seed the same)" in finding
