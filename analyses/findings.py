@@ -105,3 +105,41 @@ def finetune_finding(comparison: Any, task: str) -> str:
             f"and the one without {row['no_identity acc']:.1%} (base model {row.get('base acc', float('nan')):.1%}): "
             f"{verdict}, difference {_over_seeds(row, 'delta', 3)} over {_seeds(row['seeds'])} (identity higher in "
             f"{row['seeds identity higher']}).")
+
+
+POSITION_NAMES = {"last": "at the last token", "e1_last": "at the last token of e1 (the first entity of the two-hop prompt)"}
+TEST_NAMES = {"crosspatch": "cross-patching", "other_relation": "the other-relation control",
+              "decoding": "decoding", "probe": "the linear probe"}
+
+
+def _layers(text: str) -> str:
+    return f"layer{'s' if ('-' in text or ',' in text) else ''} {text}"
+
+
+def memory_finding(summary: Mapping[str, Any]) -> str:
+    """The shared-memory decision per position in words (:func:`analyses.memory_report` statuses): a band of
+    layers where every test holds, none (ruled out at every layer), or not decided, with where the tests that
+    hold do and, when undecided, the items that would decide the hardest layer as the estimates stand."""
+    parts = []
+    for position, part in summary["positions"].items():
+        where = POSITION_NAMES.get(position, position)
+        holding = {TEST_NAMES.get(t, t): layers for t, layers in part["layers_by_evidence"].items()
+                   if t in TEST_NAMES and layers != "none"}
+        held = "; ".join(f"{name} holds at {_layers(layers)}" for name, layers in holding.items()) or "no test holds"
+        if part["status"] == "band":
+            first, last = part["band"]
+            band = f"layer {first}" if first == last else f"layers {first}-{last}"
+            parts.append(f"{where}, a shared latent memory band at {band}: every test holds there ({held})")
+        elif part["status"] == "none":
+            parts.append(f"{where}, no band: at every layer some test is ruled out ({held})")
+        else:
+            need = part.get("to_decide") or {}
+            more = (f"; as the estimates stand, layer {need['layer']} needs about {need['items']:,} items for "
+                    f"{TEST_NAMES.get(need['test'], need['test'])}" if need.get("items") else "")
+            parts.append(f"{where}, not decided ({held}{more})")
+    text = f"{summary['model']}: " + ". ".join(p[0].upper() + p[1:] for p in parts) + "."
+    command = str((summary.get("provenance") or {}).get("command", ""))
+    if command.startswith("bridgeprobe run") and any(p["status"] == "undecided" for p in summary["positions"].values()):
+        text += (f" This section of the main job is a preview on {summary['n_items']} items; `bridgeprobe memory` "
+                 "on the whole prompt set decides (docs/memory.md).")
+    return text

@@ -66,6 +66,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bridgeprobe.analyses.findings import memory_finding  # noqa: E402
 from bridgeprobe.analyses.page import Figure, Section, key_values, p_value, render, too_small  # noqa: E402
 from bridgeprobe.analyses.provenance import provenance  # noqa: E402
 from bridgeprobe.analyses.plots import legend_below, save_figure  # noqa: E402
@@ -773,10 +774,11 @@ def write_memory_outputs(frame: pd.DataFrame, out_dir: Path, run: dict[str, Any]
                                           f"Back-patching later into earlier layers, {model}"))
     summary["figures"] = [f.name for f in figures]
     summary["provenance"] = provenance(run)
+    summary = {"finding": memory_finding(summary), **summary}
     atomic_write_json(out_dir / "memory_summary.json", summary)
     section = memory_section(summary, figures)
     atomic_write(out_dir / "memory.html", render(f"{section.title}, {model}", [section],
-                                                 provenance=summary["provenance"]))
+                                                 provenance=summary["provenance"], finding=summary["finding"]))
     return summary
 
 

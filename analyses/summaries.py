@@ -89,8 +89,10 @@ def patching_lines(frame: pd.DataFrame, label: str, direction: str = "denoise") 
 
 
 def memory_lines(summary: Mapping[str, Any]) -> list[str]:
-    """The memory band statement of ``memory_summary.json`` (:mod:`analyses.memory_report`)."""
-    return [f"Shared memory: {summary['statement']}"]
+    """The shared-memory finding of ``memory_summary.json`` (:func:`analyses.findings.memory_finding`; the full
+    statement with every bound is on the page and in the JSON; summaries written before the finding existed give
+    their statement)."""
+    return [f"Shared memory: {summary.get('finding') or summary['statement']}"]
 
 
 PATCH_FILES = ("patching.csv", "patching_layers.csv", "patching_pairs.csv", "patching_cells.csv", "patching_layers.png",

@@ -256,3 +256,27 @@ def test_identity_pages_open_with_their_finding(run: str, task: str | None) -> N
         assert "identity helps, difference +0.10 [+0.03, +0.17] over 5 seeds" in finding
     if run == "reversal":  # zero in every seed: no interval pretending to be evidence
         assert "answers 0.0% and the one without 0.0%" in finding and "(every seed the same)" in finding
+
+
+def test_memory_pages_open_with_the_finding_the_terminal_prints(made: dict) -> None:
+    for directory in (made["run"], made["memory"]):
+        summary = json.loads((directory / "memory_summary.json").read_text())
+        opening = re.search(r'<p class="finding"><strong>Finding.</strong> (.*?)</p>',
+                            (directory / "memory.html").read_text())
+        assert opening and unescape(opening.group(1)) == summary["finding"]
+    assert f"Shared memory: {json.loads((made['memory'] / 'memory_summary.json').read_text())['finding']}" in \
+        made["memory_lines"]
+    # the main job's section is a preview and says so, with the command that decides
+    preview = json.loads((made["run"] / "memory_summary.json").read_text())["finding"]
+    assert "preview on 4 items" in preview and "`bridgeprobe memory`" in preview
+
+
+def test_the_memory_finding_states_each_decision() -> None:
+    from bridgeprobe.analyses.findings import memory_finding
+
+    gemma = memory_finding(json.loads((ROOT / "reports" / "gemma3-270m" / "memory" / "memory_summary.json").read_text()))
+    assert "At the last token, no band: at every layer some test is ruled out" in gemma
+    assert "two-hop prompt), a shared latent memory band at layer 2: every test holds there" in gemma
+    smol = memory_finding(json.loads((ROOT / "reports" / "smollm2-135m" / "memory" / "memory_summary.json").read_text()))
+    assert "two-hop prompt), not decided (cross-patching holds at layers 3-22" in smol and "about 107,765 items" in smol
+    assert "preview" not in smol  # the full analysis is no preview
