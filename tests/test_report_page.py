@@ -111,30 +111,80 @@ def test_page_reads_like_a_page(page: Path) -> None:
     assert "312 s" in html or "5.2 min" in html  # timings as durations
 
 
-@pytest.mark.skipif(_browser() is None, reason="no headless Chromium/Chrome on this machine (apt-get install chromium)")
-def test_page_in_a_headless_browser(page: Path, tmp_path: Path) -> None:
-    """Chromium loads the page; a script run after load counts broken images and raw markup in the visible text;
-    then a screenshot of the page."""
-    check = ("<script>window.addEventListener('load', () => {"
-             "const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length;"
-             f"const marks = {list(RAW_MARKUP)!r}.filter(m => document.body.innerText.includes(m));"
-             "document.body.setAttribute('data-images', document.images.length);"
-             "document.body.setAttribute('data-broken', broken);"
-             "document.body.setAttribute('data-markup', marks.join('|'));});</script>")
-    probe = tmp_path / "probe.html"
-    probe.write_text(page.read_text().replace("</body>", check + "</body>"))
-    browser = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+ROOT = Path(__file__).resolve().parent.parent
+CHECKED_IN = {"reproduce": ROOT / "reports" / "identity" / "reproduce" / "index.html",
+              "finetune": ROOT / "reports" / "identity" / "finetune" / "index.html",
+              "memory (full analysis)": ROOT / "reports" / "smollm2-135m" / "memory" / "memory.html"}
+# after load: broken images, raw markup in the visible text, whether the finding follows the title, and pairs of
+# text boxes that overlap (leaf elements with text, not nested in each other)
+CHECK = ("<script>window.addEventListener('load', () => {"
+         "const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length;"
+         "const marks = MARKS.filter(m => document.body.innerText.includes(m));"
+         "const first = document.querySelector('h1').nextElementSibling;"
+         "const boxes = [...document.querySelectorAll('h1,h2,p,li,td,th,figcaption,code')]"
+         ".filter(e => e.innerText.trim() && ![...e.children].some(c => c.innerText && c.innerText.trim()))"
+         ".map(e => [e, e.getBoundingClientRect()]).filter(([e, r]) => r.width > 0 && r.height > 0);"
+         "let overlaps = [];"
+         "for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {"
+         "const [a, ra] = boxes[i], [b, rb] = boxes[j];"
+         "if (a.contains(b) || b.contains(a)) continue;"
+         "const w = Math.min(ra.right, rb.right) - Math.max(ra.left, rb.left);"
+         "const h = Math.min(ra.bottom, rb.bottom) - Math.max(ra.top, rb.top);"
+         "if (w > 2 && h > 2) overlaps.push(a.innerText.slice(0, 30) + ' / ' + b.innerText.slice(0, 30)); }"
+         "document.body.setAttribute('data-images', document.images.length);"
+         "document.body.setAttribute('data-broken', broken);"
+         "document.body.setAttribute('data-markup', marks.join('|'));"
+         "document.body.setAttribute('data-first', first ? first.className : '');"
+         "document.body.setAttribute('data-overlaps', overlaps.slice(0, 5).join(' || '));});</script>")
+
+
+def _in_browser(page: Path, tmp_path: Path) -> dict[str, str]:
+    """The CHECK attributes of ``page`` loaded in headless Chromium."""
+    probe = tmp_path / f"probe-{page.name}"  # the pages are self-contained (images inline)
+    probe.write_text(page.read_text().replace("</body>", CHECK.replace("MARKS", repr(list(RAW_MARKUP))) + "</body>"))
+    browser = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,900"]
     dom = subprocess.run([*browser, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
                          capture_output=True, text=True, timeout=120, check=True).stdout
     body = re.search(r"<body([^>]*)>", dom).group(1)
-    attributes = dict(re.findall(r'data-(\w+)="([^"]*)"', body))
+    return dict(re.findall(r'data-(\w+)="([^"]*)"', body))
+
+
+@pytest.mark.skipif(_browser() is None, reason="no headless Chromium/Chrome on this machine (apt-get install chromium)")
+def test_page_in_a_headless_browser(page: Path, tmp_path: Path) -> None:
+    """Chromium loads the page; a script run after load counts broken images and raw markup in the visible text,
+    checks that the finding opens the page and that no two text boxes overlap; then a screenshot of the page."""
+    attributes = _in_browser(page, tmp_path)
     assert int(attributes["images"]) >= 5, attributes
-    assert attributes["broken"] == "0", attributes
-    assert attributes["markup"] == "", attributes
+    assert attributes["broken"] == "0" and attributes["markup"] == "", attributes
+    assert attributes["first"] == "finding" and attributes["overlaps"] == "", attributes
+    browser = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
     shot = Path(os.environ.get("BRIDGEPROBE_SCREENSHOT", tmp_path / "page.png"))
     subprocess.run([*browser, "--window-size=1200,6000", f"--screenshot={shot}", page.as_uri()],
                    capture_output=True, timeout=120, check=True)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
+
+
+@pytest.mark.skipif(_browser() is None, reason="no headless Chromium/Chrome on this machine (apt-get install chromium)")
+@pytest.mark.parametrize("kind", ["memory (tiny run)", *CHECKED_IN])
+def test_every_page_type_in_a_headless_browser(kind: str, page: Path, tmp_path: Path) -> None:
+    """The memory page and the identity pages, like the main page: images load, no raw markup, the finding
+    first, no overlapping text."""
+    path = page.parent / "memory.html" if kind == "memory (tiny run)" else CHECKED_IN[kind]
+    attributes = _in_browser(path, tmp_path)
+    assert int(attributes["images"]) >= 1 and attributes["broken"] == "0", attributes
+    assert attributes["markup"] == "" and attributes["first"] == "finding", attributes
+    assert attributes["overlaps"] == "", attributes
+
+
+@pytest.mark.skipif(_browser() is None, reason="no headless Chromium/Chrome on this machine (apt-get install chromium)")
+def test_the_browser_check_sees_overlapping_text_and_a_missing_finding(tmp_path: Path) -> None:
+    """The check can fail: a caption drawn over a paragraph, and a page that opens without its finding."""
+    bad = tmp_path / "bad.html"
+    bad.write_text("<html><body><h1>Title</h1><p>first paragraph of text</p>"
+                   "<p style='position:absolute;top:60px;left:10px'>a caption drawn over it</p>"
+                   "<p>more text</p></body></html>")
+    attributes = _in_browser(bad, tmp_path)
+    assert attributes["first"] == "" and "first paragraph" in attributes["overlaps"], attributes
 
 
 def test_docstring_markup_and_numbers_are_written_for_people() -> None:
