@@ -9,6 +9,7 @@ e.g. init scale and weight decay), its ``condition`` (``identity`` / ``no_identi
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,7 +35,8 @@ NAMES = {"ood_two_hop_acc": "OOD two-hop", "id_two_hop_acc": "ID two-hop", "one_
 
 def _label(keys: Sequence[str], values: Any) -> str:
     values = values if isinstance(values, tuple) else (values,)
-    return ", ".join(f"{k}={v}" for k, v in zip(keys, values)) or "all runs"
+    return ", ".join(f"{k.replace('_', ' ')} {v:g}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
+                     for k, v in zip(keys, values)) or "all runs"
 
 
 def comparison_table(results: pd.DataFrame, keys: Sequence[str],
@@ -310,24 +312,41 @@ def seed_band(ax: plt.Axes, rows: pd.DataFrame, column: str) -> None:
         ax.fill_between(stats.index, stats["min"], stats["max"], color=COLORS.get(condition), alpha=0.15)
 
 
+CURVE_NAMES = {"ood_two_hop_acc": "OOD two-hop accuracy", "id_two_hop_acc": "ID two-hop accuracy",
+               "one_hop_acc": "one-hop accuracy", "train_loss": "training loss", "identity_acc": "identity accuracy",
+               "train_two_hop_acc": "trained two-hop accuracy", "reverse_test_acc": "never-seen reversals",
+               "reverse_train_acc": "trained reversals", "forward_acc": "forward facts"}
+
+
+def _curve_name(column: str) -> str:
+    return CURVE_NAMES.get(column, column.removesuffix("_acc").replace("_", " ") + (" accuracy"
+                                                                                     if column.endswith("_acc") else ""))
+
+
 def learning_curves(metrics: pd.DataFrame, keys: Sequence[str], path: Path, title: str,
-                    columns: Sequence[str] = ("ood_two_hop_acc", "id_two_hop_acc", "one_hop_acc", "train_loss")) -> Path:
-    """One row of panels per configuration, one panel per metric: the mean over seeds against the step for each
-    condition, with the seeds' range as a band."""
+                    columns: Sequence[str] = ("ood_two_hop_acc", "id_two_hop_acc", "one_hop_acc", "train_loss"),
+                    chance: float | None = None) -> Path:
+    """One row of panels per configuration, one panel per metric (titled in words): the mean over seeds against
+    the step for each condition, with the seeds' range as a band; ``chance`` as a dotted line on the two-hop
+    accuracy panels."""
     groups = list(metrics.groupby(list(keys), sort=True)) if keys else [((), metrics)]
-    fig, axes = plt.subplots(len(groups), len(columns), figsize=(3.6 * len(columns), 2.8 * len(groups)),
+    fig, axes = plt.subplots(len(groups), len(columns), figsize=(3.6 * len(columns), 3.0 * len(groups)),
                              squeeze=False)
     for r, (values, group) in enumerate(groups):
         for c, column in enumerate(columns):
             ax = axes[r][c]
             seed_band(ax, group, column)
+            if chance is not None and "two_hop" in column:
+                ax.axhline(chance, color="black", linestyle=":", linewidth=1, label=f"chance ({chance:.2f})")
             if column == "train_loss":
                 ax.set_yscale("log")
-            ax.set(xlabel="step", title=column if r == 0 else None)
+            heading = _curve_name(column) + (f"\n{_label(keys, values)}" if keys else "")
+            ax.set(xlabel="step", title=heading if r == 0 or keys else None)
+            ax.title.set_fontsize(9)
             if c == 0:
-                ax.set_ylabel(_label(keys, values), fontsize=8)
+                ax.set_ylabel("accuracy (mean over seeds)" if column.endswith("_acc") else "", fontsize=8)
             if r == len(groups) - 1 and c == 0:
-                legend_below(ax, ncol=3, title="shaded: the seeds' range (min to max)", title_fontsize=7)
+                legend_below(ax, ncol=2, title="band: the seeds' range (min to max)", title_fontsize=7)
     fig.suptitle(title)
     return save_figure(fig, path)
 
@@ -386,13 +405,29 @@ def alignment_curves(alignment: pd.DataFrame, keys: Sequence[str], path: Path, t
         for c, layer in enumerate(layers):
             ax = axes[r][c]
             seed_band(ax, group[group["query_layer"] == layer], "top1")
-            ax.set(ylim=(-0.02, 1.02), xlabel="step", title=f"query layer {layer}" if r == 0 else None)
+            heading = f"query layer {layer}" + (f"\n{_label(keys, values)}" if keys else "")
+            ax.set(ylim=(-0.02, 1.02), xlabel="step", title=heading if r == 0 or keys else None)
+            ax.title.set_fontsize(9)
             if c == 0:
-                ax.set_ylabel(_label(keys, values), fontsize=8)
+                ax.set_ylabel("share nearest its own bridge", fontsize=8)
             if r == len(groups) - 1 and c == 0:
-                legend_below(ax, ncol=3, title="shaded: the seeds' range (min to max)", title_fontsize=7)
+                legend_below(ax, ncol=2, title="band: the seeds' range (min to max)", title_fontsize=7)
     fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def weight_name(name: str) -> str:
+    """A weight matrix's parameter name in words: "transformer.h.0.mlp.c_fc.weight" -> "block 0 MLP input"."""
+    parts = {"wte": "token embedding", "embed": "embedding", "unembed": "unembedding", "lm_head": "unembedding",
+             "c_fc": "MLP input", "mlp.0": "MLP input", "c_proj": "projection", "mlp.2": "MLP output",
+             "c_attn": "attention QKV"}
+    block = re.search(r"\.h\.(\d+)\.", name)
+    what = next((words for key, words in parts.items() if key in name), name.removesuffix(".weight"))
+    if block and "mlp.c_proj" in name:
+        what = "MLP output"
+    elif block and "attn.c_proj" in name:
+        what = "attention output"
+    return f"block {block.group(1)} {what}" if block else what
 
 
 def spectrum_plot(spectrum: pd.DataFrame, keys: Sequence[str], path: Path, title: str,
@@ -409,9 +444,11 @@ def spectrum_plot(spectrum: pd.DataFrame, keys: Sequence[str], path: Path, title
                 part = part.assign(norm=part["singular_value"] / largest)
                 curve = part.groupby("index")["norm"].mean()
                 ax.plot(curve.index, curve.values, color=COLORS.get(condition), label=condition)
-            ax.set(yscale="log", xlabel="index", title=weight if r == 0 else None)
+            heading = weight_name(weight) + (f"\n{_label(keys, values)}" if keys else "")
+            ax.set(yscale="log", xlabel="singular value index", title=heading if r == 0 or keys else None)
+            ax.title.set_fontsize(9)
             if c == 0:
-                ax.set_ylabel(_label(keys, values), fontsize=8)
+                ax.set_ylabel("singular value / largest", fontsize=8)
             if r == len(groups) - 1 and c == 0:
                 legend_below(ax, ncol=3)
     fig.suptitle(title)

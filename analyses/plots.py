@@ -26,16 +26,49 @@ _PROBES = {
 
 
 def legend_below(ax: plt.Axes, ncol: int = 2, **kwargs: object) -> None:
-    """The axes' legend under the plot, outside the data."""
+    """The axes' legend under the plot, outside the data and below the x-axis label."""
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=ncol, fontsize=8, frameon=False, **kwargs)
+        from matplotlib.transforms import offset_copy
+
+        # a fixed distance in points below the axes (tick labels, then the x label), whatever the axes' height
+        below = offset_copy(ax.transAxes, fig=ax.figure, y=-(34 if ax.get_xlabel() else 20), units="points")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0), bbox_transform=below, ncol=ncol, fontsize=8,
+                  frameon=False, **kwargs)
 
 
-def save_figure(fig: plt.Figure, path: Path) -> Path:
+def overlapping_text(fig: plt.Figure) -> list[tuple[str, str]]:
+    """Pairs of the figure's visible texts (titles, axis labels, tick labels' axes, legends) whose drawn boxes
+    overlap by more than a pixel: what a reader would see printed over each other."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = []
+    for ax in fig.axes:
+        for text in (ax.title, ax.xaxis.label, ax.yaxis.label):
+            if text.get_text() and text.get_visible():
+                boxes.append((text.get_text(), text.get_window_extent(renderer)))
+        legend = ax.get_legend()
+        if legend is not None:
+            boxes.append((f"legend of {ax.get_title() or 'an axes'}", legend.get_window_extent(renderer)))
+    if fig._suptitle is not None:  # noqa: SLF001 (matplotlib keeps the suptitle there)
+        boxes.append((fig._suptitle.get_text(), fig._suptitle.get_window_extent(renderer)))  # noqa: SLF001
+    found = []
+    for i, (name_a, a) in enumerate(boxes):
+        for name_b, b in boxes[i + 1:]:
+            if min(a.x1, b.x1) - max(a.x0, b.x0) > 1 and min(a.y1, b.y1) - max(a.y0, b.y0) > 1:
+                found.append((name_a, name_b))
+    return found
+
+
+def lay_out(fig: plt.Figure) -> None:
+    """The final layout of every figure: whole-number layer ticks, then matplotlib's tight layout."""
     for ax in fig.axes:
         if ax.get_xlabel() == "layer":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
+
+
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    lay_out(fig)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -30,8 +30,8 @@ from bridgeprobe.prompts.reversal import generate_reversal
 from bridgeprobe.prompts.synthetic import (SynthConfig, Splits, TwoHopTexts, generate, make_names, people, render_items,
                                            save_splits, training_texts)
 
-# Named configurations. `cpu` is the default: the grid's best cell that runs in at most 15 minutes on 2 CPU cores
-# for 5 seeds x 2 conditions (docs/identity.md: 2-layer GPT-2, untied embeddings, zero-hop identity, weight decay
+# Named configurations. `cpu` is the default: the grid's best cell, 5 seeds x 2 conditions in about 12 minutes on 2
+# quiet CPU cores and up to about 25 under load (docs/identity.md: 2-layer GPT-2, untied embeddings, zero-hop identity, weight decay
 # 1, bridge-level OOD); `gpu` a larger one for GPU hosts (not run here); `tiny` a seconds-long smoke run.
 REPRODUCE_PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"data": dict(n_subjects=100, n_bridges=20, n_objects=20, n_r1=4, n_r2=4, identity_form="zero_hop"),
@@ -111,6 +111,15 @@ def summary_text(out: Path, results: pd.DataFrame, files: Sequence[str], finding
     """The lines a finished run prints: the finding, final accuracies per condition, and the files."""
     return "\n".join([*([f"Finding: {finding}"] if finding else []), *identity_lines(results),
                       files_line(out, files, check=False)])
+
+
+def timings_text(record: dict[str, Any]) -> str:
+    """The run's timings as durations with the thread count: "train 22.5 min (1 thread)"."""
+    from bridgeprobe.analyses.page import seconds
+
+    threads = record["threads"]
+    return (", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {seconds(v)}" for k, v in record["timings"].items())
+            + f" ({threads} thread{'s' if threads != 1 else ''})")
 
 
 def reproduce_finding_of(out: Path, record: dict[str, Any]) -> str:
@@ -265,7 +274,8 @@ def reproduce_report(out: Path, record: dict[str, Any] | None = None) -> Path:
     title = f"Identity bridge from scratch: {settings['train']['model']}"
     spectrum = pd.read_csv(out / "spectrum.csv")
     figures = {
-        "curves": report.learning_curves(metrics, keys, out / "learning_curves.png", title),
+        "curves": report.learning_curves(metrics, keys, out / "learning_curves.png", title,
+                                         chance=1 / settings["data"]["n_objects"]),
         "alignment": report.alignment_curves(alignment, keys, out / "alignment.png",
                                              "Nearest bridge state is the right one (bridge layer 0; "
                                              f"{report.alignment_subset(alignment)[1]})"),
@@ -291,7 +301,7 @@ def reproduce_report(out: Path, record: dict[str, Any] | None = None) -> Path:
                     + f" (identity form: {data.get('identity_form', 'relation')})"
                     + ("" if train["model"] != "emb_mlp" else f", residual {train.get('residual', True)}"),
         "seeds": ", ".join(map(str, settings["seeds"])),
-        "timings (s)": ", ".join(f"{k} {v}" for k, v in record["timings"].items()) + f" ({record['threads']} threads)",
+        "time": timings_text(record),
         "versions": ", ".join(f"{k} {v}" for k, v in record["versions"].items()),
     }
     intro = ("Accuracies are greedy over the whole vocabulary at the last position, at the end of training "
@@ -625,7 +635,7 @@ def finetune_report(out: Path, record: dict[str, Any] | None = None) -> Path:
         "task and seeds": f"{settings['task']}; seeds {', '.join(map(str, settings['seeds']))} (each its own data, "
                           f"names and LoRA initialization)",
         "data": ", ".join(f"{k}={v}" for k, v in settings["data"].items() if k != "seed"),
-        "timings (s)": ", ".join(f"{k} {v}" for k, v in record["timings"].items()) + f" ({record['threads']} threads)",
+        "time": timings_text(record),
         "versions": ", ".join(f"{k} {v}" for k, v in record["versions"].items()),
     }
     split_text = (REVERSAL_DEFINITION if settings["task"] == "reversal" else OOD_DEFINITIONS[ood_kind(settings["data"])])

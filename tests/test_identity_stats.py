@@ -130,7 +130,8 @@ def _grid_rows(ood_without: list[float], ood_with: list[float], id_acc: float = 
         for condition, ood in (("no_identity", a), ("identity", b)):
             rows.append({"model": "gpt2", "tied": True, "residual": True, "d_model": 64, "steps": 100, "lr": 1e-3,
                          "subjects": 100, "bridges": 20, "ood": "bridge", "identity_form": "relation",
-                         "two_hop_training": True, "init_scale": 1.0, "weight_decay": 1.0, "identity_repeat": 10,
+                         "two_hop_training": True, "identity_coverage": 1.0, "init_scale": 1.0, "weight_decay": 1.0,
+                         "identity_repeat": 10,
                          "condition": condition, "seed": seed, "ood_two_hop_acc": ood, "id_two_hop_acc": id_acc,
                          "one_hop_acc": 1.0})
     return pd.DataFrame(rows)

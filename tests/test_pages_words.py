@@ -280,3 +280,46 @@ def test_the_memory_finding_states_each_decision() -> None:
     smol = memory_finding(json.loads((ROOT / "reports" / "smollm2-135m" / "memory" / "memory_summary.json").read_text()))
     assert "two-hop prompt), not decided (cross-patching holds at layers 3-22" in smol and "about 107,765 items" in smol
     assert "preview" not in smol  # the full analysis is no preview
+
+
+def test_identity_plots_read_in_words_with_chance_and_nothing_printed_over_anything(monkeypatch) -> None:
+    """The reproduce page's figures, built from the checked-in run: panel titles in words (no column or parameter
+    names), a chance line on the OOD panel, and no text box (title, label, legend) drawn over another."""
+    from bridgeprobe.analyses import identity_report
+    from bridgeprobe.analyses.plots import lay_out, overlapping_text
+    from bridgeprobe.probes.identity import reproduce_report
+
+    figures = []
+
+    def keep(fig, path):  # save_figure without the file: the same layout
+        lay_out(fig)
+        figures.append((path.name, fig))
+        return path
+
+    monkeypatch.setattr(identity_report, "save_figure", keep)
+    out = ROOT / "reports" / "identity" / "reproduce"
+    monkeypatch.setattr(identity_report, "atomic_write", lambda *a, **k: None)  # no page written over the report
+    monkeypatch.setattr("bridgeprobe.probes.identity.atomic_write", lambda *a, **k: None)
+    monkeypatch.setattr("bridgeprobe.probes.identity.atomic_write_csv", lambda *a, **k: None)
+    reproduce_report(out)
+    assert {name for name, _ in figures} >= {"learning_curves.png", "spectrum.png", "alignment.png"}
+    for name, fig in figures:
+        titles = [ax.get_title() for ax in fig.axes]
+        assert not [t for t in titles if "_acc" in t or ".weight" in t or "transformer." in t], (name, titles)
+        assert overlapping_text(fig) == [], (name, overlapping_text(fig))
+    curves = dict(figures)["learning_curves.png"]
+    ood = next(ax for ax in curves.axes if ax.get_title().startswith("OOD two-hop"))
+    assert any(line.get_linestyle() == ":" and line.get_ydata()[0] == pytest.approx(0.05) for line in ood.lines)
+
+
+def test_overlapping_text_sees_a_legend_over_a_label() -> None:
+    import matplotlib.pyplot as plt
+
+    from bridgeprobe.analyses.plots import overlapping_text
+
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot([0, 1], [0, 1], label="a long legend entry")
+    ax.set_xlabel("step")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.05))  # where the x label is
+    assert overlapping_text(fig)
+    plt.close(fig)

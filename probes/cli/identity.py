@@ -97,7 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "seeds), learning-curve PNGs, index.html and run.json; the splits of each seed under DIR/data/. "
                     "A killed run resumes from its last checkpoint when rerun with the same arguments.")
     reproduce.add_argument("--preset", choices=sorted(REPRODUCE_PRESETS), default="cpu",
-                           help="named configuration (default cpu: at most 15 min on 2 CPU cores); flags override it")
+                           help="named configuration (default cpu: about 12 min on 2 quiet CPU cores, up to about 25 under "
+                                "load); flags override it")
     reproduce.add_argument("--model", choices=("gpt2", "emb_mlp"), help="GPT-2 from a GPT2Config, or the Emb-MLP")
     reproduce.add_argument("--seeds", type=non_negative_int, nargs="+",
                            help="seeds (data and init; default: the preset's, 0-4 for cpu)")
