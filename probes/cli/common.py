@@ -25,7 +25,8 @@ def model_args(parser: argparse.ArgumentParser, default_model: str | None) -> No
     """The --model ... --trust-remote-code flags."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=default_model, required=default_model is None,
-                       help=f"embedded alias, local directory, .gguf file or hub name (default: {default_model})")
+                       help="embedded alias, local directory, .gguf file or hub name"
+                            + (f" (default: {default_model})" if default_model else " (required)"))
     group.add_argument("--backend", choices=BACKENDS, default="native",
                        help="hooks: plain PyTorch hooks on the HF modules (default) or TransformerLens TransformerBridge")
     group.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights dtype (default float32)")
