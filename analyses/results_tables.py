@@ -211,21 +211,23 @@ def dose_table(reports: Path = ROOT / "reports") -> str:
     no-identity models' contrast on the same draw is the placebo."""
     table = _scratch(reports, "coverage.csv")
     lines = ["| identity for | OOD accuracy | through covered bridges | through uncovered | covered − uncovered, "
-             "over seeds [95% t] | sign-flip p | placebo (no identity) |", "|---|---|---|---|---|---|---|"]
+             "over seeds [95% t] | sign-flip p | placebo (no identity) | identity's contrast − placebo's [95% t] | "
+             "sign-flip p |", "|---|---|---|---|---|---|---|---|---|"]
     dose = table[(table["weight_decay"] == 1.0) & (table["init_scale"] == 1.0)
                  & ~table["cell"].str.contains("one_hop_only")]
     for coverage, part in dose.groupby("identity_coverage", sort=True):
         rows = {r["condition"]: r for r in part.to_dict("records")}
         if coverage == 1.0 and "no_identity" in rows:
             none = rows["no_identity"]
-            lines.append(f"| none (no identity) | {none['ood acc']:.2f} | – | – | – | – | – |")
+            lines.append(f"| none (no identity) | {none['ood acc']:.2f} | – | – | – | – | – | – | – |")
         row = rows["identity"]
         partial = "contrast" in row and not pd.isna(row.get("contrast"))
         placebo = rows.get("no_identity")
         lines.append(f"| {coverage:.0%} of the bridges | {row['ood acc']:.2f} | {row['covered acc']:.2f} | "
                      + (f"{row['uncovered acc']:.2f} | {_interval(row, 'contrast')} | "
-                        f"{p_number(row['contrast signflip p'])} | {_interval(placebo, 'contrast')} |" if partial
-                        else "– | – | – | – |"))
+                        f"{p_number(row['contrast signflip p'])} | {_interval(placebo, 'contrast')} | "
+                        f"{_interval(row, 'did')} | {p_number(row['did signflip p'])} |" if partial
+                        else "– | – | – | – | – | – |"))
     return "\n".join(lines) + "\n"
 
 

@@ -32,9 +32,13 @@ def _over_seeds(per_seed: pd.Series, prefix: str) -> dict[str, Any]:
 def coverage_table(items: pd.DataFrame) -> pd.DataFrame:
     """Per cell and condition: OOD two-hop accuracy (mean over seeds), accuracy through covered and through
     uncovered bridges, and their within-model contrast (covered minus uncovered, per seed, then over seeds). The
-    no-identity rows carry the same draw of covered bridges: their contrast is a placebo (expected 0)."""
+    no-identity rows carry the same draw of covered bridges: their contrast is a placebo (expected 0 on average;
+    in one draw the covered bridges may be easier or harder). The identity rows also carry the difference in
+    differences: per seed, the identity model's contrast minus the no-identity model's on the same items, which
+    removes how hard the drawn bridges happen to be."""
     rows = []
     keys = [k for k in MODEL_KEYS if k in items]
+    contrasts: dict[tuple, pd.Series] = {}
     for values, part in items.groupby([*keys, "condition"], sort=True, dropna=False):
         row = dict(zip([*keys, "condition"], values))
         per_seed = part.groupby("seed")["correct"].mean()
@@ -43,8 +47,14 @@ def coverage_table(items: pd.DataFrame) -> pd.DataFrame:
                     "covered acc": float(by_cover[True].mean()) if True in by_cover else np.nan,
                     "uncovered acc": float(by_cover[False].mean()) if False in by_cover else np.nan})
         if True in by_cover and False in by_cover:
-            row.update(_over_seeds((by_cover[True] - by_cover[False]).dropna(), "contrast"))
+            contrasts[values] = (by_cover[True] - by_cover[False]).dropna()
+            row.update(_over_seeds(contrasts[values], "contrast"))
         rows.append(row)
+    for row in rows:
+        cell = tuple(row[k] for k in keys)
+        mine, placebo = contrasts.get((*cell, "identity")), contrasts.get((*cell, "no_identity"))
+        if row["condition"] == "identity" and mine is not None and placebo is not None:
+            row.update(_over_seeds((mine - placebo).dropna(), "did"))
     return pd.DataFrame(rows)
 
 
@@ -75,6 +85,10 @@ def _ci(row: pd.Series, prefix: str) -> str:
     return f"{row[prefix]:+.3f} [{row[f'{prefix} ci_low']:+.3f}, {row[f'{prefix} ci_high']:+.3f}]"
 
 
+def _text(value: Any) -> str:
+    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+
+
 def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -82,11 +96,13 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def coverage_markdown(table: pd.DataFrame) -> str:
     header = ("cell", "coverage", "condition", "seeds", "OOD acc", "covered", "uncovered",
-              "covered - uncovered [95% t, seeds]", "sign-flip p", "seeds > 0")
+              "covered - uncovered [95% t, seeds]", "sign-flip p", "seeds > 0",
+              "minus the no-identity model's [95% t, seeds]", "sign-flip p")
     rows = [(str(r["cell"]), f"{r['identity_coverage']:g}", r["condition"], str(r["seeds"]), f"{r['ood acc']:.3f}",
              "–" if pd.isna(r["covered acc"]) else f"{r['covered acc']:.3f}",
              "–" if pd.isna(r["uncovered acc"]) else f"{r['uncovered acc']:.3f}", _ci(r, "contrast"),
-             p_number(r.get("contrast signflip p")), str(r.get("contrast seeds above 0", "–")))
+             p_number(r.get("contrast signflip p")), _text(r.get("contrast seeds above 0")), _ci(r, "did"),
+             p_number(r.get("did signflip p")))
             for _, r in table.iterrows()]
     return _markdown(header, rows)
 
@@ -110,11 +126,12 @@ def finding_lines(coverage: pd.DataFrame, patch: pd.DataFrame, n_layers: int | N
     partial = coverage[(coverage["condition"] == "identity") & coverage["contrast"].notna()] \
         if "contrast" in coverage else coverage.iloc[0:0]
     for _, r in partial.iterrows():
-        lines.append(f"{r['cell']} (identity for {r['identity_coverage']:.0%} of the bridges): OOD accuracy through "
-                     f"covered bridges minus uncovered {_ci(r, 'contrast')} over {r['seeds']} seeds "
-                     f"(sign-flip p = {p_number(r['contrast signflip p'])}); the placebo in the no-identity models: "
-                     + _ci(coverage[(coverage['cell'] == r['cell']) & (coverage['condition'] == 'no_identity')]
-                           .iloc[0], "contrast") + ".")
+        placebo = coverage[(coverage["cell"] == r["cell"]) & (coverage["condition"] == "no_identity")].iloc[0]
+        lines.append(f"{r['cell']} (identity for {r['identity_coverage']:.0%} of the bridges): OOD accuracy "
+                     f"{r['ood acc']:.2f}; through covered bridges minus uncovered {_ci(r, 'contrast')} over "
+                     f"{r['seeds']} seeds (sign-flip p = {p_number(r['contrast signflip p'])}); the same draw in the "
+                     f"no-identity models (placebo) {_ci(placebo, 'contrast')}; identity's contrast minus the "
+                     f"placebo's, seed by seed, {_ci(r, 'did')} (p = {p_number(r.get('did signflip p'))}).")
     if n_layers is not None and len(patch):
         key = patch[(patch["split"] == "ood_test") & (patch["source_layer"] == n_layers) & (patch["target_layer"] == 0)]
         for _, r in key.iterrows():

@@ -130,6 +130,13 @@ def test_seed_level_tables_equal_scipy() -> None:
         assert (table.loc[condition, "contrast ci_low"], table.loc[condition, "contrast ci_high"]) == \
             pytest.approx((low, high))
         assert table.loc[condition, "ood acc"] == pytest.approx(part.groupby("seed")["correct"].mean().mean())
+    per = items.groupby(["condition", "seed", "covered"])["correct"].mean().unstack()
+    contrast = per[True] - per[False]
+    did = (contrast["identity"] - contrast["no_identity"]).to_numpy()
+    assert table.loc["identity", "did"] == pytest.approx(did.mean())
+    assert table.loc["identity", "did ci_low"] == pytest.approx(
+        stats.t.interval(0.95, len(did) - 1, loc=did.mean(), scale=stats.sem(did))[0])
+    assert pd.isna(table.loc["no_identity"].get("did"))  # the placebo has no placebo
     patch = pd.DataFrame([{"cell": "c", "condition": c, "seed": s, "split": "ood_test", "source_layer": 2,
                            "target_layer": 0, "items": 10, "transfer": 0.1 * s + (0.2 if c == "identity" else 0),
                            "own": 0.5} for s in range(4) for c in ("no_identity", "identity")])
