@@ -215,11 +215,11 @@ def dose_table(reports: Path = ROOT / "reports") -> str:
              "sign-flip p |", "|---|---|---|---|---|---|---|---|---|"]
     dose = table[(table["weight_decay"] == 1.0) & (table["init_scale"] == 1.0)
                  & ~table["cell"].str.contains("one_hop_only")]
+    none = dose[(dose["identity_coverage"] == 1.0) & (dose["condition"] == "no_identity")]
+    for row in none.to_dict("records"):  # coverage 0: the no-identity models (the same in every cell)
+        lines.append(f"| none (no identity) | {row['ood acc']:.2f} | – | – | – | – | – | – | – |")
     for coverage, part in dose.groupby("identity_coverage", sort=True):
         rows = {r["condition"]: r for r in part.to_dict("records")}
-        if coverage == 1.0 and "no_identity" in rows:
-            none = rows["no_identity"]
-            lines.append(f"| none (no identity) | {none['ood acc']:.2f} | – | – | – | – | – | – | – |")
         row = rows["identity"]
         partial = "contrast" in row and not pd.isna(row.get("contrast"))
         placebo = rows.get("no_identity")
