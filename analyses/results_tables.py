@@ -56,7 +56,12 @@ def _lens_row(label: str, model: str, summary: dict[str, Any], items: str) -> st
     best_text = "none" if best is None else (
         f"{best}{', the last' if best == n_layers - 1 else ''}: {_points(diff, 'best_layer_top10_difference', False)}"
         f" (n = {diff['best_layer_top10_difference_n']})")
-    return (f"| {label} | {model} ({n_layers} layers) | {items} | {_rate(acc, 'two_hop')} / {_pct(acc['hop1'])} / "
+    made = summary.get("provenance") or {}
+    weights = f"{made.get('weights_format', '?')}, {made.get('device', '?')}"
+    hashes = ", ".join(made.get("prompts_sha256") or [])
+    label = f"{label} (sha256 {hashes})" if hashes else label
+    return (f"| {label} | {model} ({n_layers} layers; {weights}) | {items} | {_rate(acc, 'two_hop')} / "
+            f"{_pct(acc['hop1'])} / "
             f"{_pct(acc['hop2'])} | {_rate(bridge, 'top10_any_layer')} ({_pct(bridge['top1_any_layer'])}) | "
             f"{_rate(control, 'top10_any_layer')} ({_pct(control['top1_any_layer'])}) | "
             f"{_points(diff, 'top10_any_layer')}, sign test {p_value(diff['top10_any_layer_sign_test_p'])} | "
@@ -65,7 +70,8 @@ def _lens_row(label: str, model: str, summary: dict[str, Any], items: str) -> st
 
 
 def lens_table(reports: Path = ROOT / "reports") -> str:
-    """The README's lens table: the bundled curated set and Hopping Too Late, both embedded models."""
+    """The README's lens table: the bundled curated set and Hopping Too Late, both embedded models, each row with
+    the provenance its summary recorded (the prompt files' hashes, the weights' format and the device)."""
     lines = ["| set | model | items | two-hop / hop 1 / hop 2 accuracy | bridge in top 10 at some layer (top 1) | "
              "matched control, same statistic | bridge − control, paired | best layer over the control | "
              "median bridge rank, layer 0 → middle → last |", "|---|---|---|---|---|---|---|---|---|"]
