@@ -315,6 +315,15 @@ def _choose_other_relation(plan: Plan, receivers: list[Encoded], by_bridge_relat
     plan.d, plan.e = rng.choice(pool)
 
 
+def other_relation_candidates(items: Sequence[PromptItem], analysed: Sequence[PromptItem]) -> int:
+    """How many of the ``analysed`` items have their bridge in ``items`` under another second relation: the most
+    the other-relation test can use (before tokenization; :func:`_choose_other_relation` may drop a few more)."""
+    relations: dict[str, set[str | None]] = defaultdict(set)
+    for item in items:
+        relations[item.bridge].add(item.r2)
+    return sum(1 for item in analysed if item.r2 and len(relations[item.bridge] - {item.r2}) > 0)
+
+
 # --------------------------------------------------------------------------------------------------- config
 
 

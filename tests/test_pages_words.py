@@ -323,3 +323,18 @@ def test_overlapping_text_sees_a_legend_over_a_label() -> None:
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.05))  # where the x label is
     assert overlapping_text(fig)
     plt.close(fig)
+
+
+def test_memory_warns_before_a_run_that_cannot_decide(capsys) -> None:
+    from bridgeprobe.probes.cli.memory import warn_undecidable
+    from bridgeprobe.prompts.loaders import load_prompts
+
+    items = load_prompts("curated")
+    lonely = [i for i in items if sum(j.bridge == i.bridge for j in items) == 1][:6]  # bridges seen once
+    warn_undecidable(lonely, MemoryConfig())
+    assert "other-relation test has no items and the statement cannot be a band" in capsys.readouterr().err
+    warn_undecidable(items, MemoryConfig(n_items=24))
+    err = capsys.readouterr().err
+    assert "warning: 24 items (" in err and "take it as a preview" in err
+    warn_undecidable(items, MemoryConfig())
+    assert capsys.readouterr().err == ""  # the whole curated set: enough items

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -145,10 +146,34 @@ def memory_job(args: argparse.Namespace) -> Path:
     config = memory_config(args)
     check_options(args)
     items = load_items(args, limit=args.limit)
+    warn_undecidable(items, config)
     options = model_options(args)
     with run_directory(args.out, fingerprint(args, "memory", **config.settings()), overwrite=args.overwrite,
                        recompute=args.recompute) as run:
         return _memory_run(args, config, items, options, run)
+
+
+FEW_ITEMS = 90  # the full SmolLM2 analysis decided at the last token with 94-115 items per test
+
+
+def warn_undecidable(items: list[PromptItem], config: MemoryConfig) -> None:
+    """Before loading: say on stderr when the run cannot decide (no item for the other-relation test) or likely
+    cannot (fewer than :data:`FEW_ITEMS` per test), with what would help."""
+    from bridgeprobe.probes.memory import other_relation_candidates
+    from bridgeprobe.prompts.sampling import sample_items
+
+    analysed = sample_items(items, config.n_items, seed=config.seed)
+    if "crosspatch" not in config.analyses:
+        return
+    other = other_relation_candidates(items, analysed)
+    if other == 0:
+        print(f"warning: none of the {len(analysed)} items has its bridge under another relation in the set, so the "
+              "other-relation test has no items and the statement cannot be a band; use more items (--items, "
+              "--limit) or a set whose bridges recur under several relations (the curated set)", file=sys.stderr)
+    elif min(other, len(analysed)) < FEW_ITEMS:
+        print(f"warning: {len(analysed)} items ({other} for the other-relation test): the full SmolLM2 analysis "
+              "decided at the last token with 94-115 items per test, so this run will likely say 'not decided'; "
+              "take it as a preview", file=sys.stderr)
 
 
 def _memory_run(args: argparse.Namespace, config: MemoryConfig, items: list[PromptItem], options: ModelOptions,
