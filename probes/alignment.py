@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -183,7 +184,7 @@ def alignment_rows(hooked: HookedModel, plans: Sequence[Any], encoded: dict[str,
              _dataset_row("n_train_explicit", len(template_prompts) + len(hop2_in_classes))]
     ok_explicit, ok_templates = typical(explicit_all), typical(templates)
     ok_latent = {pos: typical(states) for pos, (_, states) in latent.items()}
-    for layer in range(hooked.n_layers):
+    for layer in tqdm(range(hooked.n_layers), desc="memory: alignment probes", unit="layer", leave=False):
         rows += [_dataset_row("n_massive", float((~ok_explicit[:, layer]).sum() + (~ok_templates[:, layer]).sum()
                                                  + sum((~ok[:, layer]).sum() for ok in ok_latent.values())), layer)]
         train = ok_templates[:, layer]

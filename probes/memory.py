@@ -620,12 +620,14 @@ def run_memory(hooked: HookedModel, items: Sequence[PromptItem], out_dir: Path, 
                         rows += lens_rows(hooked, plan, sources)
                 ran.append((plan, sources))
                 rows += item_rows(plan, group, sources)
+                bar.update(1)  # per item; the chunk's decoding runs after its items
             if "decoding" in wanted:
+                bar.set_postfix_str("decoding the chunk")
                 with _timed(timings, "decoding_s"):
                     rows += decoding_rows(hooked, [(p, s) for p, s in ran if p.maps], prompt_ids, placeholder,
                                           cells["decoding"], config.method)
             commit(rows)
-            bar.update(len(chunk))
+            bar.set_postfix_str("")
     if "alignment" in wanted and not alignment_done and shards.is_main:
         with _timed(timings, "alignment_s"):
             rows = alignment_rows(hooked, plans, encoded, seed=config.seed)

@@ -55,8 +55,9 @@ def memory_flags(parser: argparse.ArgumentParser, prefix: str = "", *, items: in
     group = parser.add_argument_group("memory analyses")
     skip = "; 0 skips the section" if prefix else ""
     group.add_argument(f"--{prefix}items", type=_count, default=items, metavar="N|all",
-                       help="analyse this many items, taken round-robin over the relation compositions "
-                            f"(default: {'all' if items is None else items}{skip})")
+                       help="analyse this many of the loaded items, taken round-robin over the relation "
+                            "compositions; every loaded item (--limit chooses those) still serves as a partner or "
+                            f"control (default: {'all' if items is None else items}{skip})")
     group.add_argument(f"--{prefix}map-items", type=_count, default=map_items, metavar="N|all",
                        help="of those, this many (round-robin again) get the cross-patch maps and the decoding, the "
                             "costly analyses; back-patching and the alignment use all analysed items "
@@ -190,6 +191,7 @@ def _memory_run(args: argparse.Namespace, config: MemoryConfig, items: list[Prom
     record["fingerprint"] = run.fingerprint  # for the pages' provenance (run.finish writes the same)
     from bridgeprobe.analyses.memory_report import write_memory_outputs
 
+    print("memory: writing the tables, plots and page", file=sys.stderr)
     with timer.section("report_s"):
         summary = write_memory_outputs(done.frame, args.out, record)
     lines = [f"{args.model}: shared-memory analyses ({', '.join(config.analyses)}) on {done.info['n_items']} items "
