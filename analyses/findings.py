@@ -83,9 +83,11 @@ def reproduce_finding(table: Any, chance: float, labels: Sequence[str] = ()) -> 
         sentences.append(
             f"{prefix}With identity supervision OOD two-hop accuracy is {row[f'{ood} identity mean']:.2f} against "
             f"{row[f'{ood} no_identity mean']:.2f} without (chance {chance:.2f}): {verdict}, difference {interval} "
-            f"over {_seeds(row['seeds'])}, identity higher in {row[f'{ood} identity higher']} (one-sided sign-flip "
-            f"p = {p_number(row[f'{ood} signflip p'])}); in-distribution two-hop {row[f'{idd} no_identity mean']:.2f} "
-            f"without, {row[f'{idd} identity mean']:.2f} with.")
+            f"over {_seeds(row['seeds'])}, identity higher in {row[f'{ood} identity higher']}"
+            + (f" (one-sided sign-flip p = {p_number(row[f'{ood} signflip p'])})"
+               if row[f"{ood} signflip p"] == row[f"{ood} signflip p"] else "")
+            + f"; in-distribution two-hop {row[f'{idd} no_identity mean']:.2f} without, "
+            f"{row[f'{idd} identity mean']:.2f} with.")
     return " ".join(sentences)
 
 

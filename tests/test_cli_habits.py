@@ -128,7 +128,8 @@ def test_synth_and_reproduce_summaries(tmp_path: Path, capsys, one_thread) -> No
     assert main(["reproduce", "--preset", "tiny", "--seeds", "0", "--steps", "10", "--out", str(grid)]) == 0
     lines = _summary(capsys)
     results = pd.read_csv(grid / "results.csv").set_index("condition")
-    assert lines[:2] == [f"{c}: OOD two-hop accuracy {results.loc[c, 'ood_two_hop_acc']:.1%}, ID two-hop "
+    assert lines[0].startswith("Finding: With identity supervision OOD two-hop accuracy is ")
+    assert lines[1:3] == [f"{c}: OOD two-hop accuracy {results.loc[c, 'ood_two_hop_acc']:.1%}, ID two-hop "
                          f"{results.loc[c, 'id_two_hop_acc']:.1%}, one-hop {results.loc[c, 'one_hop_acc']:.1%}"
                          for c in ("no_identity", "identity")]
     assert lines[-1].startswith(f"Files in {grid}/: index.html, results.csv")
