@@ -87,9 +87,10 @@ def _html(summary: dict[str, Any], layers: pd.DataFrame, prompts: pd.DataFrame, 
         "", [Figure(figures[2], "The bridge's rank on each two-hop prompt (rows) at each layer (columns); bright = "
                                 "readable. Rows are grouped by outcome (white lines separate the groups, labelled on "
                                 "the left with their size), then ordered by the layer where the bridge peaks.")])
+    best = _examples(frame, prompts)
     examples = Section(
-        "Where the bridge surfaces best", _examples_note(prompts),
-        table(_examples(frame, prompts), {"bridge_best_rank": count, "bridge_peak_layer": count,
+        "Where the bridge surfaces best", _examples_note(prompts, best),
+        table(best, {"bridge_best_rank": count, "bridge_peak_layer": count,
                                            "control_best_rank": count, "contrast_peak_layer": count,
                                            "answer_final_rank": count}))
     two_hop = layers[layers["prompt_kind"] == "two_hop"].pivot(
@@ -189,14 +190,22 @@ def _difference(values: dict[str, Any], key: str, with_n: bool = True) -> str:
     return interval(values, key, points, with_n=with_n, bounds=signed_points)
 
 
-def _examples_note(prompts: pd.DataFrame) -> str:
-    """What the "surfaces best" table ranks by and what it leaves out."""
+def _examples_note(prompts: pd.DataFrame, best: pd.DataFrame) -> str:
+    """What the "surfaces best" table ranks by, what it leaves out, and how many distinct bridges it shows (a few
+    frequent bridges can fill it)."""
     left_out = int(prompts["bridge_is_output"].sum())
+    counts = best["bridge"].value_counts()
+    repeated = ", ".join(f"{bridge} ×{n}" for bridge, n in counts.items() if n > 1)
+    crowded = len(counts) <= 2 * len(best) / 3  # a third of the rows or more repeat a bridge
+    distinct = (f" Its {len(best)} rows name {len(counts)} distinct bridges"
+                + (f" ({repeated})" if repeated else "")
+                + (": a few bridges the lens reads well fill much of it, so it shows where the lens works best, "
+                   "not a typical prompt." if crowded else "."))
     how = ("ranked by how far the bridge is ahead of its matched control (contrast: log10(control rank + 1) - "
            "log10(bridge rank + 1) at the layer where it is largest)" if "contrast_at_peak" in prompts else
            "ranked by the bridge's best rank (no control measured: a best rank has no chance level here)")
     return (f"Prompts {how}; {left_out} prompt{'s' if left_out != 1 else ''} whose bridge is the model's own output "
-            f"at the last layer left out.")
+            f"at the last layer left out.{distinct}")
 
 
 def _examples(frame: pd.DataFrame, prompts: pd.DataFrame, n: int = 12) -> pd.DataFrame:

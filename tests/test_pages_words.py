@@ -338,3 +338,14 @@ def test_memory_warns_before_a_run_that_cannot_decide(capsys) -> None:
     assert "warning: 24 items (" in err and "take it as a preview" in err
     warn_undecidable(items, MemoryConfig())
     assert capsys.readouterr().err == ""  # the whole curated set: enough items
+
+
+def test_the_surfaces_best_table_says_how_many_bridges_it_shows() -> None:
+    from bridgeprobe.analyses.report import _examples_note
+
+    prompts = pd.DataFrame({"bridge_is_output": [False] * 12, "contrast_at_peak": [1.0] * 12})
+    crowded = pd.DataFrame({"bridge": ["United States"] * 4 + ["China"] * 3 + list("abcde")})
+    note = _examples_note(prompts, crowded)
+    assert "12 rows name 7 distinct bridges (United States ×4, China ×3): a few bridges" in note
+    varied = pd.DataFrame({"bridge": ["India"] * 2 + list("abcdefghij")})
+    assert "12 rows name 11 distinct bridges (India ×2)." in _examples_note(prompts, varied)
