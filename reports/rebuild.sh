@@ -52,7 +52,6 @@ for group in "${groups[@]}"; do
       run reproduce $G --tied --identity-form zero_hop --out $g/gpt2-tied-zero_hop
       run reproduce $G --untied --identity-form relation --out $g/gpt2-untied-relation
       run reproduce --seeds 0 1 2 --init-scales 1.0 0.3 --identity-repeats 50 --out $g/gpt2-untied-zero_hop-knobs
-      run reproduce --seeds 0 1 2 --ood relation_pair --out $g/gpt2-untied-zero_hop-relation_pair
       run reproduce $E --tied --identity-form zero_hop --out $g/emb-res-tied-zero_hop
       run reproduce $E --untied --identity-form zero_hop --out $g/emb-res-untied-zero_hop
       run reproduce $E --tied --no-residual --identity-form zero_hop --out $g/emb-nores-tied-zero_hop
@@ -87,6 +86,7 @@ for group in "${groups[@]}"; do
       # the dose (OOD accuracy through covered vs uncovered bridges) and the paper's Sec. 4.1 cross-prompt patch
       bridgeprobe scratch-analysis $g/*relation_pair-wd* $g/*one_hop_only* --out reports/identity/scratch-analysis \
         ${flags[@]+"${flags[@]}"}
+      gzip -9 -n -f reports/identity/scratch-analysis/ood_items.csv  # 4 MB of per-query rows, kept compressed
       # Ma et al.'s reversal control as they ran it: full fine-tuning on their 100 pairs, three training sets. About
       # 40 h each on 2 CPU cores, minutes on a GPU: set DEVICE=cuda on a GPU host.
       for form in forward idn ocr; do

@@ -94,3 +94,48 @@ def _lens_prose() -> list[str]:
 def test_readme_lens_prose_quotes_the_summaries(quoted: str) -> None:
     text = re.sub(r"\s+", " ", _text(ROOT / "README.md"))
     assert re.sub(r"\s+", " ", quoted) in text
+
+
+def _cell(knobs: dict) -> dict:
+    grid = pd.read_csv(ROOT / "reports" / "identity" / "grid" / "grid.csv")
+    rows = grid[(grid["ood"] == "relation_pair") & (grid["seeds"] == 5)]
+    for column, value in knobs.items():
+        rows = rows[rows[column] == value]
+    assert len(rows) == 1, knobs
+    return rows.iloc[0].to_dict()
+
+
+def _ood(row: dict) -> str:
+    return f"{row['ood_two_hop_acc no_identity mean']:.2f} → {row['ood_two_hop_acc identity mean']:.2f}"
+
+
+def _identity_prose() -> list[tuple[str, str]]:
+    """(page, figure) the identity prose quotes, formatted from grid.csv and reports/identity/scratch-analysis/."""
+    wd0 = _cell({"weight_decay": 0.0, "init_scale": 1.0, "two_hop_training": True, "identity_coverage": 1.0})
+    wd1 = _cell({"weight_decay": 1.0, "init_scale": 1.0, "two_hop_training": True, "identity_coverage": 1.0})
+    one_hop = _cell({"weight_decay": 1.0, "init_scale": 1.0, "two_hop_training": False})
+    half = _cell({"weight_decay": 1.0, "init_scale": 1.0, "identity_coverage": 0.5})
+    patch = pd.read_csv(ROOT / "reports" / "identity" / "scratch-analysis" / "crosspatch_summary.csv")
+    paper = patch[(patch["split"] == "ood_test") & (patch["source_layer"] == 2) & (patch["target_layer"] == 0)]
+    transfer = {(r["weight_decay"], "one_hop_only" in r["cell"], r["identity_coverage"]):
+                f"{r['transfer no_identity']:.2f} → {r['transfer identity']:.2f}" for r in paper.to_dict("records")}
+
+    def delta(row: dict) -> str:
+        return (f"{row['ood_two_hop_acc delta mean']:+.2f} [{row['ood_two_hop_acc delta ci_low']:+.2f}, "
+                f"{row['ood_two_hop_acc delta ci_high']:+.2f}]").replace("-", "−")
+
+    docs = [f"weight decay 0: {_ood(wd0)}, {delta(wd0)}, {wd0['ood_two_hop_acc identity higher']} seeds higher",
+            f"weight decay 1: {_ood(wd1)}, {delta(wd1)}, {wd1['ood_two_hop_acc identity higher']}",
+            f"weight decay 0: {transfer[(0.0, False, 1.0)]}", f"weight decay 1: {transfer[(1.0, False, 1.0)]}",
+            f"one-hop only: {transfer[(1.0, True, 1.0)]}", f"{_ood(one_hop)}, {delta(one_hop)}",
+            f"→ {half['ood_two_hop_acc identity mean']:.2f} (half the bridges)"]
+    readme = [f"{_ood(wd0)} at weight decay 0", f"{_ood(wd1)} at weight decay 1",
+              f"{transfer[(0.0, False, 1.0)].replace('0.', '').replace(' → ', '% → ')}% of items",
+              f"({half['ood_two_hop_acc identity mean']:.2f})"]
+    return [("docs/identity.md", q) for q in docs] + [("README.md", q) for q in readme]
+
+
+@pytest.mark.parametrize("page,quoted", _identity_prose())
+def test_identity_prose_quotes_the_grid_and_the_analyses(page: str, quoted: str) -> None:
+    text = re.sub(r"\s+", " ", _text(ROOT / page))
+    assert re.sub(r"\s+", " ", quoted) in text
