@@ -447,6 +447,7 @@ def scratch_analysis_job(args: argparse.Namespace) -> Path:
     """Check the runs (before any model is built), lock OUT with a fingerprint of their records, run
     :func:`probes.scratch_analysis.analyse_run` on each and write the tables of :mod:`analyses.scratch_report`."""
     import pandas as pd
+    from tqdm.auto import tqdm
 
     from bridgeprobe.analyses import scratch_report as report
     from bridgeprobe.probes.identity import reproduce_runs
@@ -454,16 +455,17 @@ def scratch_analysis_job(args: argparse.Namespace) -> Path:
     from bridgeprobe.probes.rundir import RunDirError, file_sha256, run_directory
     from bridgeprobe.probes.scratch_analysis import analyse_run
 
+    empty = [str(path) for path in args.runs if not reproduce_runs([path])]
+    if empty:
+        raise RunDirError(f"no finished reproduce run in {', '.join(empty)}")
     runs = list(dict.fromkeys(reproduce_runs(args.runs)))
-    if len(runs) != len(args.runs):
-        raise RunDirError(f"not every one of {', '.join(map(str, args.runs))} is a finished reproduce run directory")
     for run in runs:
         if not (run / "checkpoints").is_dir():
             raise RunDirError(f"{run}/checkpoints is missing: rerun its reproduce command with --keep-checkpoints")
     found = fingerprint(args, args.command, runs={str(r): file_sha256(r / "run.json") for r in runs},
                         items=args.items)
     with run_directory(args.out, found, overwrite=args.overwrite, recompute=args.recompute) as directory:
-        tables = [analyse_run(run, args.items) for run in tqdm_runs(runs)]
+        tables = [analyse_run(run, args.items) for run in tqdm(runs, desc="scratch-analysis", unit="run dir")]
         items = pd.concat([t[0] for t in tables], ignore_index=True)
         patch = pd.concat([t[1] for t in tables], ignore_index=True)
         coverage, patch_summary = report.coverage_table(items), report.patch_table(patch)
@@ -484,13 +486,6 @@ def scratch_analysis_job(args: argparse.Namespace) -> Path:
                          summary)
     print(summary)
     return args.out
-
-
-def tqdm_runs(runs: list[Path]) -> Any:
-    """A progress bar over run directories."""
-    from tqdm.auto import tqdm
-
-    return tqdm(runs, desc="scratch-analysis", unit="run dir")
 
 
 def finetune_report_job(args: argparse.Namespace) -> Path:
