@@ -18,6 +18,7 @@ from bridgeprobe.probes.cli.common import (EPILOG, RUNS, check_options, fingerpr
 from bridgeprobe.probes.identity import (FINETUNE_DATA, GRID_FILES, REPRODUCE_PRESETS, finetune, reproduce, write_grid,
                                         write_synth)
 from bridgeprobe.probes.models import DEFAULT_MODEL
+from bridgeprobe.prompts.couples import FORMS as COUPLE_FORMS
 from bridgeprobe.prompts.reversal import IDENTITY_OF, RELATIONS, ReversalConfig
 from bridgeprobe.prompts.synthetic import IDENTITY_FORMS, OOD_KINDS, SynthConfig
 
@@ -160,7 +161,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(2,500 steps of a 135M model at batch 30) takes about 40 hours on 2 CPU cores and minutes on "
                     "a GPU; run it on a GPU host (--device cuda).", epilog=EPILOG)
     model_args(sft, DEFAULT_MODEL)
-    sft.add_argument("--form", choices=("forward", "idn", "ocr"), required=True, help="the training set")
+    sft.add_argument("--form", choices=COUPLE_FORMS, required=True, help="the training set")
     sft.add_argument("--pairs", type=positive_int, default=100, help="couples used, the first N (default 100)")
     sft.add_argument("--epochs", type=positive_int, default=250, help="passes over the training set (default 250)")
     sft.add_argument("--batch-size", type=positive_int,
@@ -426,9 +427,8 @@ def reversal_sft_job(args: argparse.Namespace) -> Path:
     """The flags as the recipe's config and couples, run by :func:`probes.reversal_sft.reversal_sft`."""
     from bridgeprobe.probes.chat_sft import SFTConfig
     from bridgeprobe.probes.reversal_sft import reversal_sft
-    from bridgeprobe.prompts.couples import load_couples
-
     from bridgeprobe.probes.rundir import RunDirError
+    from bridgeprobe.prompts.couples import load_couples
 
     if args.quantize or args.device_map or args.adapter or args.backend != "native":
         raise RunDirError("reversal-sft trains every weight (full-parameter fine-tuning): drop --quantize, "
