@@ -28,7 +28,9 @@ counts them): one such state among hundreds otherwise decides the CKA alone.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -49,14 +51,19 @@ BATCH = 32
 
 
 @torch.no_grad()
-def read_at(hooked: HookedModel, prompts: Sequence[tuple[Sequence[int], int]], batch_size: int = BATCH) -> Tensor:
-    """``resid_post`` of every block at one position per prompt: ``[N, L, d]`` (float32, CPU), batched by length."""
+def read_at(hooked: HookedModel, prompts: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = BATCH,
+            ) -> Tensor:
+    """``resid_post`` of every block at the given positions of each prompt: ``[N, K, L, d]`` (float32, CPU; a
+    shorter position list repeats its last entry up to the longest, ``K``), batched by length, so reading several
+    positions of a prompt costs one forward."""
+    width = max(len(positions) for _, positions in prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][0]))
     out: list[Tensor | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        states, _ = read_states(hooked, [(prompts[i][0], [prompts[i][1]]) for i in chunk])
-        for i, state in zip(chunk, states[:, 0].float()):
+        padded = [(prompts[i][0], [*prompts[i][1], *[prompts[i][1][-1]] * (width - len(prompts[i][1]))]) for i in chunk]
+        states, _ = read_states(hooked, padded)
+        for i, state in zip(chunk, states.float()):
             out[i] = state
     return torch.stack(out)
 
@@ -101,15 +108,21 @@ def jackknife_cka(x: np.ndarray, z: np.ndarray, rng: np.random.Generator, groups
 
 class LinearProbe:
     """Multinomial logistic regression on standardized features (training mean and standard deviation), with an
-    L2 penalty ``weight_decay * ||W||^2`` on the mean cross-entropy, fitted by L-BFGS."""
+    L2 penalty ``weight_decay * ||W||^2`` on the mean cross-entropy, fitted by L-BFGS from zero, or from the
+    function of ``start`` (a probe of the same classes on similar data: fewer iterations to the same optimum)."""
 
     def __init__(self, x: Tensor, y: Tensor, n_classes: int, *, weight_decay: float = WEIGHT_DECAY,
-                 max_iter: int = 200) -> None:
+                 max_iter: int = 200, start: LinearProbe | None = None) -> None:
         x = x.double()
         self.mean, self.std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
         z = (x - self.mean) / self.std
-        self.weight = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
-        self.bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+        if start is None:
+            weight = torch.zeros(n_classes, x.shape[1], dtype=torch.float64)
+            bias = torch.zeros(n_classes, dtype=torch.float64)
+        else:  # the same logits under this probe's standardization
+            weight = start.weight * (self.std / start.std)
+            bias = start.bias + ((self.mean - start.mean) / start.std) @ start.weight.T
+        self.weight, self.bias = weight.requires_grad_(True), bias.requires_grad_(True)
         optimizer = torch.optim.LBFGS([self.weight, self.bias], lr=1, max_iter=max_iter,
                                       line_search_fn="strong_wolfe")
 
@@ -123,8 +136,28 @@ class LinearProbe:
             optimizer.step(closure)
         self.weight, self.bias = self.weight.detach(), self.bias.detach()
 
+    def logits(self, x: Tensor) -> Tensor:
+        return ((x.double() - self.mean) / self.std) @ self.weight.T + self.bias
+
     def predict(self, x: Tensor) -> Tensor:
-        return (((x.double() - self.mean) / self.std) @ self.weight.T + self.bias).argmax(-1)
+        return self.logits(x).argmax(-1)
+
+
+@contextmanager
+def fit_pool(workers: int | None = None) -> Iterator[ThreadPoolExecutor]:
+    """A pool of ``workers`` threads (default: torch's intra-op thread count) on which each probe fit runs on one
+    thread. An L-BFGS fit is thousands of small vector operations: spread over intra-op threads, each waits at a
+    barrier for a thread that a busy machine may have descheduled (a SmolLM2 probe fit took 168 s with two threads
+    and 7.4 s with one while another job used the second core; docs/benchmarks.md). One thread per fit also makes
+    a fit's arithmetic, and so its predictions, the same on every machine and thread count."""
+    previous = torch.get_num_threads()
+    pool = ThreadPoolExecutor(workers or previous)
+    torch.set_num_threads(1)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(cancel_futures=True)  # an interrupted analysis does not wait for the layers not yet begun
+        torch.set_num_threads(previous)
 
 
 def typical(states: Tensor) -> Tensor:
@@ -135,10 +168,12 @@ def typical(states: Tensor) -> Tensor:
     return norms <= MASSIVE * norms.median(dim=0).values
 
 
-def alignment_rows(hooked: HookedModel, plans: Sequence[Any], encoded: dict[str, Any], *, seed: int = 0) -> list[dict]:
+def alignment_rows(hooked: HookedModel, plans: Sequence[Any], encoded: dict[str, Any], *, seed: int = 0,
+                   workers: int | None = None) -> list[dict]:
     """The alignment rows of ``memory.csv`` for the analysed items (``plans`` of :func:`probes.memory.make_plans`),
     for the latent state at the two-hop prompt's last token and at e1's last token (``source_position``); one row
-    ``(alignment, "", n_items)`` marks the analysis done even when no item qualifies."""
+    ``(alignment, "", n_items)`` marks the analysis done even when no item qualifies. The layers' probes are fitted
+    on ``workers`` threads (:func:`fit_pool`)."""
     items = [p.a for p in plans if p.a.hop2_position is not None]
     rows: list[dict] = [_dataset_row("n_items", len(items))]
     if len(items) < 2:
@@ -156,11 +191,14 @@ def alignment_rows(hooked: HookedModel, plans: Sequence[Any], encoded: dict[str,
             ids = hooked.tokenizer(template.format(bridge))["input_ids"]
             template_prompts.append((ids, len(ids) - 1, label[bridge]))
     with_e1 = [i for i, e in enumerate(items) if e.e1_position is not None]
-    latent = {"last": (list(range(len(items))), read_at(hooked, [(e.two_hop, len(e.two_hop) - 1) for e in items]))}
+    # both latent positions of a two-hop prompt in one forward: [last, e1's last token] (or [last, last])
+    two_hop = read_at(hooked, [(e.two_hop, [len(e.two_hop) - 1, *[p for p in [e.e1_position] if p is not None]])
+                               for e in items])
+    latent = {"last": (list(range(len(items))), two_hop[:, 0])}
     if with_e1:  # prompts whose e1 span could not be located have no e1 state
-        latent["e1_last"] = (with_e1, read_at(hooked, [(items[i].two_hop, items[i].e1_position) for i in with_e1]))
-    explicit_all = read_at(hooked, [(e.hop2, e.hop2_position) for e in hop2_list])
-    templates = read_at(hooked, [(ids, pos) for ids, pos, _ in template_prompts])
+        latent["e1_last"] = (with_e1, two_hop[with_e1, 1])
+    explicit_all = read_at(hooked, [(e.hop2, [e.hop2_position]) for e in hop2_list])[:, 0]
+    templates = read_at(hooked, [(ids, [pos]) for ids, pos, _ in template_prompts])[:, 0]
     index = {e.hop2: i for i, e in enumerate(hop2_list)}
     own = np.array([index[e.hop2] for e in items])
     partner = np.array([index[partners[e.item.id].hop2] if e.item.id in partners else -1 for e in items])
@@ -184,9 +222,7 @@ def alignment_rows(hooked: HookedModel, plans: Sequence[Any], encoded: dict[str,
              _dataset_row("n_train_explicit", len(template_prompts) + len(hop2_in_classes))]
     ok_explicit, ok_templates = typical(explicit_all), typical(templates)
     ok_latent = {pos: typical(states) for pos, (_, states) in latent.items()}
-    for layer in tqdm(range(hooked.n_layers), desc="memory: alignment probes", unit="layer", leave=False):
-        rows += [_dataset_row("n_massive", float((~ok_explicit[:, layer]).sum() + (~ok_templates[:, layer]).sum()
-                                                 + sum((~ok[:, layer]).sum() for ok in ok_latent.values())), layer)]
+    def fit(layer: int) -> tuple[LinearProbe, dict[frozenset, LinearProbe]]:
         train = ok_templates[:, layer]
         by_templates = LinearProbe(templates[train, layer], y_templates[train], len(classes))
         hop2_ok = hop2_in_classes[ok_explicit[hop2_in_classes, layer]]
@@ -195,46 +231,57 @@ def alignment_rows(hooked: HookedModel, plans: Sequence[Any], encoded: dict[str,
         for group in groups:
             other = torch.tensor([hop2_relation[int(i)] not in group for i in hop2_ok], dtype=torch.bool)
             by_explicit[group] = LinearProbe(torch.cat([templates[train, layer], explicit_all[hop2_ok[other], layer]]),
-                                             torch.cat([y_templates[train], hop2_y[other]]), len(classes))
-        explicit_ok = ok_explicit[own, layer].numpy()
-        heldout = np.flatnonzero(explicit_ok)
-        correct = (by_templates.predict(explicit_all[own[heldout], layer]) == y_items[heldout]).double().tolist()
-        rows += [_item_row(items[i], "probe_explicit_heldout", layer, v, "") for i, v in zip(heldout, correct)]
-        for pos, (which, states) in latent.items():
-            which = np.array(which, dtype=int)
-            ok = ok_latent[pos][:, layer].numpy()
-            x_all = states[:, layer].numpy()
-            tested = which[ok]
-            explicit_guess = torch.empty(len(tested), dtype=torch.long)
-            for group in groups:
-                mine = torch.tensor([relations[i] == group for i in tested], dtype=torch.bool)
-                if mine.any():
-                    explicit_guess[mine] = by_explicit[group].predict(states[ok, layer][mine])
-            for metric, guess in (("probe_latent", explicit_guess),
-                                  ("probe_latent_templates", by_templates.predict(states[ok, layer]))):
-                correct = (guess == y_items[tested]).double().tolist()
-                named_partner = np.where(y_partner[tested] >= 0, (guess.numpy() == y_partner[tested]).astype(float),
-                                         np.nan)
-                rows += [_item_row(items[i], metric, layer, v, pos) for i, v in zip(tested, correct)]
-                rows += [_item_row(items[i], f"{metric}_partner", layer, float(v), pos)
-                         for i, v in zip(tested, named_partner) if not np.isnan(v)]
-            z_all = explicit_all[:, layer].numpy()
-            x_mean = x_all[ok].mean(0)
-            z_mean = z_all[own[explicit_ok]].mean(0)
-            for kind, targets in (("matched", own[which]), ("mismatched", partner[which])):
-                keep = ok & (targets >= 0)
-                keep[keep] &= ok_explicit[targets[keep], layer].numpy()
-                if keep.sum() < 1:
-                    continue
-                x, z = x_all[keep], z_all[targets[keep]]
-                raw, centered = cosine(x, z), cosine(x - x_mean, z - z_mean)
-                for metric, values in ((f"cosine_{kind}", raw), (f"cosine_centered_{kind}", centered)):
-                    rows += [_item_row(items[i], metric, layer, float(v), pos) for i, v in zip(which[keep], values)]
-                if keep.sum() >= 3:
-                    low, high = jackknife_cka(x, z, rng)
-                    rows += [_dataset_row(f"cka_{kind}", linear_cka(x, z), layer, pos),
-                             _dataset_row(f"cka_{kind}_ci_low", low, layer, pos),
-                             _dataset_row(f"cka_{kind}_ci_high", high, layer, pos)]
+                                             torch.cat([y_templates[train], hop2_y[other]]), len(classes),
+                                             start=by_templates)
+        return by_templates, by_explicit
+
+    layers = range(hooked.n_layers)
+    with fit_pool(workers) as pool:
+        fitted = pool.map(fit, layers)  # fitted ahead on the pool's threads, returned in layer order
+        bar = tqdm(layers, desc="memory: alignment probes", unit="layer", leave=False)
+        for layer, (by_templates, by_explicit) in zip(bar, fitted):
+            rows += [_dataset_row("n_massive", float((~ok_explicit[:, layer]).sum() + (~ok_templates[:, layer]).sum()
+                                                     + sum((~ok[:, layer]).sum() for ok in ok_latent.values())),
+                                  layer)]
+            explicit_ok = ok_explicit[own, layer].numpy()
+            heldout = np.flatnonzero(explicit_ok)
+            correct = (by_templates.predict(explicit_all[own[heldout], layer]) == y_items[heldout]).double().tolist()
+            rows += [_item_row(items[i], "probe_explicit_heldout", layer, v, "") for i, v in zip(heldout, correct)]
+            for pos, (which, states) in latent.items():
+                which = np.array(which, dtype=int)
+                ok = ok_latent[pos][:, layer].numpy()
+                x_all = states[:, layer].numpy()
+                tested = which[ok]
+                explicit_guess = torch.empty(len(tested), dtype=torch.long)
+                for group in groups:
+                    mine = torch.tensor([relations[i] == group for i in tested], dtype=torch.bool)
+                    if mine.any():
+                        explicit_guess[mine] = by_explicit[group].predict(states[ok, layer][mine])
+                for metric, guess in (("probe_latent", explicit_guess),
+                                      ("probe_latent_templates", by_templates.predict(states[ok, layer]))):
+                    correct = (guess == y_items[tested]).double().tolist()
+                    named_partner = np.where(y_partner[tested] >= 0, (guess.numpy() == y_partner[tested]).astype(float),
+                                             np.nan)
+                    rows += [_item_row(items[i], metric, layer, v, pos) for i, v in zip(tested, correct)]
+                    rows += [_item_row(items[i], f"{metric}_partner", layer, float(v), pos)
+                             for i, v in zip(tested, named_partner) if not np.isnan(v)]
+                z_all = explicit_all[:, layer].numpy()
+                x_mean = x_all[ok].mean(0)
+                z_mean = z_all[own[explicit_ok]].mean(0)
+                for kind, targets in (("matched", own[which]), ("mismatched", partner[which])):
+                    keep = ok & (targets >= 0)
+                    keep[keep] &= ok_explicit[targets[keep], layer].numpy()
+                    if keep.sum() < 1:
+                        continue
+                    x, z = x_all[keep], z_all[targets[keep]]
+                    raw, centered = cosine(x, z), cosine(x - x_mean, z - z_mean)
+                    for metric, values in ((f"cosine_{kind}", raw), (f"cosine_centered_{kind}", centered)):
+                        rows += [_item_row(items[i], metric, layer, float(v), pos) for i, v in zip(which[keep], values)]
+                    if keep.sum() >= 3:
+                        low, high = jackknife_cka(x, z, rng)
+                        rows += [_dataset_row(f"cka_{kind}", linear_cka(x, z), layer, pos),
+                                 _dataset_row(f"cka_{kind}_ci_low", low, layer, pos),
+                                 _dataset_row(f"cka_{kind}_ci_high", high, layer, pos)]
     return rows
 
 

@@ -375,6 +375,24 @@ def test_alignment_rows_equal_states_read_with_plain_hf() -> None:
     assert set(frame["metric"]) >= {"probe_latent", "probe_explicit_heldout", "probe_latent_templates"}
 
 
+def test_alignment_rows_are_the_same_with_any_number_of_fitting_threads() -> None:
+    """The probes fitted on a pool of threads give the rows of fits run one after another on one thread, and
+    the caller's thread count is restored."""
+    hooked = _hooked("llama")
+    encoded = {i.id: encode(hooked.tokenizer, i) for i in ITEMS}
+    plans = make_plans(encoded, [i.id for i in ITEMS], 0)
+    threads = torch.get_num_threads()
+    pooled = pd.DataFrame(alignment_rows(hooked, plans, encoded, workers=3))
+    assert torch.get_num_threads() == threads
+    torch.set_num_threads(1)
+    try:
+        serial = pd.DataFrame(alignment_rows(hooked, plans, encoded, workers=1))
+    finally:
+        torch.set_num_threads(threads)
+    assert pooled["metric"].str.startswith("probe_").sum() > 0
+    pd.testing.assert_frame_equal(pooled, serial)
+
+
 def test_probe_reads_separable_classes_and_not_shuffled_ones() -> None:
     gen = torch.Generator().manual_seed(0)
     centers = 3 * torch.randn(5, 20, generator=gen)
@@ -386,6 +404,24 @@ def test_probe_reads_separable_classes_and_not_shuffled_ones() -> None:
     assert (probe.predict(test_x) == test_y).double().mean() == 1.0
     shuffled = LinearProbe(x, y[torch.randperm(40, generator=gen)], 5)
     assert (shuffled.predict(test_x) == test_y).double().mean() < 0.6
+
+
+def test_probe_started_from_another_reaches_the_same_optimum() -> None:
+    """A probe fitted from a related probe's function (the alignment starts a layer's probes from its
+    templates-only probe) ends where the probe fitted from zero ends: same predictions, logits within the
+    optimizer's tolerance; started from its own data's solution, it stays there."""
+    gen = torch.Generator().manual_seed(1)
+    centers = 2 * torch.randn(6, 30, generator=gen)
+    y1, y2 = torch.arange(6).repeat(5), torch.arange(6).repeat(9)
+    x1 = centers[y1] + torch.randn(30, 30, generator=gen)
+    x2 = 1.5 * centers[y2] + torch.randn(54, 30, generator=gen) + 0.3  # more data, shifted and rescaled
+    test = centers[torch.arange(6).repeat(20)] + 1.5 * torch.randn(120, 30, generator=gen)
+    first = LinearProbe(x1, y1, 6)
+    from_zero, started = LinearProbe(x2, y2, 6), LinearProbe(x2, y2, 6, start=first)
+    assert torch.equal(started.predict(test), from_zero.predict(test))
+    assert (started.logits(test) - from_zero.logits(test)).abs().max() < 1e-2
+    again = LinearProbe(x1, y1, 6, start=first)
+    assert (again.logits(test) - first.logits(test)).abs().max() < 1e-3
 
 
 def test_cells_items_and_prompts() -> None:
@@ -498,8 +534,9 @@ def test_probe_is_trained_without_the_hop2_prompts_of_its_test_relations(monkeyp
     monkeypatch.setattr(alignment, "LinearProbe", Recording)
     hooked = _hooked("llama")
     encoded = {i.id: encode(hooked.tokenizer, i) for i in ITEMS}
-    frame = pd.DataFrame(alignment_rows(hooked, make_plans(encoded, [i.id for i in ITEMS], 0), encoded))
-    explicit = alignment.read_at(hooked, [(e.hop2, e.hop2_position) for e in encoded.values()])
+    # one worker: the probes are fitted in layer order, as the recording below reads them
+    frame = pd.DataFrame(alignment_rows(hooked, make_plans(encoded, [i.id for i in ITEMS], 0), encoded, workers=1))
+    explicit = alignment.read_at(hooked, [(e.hop2, [e.hop2_position]) for e in encoded.values()])[:, 0]
     n_templates = len(alignment.TEMPLATES) * 3
     per_layer = 1 + 2  # the templates-only probe, one probe per relation set (capital, language)
     assert len(trained) == per_layer * hooked.n_layers

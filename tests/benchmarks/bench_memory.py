@@ -9,10 +9,17 @@ speed-up, same process, same items; the values must agree.
   unembedding (now: one contiguous matrix product, :meth:`NativeHooks.run_from` and
   :func:`probes.models.contiguous_head`);
 - the ranks of the candidate tokens compared the whole ``[rows, vocab]`` logit matrix once per candidate (now: one
-  row at a time, in cache, :func:`probes.memory.candidate_measure`).
+  row at a time, in cache, :func:`probes.memory.candidate_measure`);
+- the alignment's probes were fitted one after another with all of torch's intra-op threads (now: on a pool of
+  threads, one thread per fit, :func:`probes.alignment.fit_pool`), each from zero (now: a layer's probes without
+  some relations' hop2 prompts start from its templates-only probe, ``LinearProbe(start=...)``). The alignment's reads of a two-hop prompt's two
+  latent positions in one forward (once two) stay in both runs.
+
+``--analyses alignment --items 240`` times the alignment on a realistic number of classes.
 
 Prints seconds per analysis for both, their ratio, and the differences of every ``memory.csv`` value: the largest
-absolute difference of the non-rank values, and how many ranks differ (by how much) and whether any top-1 / top-10
+absolute difference of the values that are neither ranks nor probe indicators, how many probe indicators (0/1:
+the probe named the bridge) differ, and how many ranks differ (by how much) and whether any top-1 / top-10
 indicator differs.
 """
 
@@ -29,6 +36,7 @@ from typing import Iterator
 import pandas as pd
 import torch
 
+import bridgeprobe.probes.alignment as alignment
 import bridgeprobe.probes.memory as memory
 from bridgeprobe.probes.architecture import head_logits
 from bridgeprobe.probes.hooks import NativeHooks
@@ -51,11 +59,31 @@ def _whole_matrix_measure(tokens):  # the rank computation before the speed-up
     return measure
 
 
+class _InCallingThread:
+    """The probe fits as they ran before :func:`probes.alignment.fit_pool`: one after another, every intra-op thread."""
+
+    def map(self, fit, layers):
+        return map(fit, layers)
+
+
+class _FromZero(alignment.LinearProbe):
+    """The probes as they were fitted before: every one from zero."""
+
+    def __init__(self, *args, start=None, **kwargs):
+        super().__init__(*args, **kwargs)
+
+
+@contextmanager
+def _serial_fits(workers: int | None = None) -> Iterator[_InCallingThread]:
+    yield _InCallingThread()
+
+
 @contextmanager
 def before_speedup(model: torch.nn.Module) -> Iterator[None]:
-    """Undo the two changes for the duration: the head multiplies a non-contiguous slice of the normed last
+    """Undo the changes for the duration: the head multiplies a non-contiguous slice of the normed last
     positions (what the HF forward with ``logits_to_keep`` handed it; rebuilt here as a strided view of the same
-    shape), and the ranks compare the whole logit matrix once per candidate."""
+    shape), the ranks compare the whole logit matrix once per candidate, and the probes are fitted one after
+    another with every thread."""
     head = model.get_output_embeddings()
     hooks = dict(head._forward_pre_hooks)
     head._forward_pre_hooks.clear()
@@ -68,11 +96,14 @@ def before_speedup(model: torch.nn.Module) -> Iterator[None]:
         strided = torch.cat([normed, normed], dim=1)[:, : normed.shape[1]]  # a slice, as the HF forward made it
         return head_logits(self.model.config, head(strided))
 
-    NativeHooks.readout, memory.candidate_measure = readout, _whole_matrix_measure
+    original_pool, original_probe = alignment.fit_pool, alignment.LinearProbe
+    NativeHooks.readout, memory.candidate_measure, alignment.fit_pool = readout, _whole_matrix_measure, _serial_fits
+    alignment.LinearProbe = _FromZero
     try:
         yield
     finally:
         NativeHooks.readout, memory.candidate_measure = original_readout, original_measure
+        alignment.fit_pool, alignment.LinearProbe = original_pool, original_probe
         head._forward_pre_hooks.update(hooks)
 
 
@@ -89,10 +120,16 @@ def compare(before: pd.DataFrame, after: pd.DataFrame) -> dict:
         raise SystemExit(f"the runs wrote different rows: {merged['_merge'].value_counts().to_dict()}")
     a, b = pd.to_numeric(merged["value_before"]), pd.to_numeric(merged["value_after"])
     rank = merged["metric"].str.contains("rank")
+    probe = merged["metric"].str.startswith("probe_")
     diff = (a - b).abs()
-    return {"rows": len(merged), "max_abs_difference_non_rank": float(diff[~rank].max()),
+
+    def largest(mask: pd.Series) -> float:
+        return float(diff[mask].max()) if mask.any() else 0.0
+
+    return {"rows": len(merged), "max_abs_difference_non_rank": largest(~rank & ~probe),
+            "probe_indicators": int(probe.sum()), "probe_indicators_differing": int((diff[probe] > 0).sum()),
             "ranks_differing": int((diff[rank] > 0).sum()), "ranks": int(rank.sum()),
-            "largest_rank_difference": float(diff[rank].max()),
+            "largest_rank_difference": largest(rank),
             "top1_indicators_differing": int(((a[rank] < 1) != (b[rank] < 1)).sum()),
             "top10_indicators_differing": int(((a[rank] < 10) != (b[rank] < 10)).sum())}
 
@@ -103,16 +140,18 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=12, help="analysed items, all with maps and decoding")
     parser.add_argument("--stride", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--analyses", default=",".join(memory.ANALYSES), help="comma-separated (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     hooked = NativeHooks(model, tokenizer)
     items = load_prompts("curated")
-    config = memory.MemoryConfig(n_items=args.items, stride=args.stride)
+    config = memory.MemoryConfig(n_items=args.items, stride=args.stride, analyses=tuple(args.analyses.split(",")))
     with before_speedup(model):
         before_s, before_t, before = timed_run(hooked, items, config)
     after_s, after_t, after = timed_run(hooked, items, config)
     figures = {"model": args.model, "items": args.items, "stride": args.stride, "threads": args.threads,
+               "analyses": args.analyses,
                "before_s": round(before_s, 1), "after_s": round(after_s, 1), "ratio": round(before_s / after_s, 2),
                "before_by_analysis_s": before_t, "after_by_analysis_s": after_t, **compare(before, after)}
     print(json.dumps(figures, indent=1))
