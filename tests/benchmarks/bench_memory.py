@@ -12,8 +12,8 @@ speed-up, same process, same items; the values must agree.
   row at a time, in cache, :func:`probes.memory.candidate_measure`);
 - the alignment's probes were fitted one after another with all of torch's intra-op threads (now: on a pool of
   threads, one thread per fit, :func:`probes.alignment.fit_pool`), each from zero (now: a layer's probes without
-  some relations' hop2 prompts start from its templates-only probe, ``LinearProbe(start=...)``). The alignment's reads of a two-hop prompt's two
-  latent positions in one forward (once two) stay in both runs.
+  some relations' hop2 prompts start from its templates-only probe, ``LinearProbe(start=...)``). The alignment's
+  reads of a two-hop prompt's two latent positions in one forward (once two) stay in both runs.
 
 ``--analyses alignment --items 240`` times the alignment on a realistic number of classes.
 
