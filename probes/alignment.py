@@ -222,6 +222,7 @@ def alignment_rows(hooked: HookedModel, plans: Sequence[Any], encoded: dict[str,
              _dataset_row("n_train_explicit", len(template_prompts) + len(hop2_in_classes))]
     ok_explicit, ok_templates = typical(explicit_all), typical(templates)
     ok_latent = {pos: typical(states) for pos, (_, states) in latent.items()}
+
     def fit(layer: int) -> tuple[LinearProbe, dict[frozenset, LinearProbe]]:
         train = ok_templates[:, layer]
         by_templates = LinearProbe(templates[train, layer], y_templates[train], len(classes))
