@@ -15,7 +15,7 @@ speed-up, same process, same items; the values must agree.
   some relations' hop2 prompts start from its templates-only probe, ``LinearProbe(start=...)``). The alignment's
   reads of a two-hop prompt's two latent positions in one forward (once two) stay in both runs.
 
-``--analyses alignment --items 240`` times the alignment on a realistic number of classes.
+``--analyses alignment --items 160`` times the alignment on a realistic number of classes (docs/benchmarks.md).
 
 Prints seconds per analysis for both, their ratio, and the differences of every ``memory.csv`` value: the largest
 absolute difference of the values that are neither ranks nor probe indicators, how many probe indicators (0/1:
