@@ -24,7 +24,7 @@ from bridgeprobe.analyses.plots import legend_below, save_figure  # noqa: E402
 from bridgeprobe.analyses.stats import (MIN_N, mean_interval, paired_difference, proportion_interval, sign_test,  # noqa: E402
                                        signflip_test)
 from bridgeprobe.analyses.page import Figure, Section, p_number, p_value, render, table as page_table  # noqa: E402
-from bridgeprobe.probes.results import atomic_write  # noqa: E402
+from bridgeprobe.probes.io.results import atomic_write  # noqa: E402
 
 CONDITIONS = ("no_identity", "identity")
 COLORS = {"no_identity": "tab:gray", "identity": "tab:green", "base": "tab:blue"}
@@ -236,7 +236,7 @@ def lens_comparison(prompts: pd.DataFrame) -> pd.DataFrame:
 
 
 def lens_lines(states: pd.DataFrame, comparison: pd.DataFrame) -> list[str]:
-    """The summary of :func:`probes.finetune_lens.finetune_lens`: per split and state, the bridge against its
+    """The summary of :func:`probes.identity.finetune_lens.finetune_lens`: per split and state, the bridge against its
     control; then identity vs no identity on the bridge measure."""
     lines = []
     for row in states.to_dict("records"):

@@ -1,9 +1,9 @@
-"""Aggregate ``memory.csv`` (:mod:`probes.memory`) into tables, per-layer curves with 95% confidence intervals,
+"""Aggregate ``memory.csv`` (:mod:`probes.memory.analysis`) into tables, per-layer curves with 95% confidence intervals,
 heatmaps, and the statement of where the shared latent memory sits.
 
 Intervals (:mod:`analyses.stats`): 95% Student t intervals over prompts for means, exact (Clopper-Pearson)
 intervals for rates, n beside each and none below 3 prompts; CKA's comes from the analysis itself (grouped
-jackknife, :mod:`probes.alignment`).
+jackknife, :mod:`probes.memory.alignment`).
 
 The band of the shared memory is the layers where four tests agree, each on the latent bridge state at layer
 ``l`` of the two-hop prompt, at its last token (the band) and at e1's last token. Each test is a paired
@@ -71,7 +71,7 @@ from bridgeprobe.analyses.page import Figure, Section, key_values, p_value, rend
 from bridgeprobe.analyses.provenance import provenance  # noqa: E402
 from bridgeprobe.analyses.plots import legend_below, save_figure  # noqa: E402
 from bridgeprobe.analyses.stats import N_RESAMPLES, column_intervals, equivalence_decisions  # noqa: E402
-from bridgeprobe.probes.results import atomic_write, atomic_write_csv, atomic_write_json  # noqa: E402
+from bridgeprobe.probes.io.results import atomic_write, atomic_write_csv, atomic_write_json  # noqa: E402
 
 MIN_GAP = 1.0  # logits: items whose explicit reference moves the receiving prompt less are left out
 TESTS = ("crosspatch", "other_relation", "decoding", "probe")

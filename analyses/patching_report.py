@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 from bridgeprobe.analyses.page import Figure, Section, num  # noqa: E402
 from bridgeprobe.analyses.plots import legend_below, save_figure  # noqa: E402
 from bridgeprobe.analyses.stats import group_intervals  # noqa: E402
-from bridgeprobe.probes.results import atomic_write_csv  # noqa: E402
+from bridgeprobe.probes.io.results import atomic_write_csv  # noqa: E402
 
 MIN_PAIR_GAP = 1.0  # logits: pairs whose clean - corrupted logit difference is smaller are left out
 BEST = {"denoise": ("max", "max over positions per pair: biased upward"),

@@ -3,7 +3,7 @@ and in which format (an embedded model's GGUF file and its quantization type, de
 the prompt set with its sha256, the bridgeprobe version and the command that made the run.
 
 Built from the run's record (``run.json``, or the record a job is about to write): its ``fingerprint``
-(:mod:`probes.rundir`) identifies the weights and the prompt files, ``load`` the loading options, ``settings`` the
+(:mod:`probes.runs.rundir`) identifies the weights and the prompt files, ``load`` the loading options, ``settings`` the
 prompt selection and ``command_line`` the command as typed (runs before it was recorded get one rebuilt from the
 fingerprint, marked as such).
 """
@@ -19,7 +19,7 @@ NOT_RECORDED = "not recorded"
 def _weights(model: str, location: str, identity: Mapping[str, Any]) -> tuple[str, str, str | None]:
     """(source, format, quantization type) of the weights the fingerprint's model entry describes; ``location``:
     where ``model`` resolved to when the run started (its file is read from there, whatever the current directory)."""
-    from bridgeprobe.probes.models import EMBEDDED, gguf_quantization
+    from bridgeprobe.probes.model.load import EMBEDDED, gguf_quantization
 
     if identity.get("embedded") in EMBEDDED or (not identity and model in EMBEDDED):
         name = identity.get("embedded") or model

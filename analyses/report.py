@@ -14,7 +14,7 @@ from bridgeprobe.analyses.findings import lens_finding
 from bridgeprobe.analyses.page import (Figure, Section, count, doc_to_html, interval, key_values, num, p_value, pct,
                                        points, render, seconds, signed_points, table)
 from bridgeprobe.analyses.provenance import provenance
-from bridgeprobe.probes.results import atomic_write, atomic_write_csv, atomic_write_json
+from bridgeprobe.probes.io.results import atomic_write, atomic_write_csv, atomic_write_json
 from bridgeprobe.prompts.schema import PromptItem
 
 

@@ -1,7 +1,7 @@
 """Tables of ``bridgeprobe scratch-analysis``: the identity dose as a within-model contrast and Sec. 4.1's
 cross-prompt patch, identity vs no identity, with the seed as the unit of inference.
 
-Inputs are the long tables :mod:`probes.scratch_analysis` produces: ``ood_items.csv`` (one row per model and OOD
+Inputs are the long tables :mod:`probes.identity.scratch_analysis` produces: ``ood_items.csv`` (one row per model and OOD
 query) and ``crosspatch.csv`` (one row per model, split, source layer and target layer). A model is named by its
 ``cell`` (the run directory), grid knobs, ``condition`` and ``seed``.
 """

@@ -931,7 +931,7 @@ def load_tokenizers() -> dict[str, Any]:
     """The SmolLM2 and Gemma 3 tokenizers of the two embedded models (offline, from the converted cache)."""
     from transformers import AutoTokenizer
 
-    from bridgeprobe.probes.models import EMBEDDED, convert_gguf
+    from bridgeprobe.probes.model.load import EMBEDDED, convert_gguf
 
     return {alias: AutoTokenizer.from_pretrained(convert_gguf(EMBEDDED[alias].locate()))
             for alias in ("smollm2-135m", "gemma3-270m")}
@@ -939,7 +939,7 @@ def load_tokenizers() -> dict[str, Any]:
 
 def signature(item: dict[str, str], toks: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(two_hop length per tokenizer, answer first token after the two-hop prompt per tokenizer)."""
-    from bridgeprobe.probes.targets import target_ids
+    from bridgeprobe.probes.model.targets import target_ids
 
     lengths = tuple(len(tok(item["two_hop"]).input_ids) for tok in toks.values())
     firsts = tuple(target_ids(tok, item["two_hop"], item["answer"])[0] for tok in toks.values())

@@ -22,7 +22,7 @@ pair's in-distribution queries; ``id_test`` the other in-distribution queries. W
 there is no two-hop training data at all: every query is OOD and ``id_test`` is empty.
 
 Renderings: token level (:func:`token_vocab` / :meth:`Example.tokens`: one token per entity and relation, for the
-from-scratch models in ``probes.scratch``) and natural language with made-up names (:func:`render_items` gives
+from-scratch models in ``probes.identity.scratch``) and natural language with made-up names (:func:`render_items` gives
 :class:`~prompts.schema.PromptItem` s, so every probe reads them; :func:`training_texts` the fine-tuning
 sentences). :func:`save_splits` writes a dataset as files that :func:`load_splits` reads back and re-checks.
 """
@@ -340,9 +340,9 @@ def people(n: int, seed: int = 0) -> list[str]:
 def make_names(splits: Splits, *, seed: int = 0, tokenizer: Any = None, attempts: int = 200) -> dict[str, str]:
     """Made-up names for every entity: people for subjects and objects, towns for bridges; all distinct. With a
     ``tokenizer``, bridges (and objects) also get distinct first tokens within their set, each taken in context
-    (:func:`probes.targets.target_ids`) after the first R1 (R2) template, where bridges (objects) are answered, so
+    (:func:`probes.model.targets.target_ids`) after the first R1 (R2) template, where bridges (objects) are answered, so
     first-token readouts such as the logit lens and restricted accuracy identify them unambiguously."""
-    from bridgeprobe.probes.targets import target_ids
+    from bridgeprobe.probes.model.targets import target_ids
 
     rng = random.Random(f"names-{seed}")
     names: dict[str, str] = {}
@@ -465,7 +465,7 @@ _COLUMNS = ("split", "task", "head", "r1", "r2", "bridge", "target")
 def save_splits(splits: Splits, out_dir: Path, names: dict[str, str] | None = None) -> list[Path]:
     """Write ``synth.json`` (config, relation pairs, sizes, names) and ``examples.csv`` (one row per example and
     split, long format) into ``out_dir``, atomically; return the paths."""
-    from bridgeprobe.probes.results import atomic_write, atomic_write_json
+    from bridgeprobe.probes.io.results import atomic_write, atomic_write_json
 
     buffer = io.StringIO()
     writer = csv.writer(buffer)

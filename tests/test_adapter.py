@@ -16,7 +16,7 @@ from conftest import save_tiny_checkpoint
 pytest.importorskip("peft")
 
 from bridgeprobe.probes.cli import main  # noqa: E402
-from bridgeprobe.probes.models import ModelLoadError, apply_adapter, check_adapter, load_model  # noqa: E402
+from bridgeprobe.probes.model.load import ModelLoadError, apply_adapter, check_adapter, load_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

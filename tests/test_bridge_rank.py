@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import plain_hf_patched_run, requires_transformer_lens, tiny_model
-from bridgeprobe.probes.hooks import NativeHooks
-from bridgeprobe.probes.patching import Pair, sweep
-from bridgeprobe.probes.tl_backend import TransformerLensHooks
+from bridgeprobe.probes.model.hooks import NativeHooks
+from bridgeprobe.probes.readouts.patching import Pair, sweep
+from bridgeprobe.probes.model.tl_backend import TransformerLensHooks
 
 
 def _reference(model, receiving: list[int], source: list[int], layer: int, position: int, bridge: int) -> list[int]:

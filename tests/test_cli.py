@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-import bridgeprobe.probes.pipeline
+import bridgeprobe.probes.runs.pipeline
 from conftest import plain_hf_patched_run, requires_smollm2
 from bridgeprobe.probes.cli import main
-from bridgeprobe.probes.targets import target_ids
+from bridgeprobe.probes.model.targets import target_ids
 from bridgeprobe.prompts.schema import PromptItem
 
 pytestmark = [pytest.mark.slow, requires_smollm2]
@@ -49,8 +49,8 @@ def test_lens_writes_long_csv_and_run_json(prompt_file: Path, tmp_path: Path) ->
     assert control == {"fuji": bridge.first()["hamlet"], "colosseum": bridge.first()["fuji"],
                        "hamlet": bridge.first()["colosseum"]}
     # every row's target_flags as the lens computes them for these items with the model's tokenizer
-    from bridgeprobe.probes.lens import lens_queries
-    from bridgeprobe.probes.models import load_model
+    from bridgeprobe.probes.readouts.lens import lens_queries
+    from bridgeprobe.probes.model.load import load_model
     from bridgeprobe.prompts.loaders import load_prompts
 
     expected = {q.key: q.flags for q in lens_queries(load_prompts([prompt_file]), load_model("smollm2-135m")[1])}
@@ -71,7 +71,7 @@ def test_lens_writes_long_csv_and_run_json(prompt_file: Path, tmp_path: Path) ->
 
 def test_interrupted_run_resumes_to_the_same_result(prompt_file: Path, tmp_path: Path, monkeypatch) -> None:
     assert _lens(prompt_file, tmp_path / "clean") == 0
-    real = bridgeprobe.probes.pipeline.lens_batch
+    real = bridgeprobe.probes.runs.pipeline.lens_batch
     calls = []
 
     def dying(*args, **kwargs):
@@ -80,10 +80,10 @@ def test_interrupted_run_resumes_to_the_same_result(prompt_file: Path, tmp_path:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bridgeprobe.probes.pipeline, "lens_batch", dying)
+    monkeypatch.setattr(bridgeprobe.probes.runs.pipeline, "lens_batch", dying)
     assert _lens(prompt_file, tmp_path / "resumed") == 130  # Ctrl-C: one line, exit 130
     assert (tmp_path / "resumed" / "lens.partial.csv").exists() and not (tmp_path / "resumed" / "lens.csv").exists()
-    monkeypatch.setattr(bridgeprobe.probes.pipeline, "lens_batch", real)
+    monkeypatch.setattr(bridgeprobe.probes.runs.pipeline, "lens_batch", real)
     assert _lens(prompt_file, tmp_path / "resumed") == 0
     run = json.loads((tmp_path / "resumed" / "run.json").read_text())
     assert run["resumed_queries"] == 2

@@ -1,4 +1,4 @@
-"""Data-parallel runs (probes/distributed.py): sharding, merging, resuming, replica placement; and `bridgeprobe
+"""Data-parallel runs (probes/runs/distributed.py): sharding, merging, resuming, replica placement; and `bridgeprobe
 lens` / `bridgeprobe patch` launched with torchrun on two gloo processes against the single-process output."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import PLACES, save_tiny_checkpoint
-from bridgeprobe.probes import distributed
-from bridgeprobe.probes.distributed import Shards, replica_placement
-from bridgeprobe.probes.results import IncrementalCSV, ResumeMismatch, finish_rows
+from bridgeprobe.probes.runs import distributed
+from bridgeprobe.probes.runs.distributed import Shards, replica_placement
+from bridgeprobe.probes.io.results import IncrementalCSV, ResumeMismatch, finish_rows
 
 
 
@@ -102,8 +102,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_patching_run_stopped_between_its_two_tables_resumes_without_duplicates(workspace: Path,
                                                                                   monkeypatch) -> None:
-    from bridgeprobe.probes.models import load_model
-    from bridgeprobe.probes.pipeline import hook_model, item_pairs, run_patching
+    from bridgeprobe.probes.model.load import load_model
+    from bridgeprobe.probes.runs.pipeline import hook_model, item_pairs, run_patching
     from bridgeprobe.prompts.loaders import load_prompts
 
     hooked = hook_model(*load_model(str(workspace / "model")))
@@ -177,7 +177,7 @@ def test_two_process_lens_equals_one_process(workspace: Path) -> None:
 
 DRIVER = """
 import os, sys
-from bridgeprobe.probes.results import IncrementalCSV
+from bridgeprobe.probes.io.results import IncrementalCSV
 
 rank, log, crash_after = os.environ["RANK"], os.environ["APPEND_LOG"], int(os.environ.get("CRASH_AFTER", "0"))
 real, count = IncrementalCSV.append, [0]

@@ -17,12 +17,12 @@ from conftest import TINY_CONFIGS, CharTokenizer, requires_smollm2
 
 pytest.importorskip("peft")
 
-from bridgeprobe.probes.finetune import (BASE, FinetuneConfig, accuracy, add_adapter, encode_texts, eval_pairs, inner_model,  # noqa: E402
+from bridgeprobe.probes.identity.finetune import (BASE, FinetuneConfig, accuracy, add_adapter, encode_texts, eval_pairs, inner_model,  # noqa: E402
                                          item_scores, load_base, model_state, save_adapter, target_loss,
                                          train_adapter)
-from bridgeprobe.probes.targets import target_ids  # noqa: E402
-from bridgeprobe.probes.hooks import NativeHooks, pad_right  # noqa: E402
-from bridgeprobe.probes.lens import lens_batch, lens_queries  # noqa: E402
+from bridgeprobe.probes.model.targets import target_ids  # noqa: E402
+from bridgeprobe.probes.model.hooks import NativeHooks, pad_right  # noqa: E402
+from bridgeprobe.probes.readouts.lens import lens_batch, lens_queries  # noqa: E402
 from bridgeprobe.prompts.synthetic import (SynthConfig, TwoHopTexts, generate, make_names, render_items,  # noqa: E402
                                            save_splits)
 
@@ -197,7 +197,7 @@ def _tiny_dir(path: Path) -> Path:
 def test_finetune_command_writes_the_report_and_resumes_after_a_kill(tmp_path: Path, monkeypatch) -> None:
     import pandas as pd
 
-    import bridgeprobe.probes.finetune
+    import bridgeprobe.probes.identity.finetune
     from bridgeprobe.probes.cli import main
 
     model = str(_tiny_dir(tmp_path / "model"))
@@ -242,17 +242,17 @@ def test_finetune_command_writes_the_report_and_resumes_after_a_kill(tmp_path: P
         assert row.patching_logit_gap == pytest.approx(gap.mean())
     assert len(patched) > 0
 
-    real, calls = bridgeprobe.probes.finetune.train_adapter, []
+    real, calls = bridgeprobe.probes.identity.finetune.train_adapter, []
 
     def killed_in_second_condition(*a, **kw):
         calls.append(1)
         return real(*a, **kw, interrupt_at=3 if len(calls) == 2 else None)
 
-    monkeypatch.setattr(bridgeprobe.probes.finetune, "train_adapter", killed_in_second_condition)
+    monkeypatch.setattr(bridgeprobe.probes.identity.finetune, "train_adapter", killed_in_second_condition)
     # the identity adapter is killed after step 3 (checkpoint: step 2); Ctrl-C is exit 130
     assert main([*args, "--out", str(tmp_path / "killed")]) == 130
     assert (tmp_path / "killed" / "checkpoints" / "identity_seed0.pt").is_file()
-    monkeypatch.setattr(bridgeprobe.probes.finetune, "train_adapter", real)
+    monkeypatch.setattr(bridgeprobe.probes.identity.finetune, "train_adapter", real)
     assert main([*args, "--out", str(tmp_path / "killed")]) == 0
     for name in ("metrics.csv", "results.csv", "items.csv", "comparison.csv", "lens_summary.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "killed" / name), pd.read_csv(clean / name))

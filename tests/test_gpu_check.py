@@ -31,8 +31,8 @@ def gpu_check():
 
 @pytest.fixture(scope="module")
 def n_queries(gpu_check) -> int:
-    """Lens queries of the dry run's 4 items (every probe of probes.lens applies to each)."""
-    from bridgeprobe.probes.lens import lens_queries
+    """Lens queries of the dry run's 4 items (every probe of probes.readouts.lens applies to each)."""
+    from bridgeprobe.probes.readouts.lens import lens_queries
 
     return len(lens_queries(gpu_check.prompt_items(4)))
 

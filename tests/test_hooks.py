@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import TINY_CONFIGS, requires_gemma3, requires_transformer_lens, tiny_model, tl_hooks
-from bridgeprobe.probes.hooks import SITES, NativeHooks, Patch, pad_right
-from bridgeprobe.probes.tl_backend import TransformerLensHooks
+from bridgeprobe.probes.model.hooks import SITES, NativeHooks, Patch, pad_right
+from bridgeprobe.probes.model.tl_backend import TransformerLensHooks
 
 TOL = 1e-4
 ALL_SITES = lambda n: [(s, l) for s in SITES for l in range(n)]  # noqa: E731
@@ -132,7 +132,7 @@ def test_real_smollm2_backends_match_plain_hf(smollm2) -> None:
 @pytest.mark.slow
 @requires_gemma3
 def test_real_gemma3_native_matches_plain_hf() -> None:
-    from bridgeprobe.probes.models import load_model
+    from bridgeprobe.probes.model.load import load_model
 
     model, tokenizer = load_model("gemma3-270m")
     seqs = [tokenizer(t)["input_ids"] for t in ("Mount Fuji is located in the country of", "The capital of Japan is")]

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import CharTokenizer, requires_transformer_lens, tiny_model
-from bridgeprobe.probes.hooks import NativeHooks
-from bridgeprobe.probes.lens import LensQuery, lens_batch, lens_queries
-from bridgeprobe.probes.targets import target_ids
-from bridgeprobe.probes.tl_backend import TransformerLensHooks
+from bridgeprobe.probes.model.hooks import NativeHooks
+from bridgeprobe.probes.readouts.lens import LensQuery, lens_batch, lens_queries
+from bridgeprobe.probes.model.targets import target_ids
+from bridgeprobe.probes.model.tl_backend import TransformerLensHooks
 from bridgeprobe.prompts.schema import PromptItem
 
 

@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
-import bridgeprobe.probes.memory
+import bridgeprobe.probes.memory.analysis
 from conftest import requires_gemma3, requires_smollm2, tiny_model
-from bridgeprobe.probes.alignment import LinearProbe, alignment_rows, jackknife_cka, cosine, linear_cka
-from bridgeprobe.probes.hooks import NativeHooks
-from bridgeprobe.probes.variants import run_variants
-from bridgeprobe.probes.memory import (MemoryConfig, backpatch_cells, crosspatch_cells, decoding_cells, encode, identity_prompt,
+from bridgeprobe.probes.memory.alignment import LinearProbe, alignment_rows, jackknife_cka, cosine, linear_cka
+from bridgeprobe.probes.model.hooks import NativeHooks
+from bridgeprobe.probes.readouts.variants import run_variants
+from bridgeprobe.probes.memory.analysis import (MemoryConfig, backpatch_cells, crosspatch_cells, decoding_cells, encode, identity_prompt,
                                        make_plans, patch_states, read_states, run_memory, span_end_position)
 from bridgeprobe.prompts.sampling import sample_items
 from bridgeprobe.prompts.schema import PromptItem
@@ -168,7 +168,7 @@ def test_job_rows_equal_plain_hf_and_cover_every_analysis(tmp_path: Path, monkey
         variants.extend(batch)
         return run_variants(hooked, ids, batch, measure, **kwargs)
 
-    monkeypatch.setattr(bridgeprobe.probes.memory, "run_variants", counting)
+    monkeypatch.setattr(bridgeprobe.probes.memory.analysis, "run_variants", counting)
     frame = _run(hooked, tmp_path / "o", batch_items=2, backpatch_groups=("correct", "hop_failed"))
     assert set(frame["analysis"]) == {"crosspatch", "decoding", "lens", "backpatch", "alignment", "item"}
     patched = frame[frame.analysis.isin(["crosspatch", "backpatch", "decoding"]) & frame.source_layer.notna()]
@@ -261,7 +261,7 @@ def test_batched_over_items_equals_one_at_a_time(tmp_path: Path) -> None:
 def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch) -> None:
     hooked = _hooked("llama")
     clean = _run(hooked, tmp_path / "clean", batch_items=2)
-    real = bridgeprobe.probes.memory.decoding_rows
+    real = bridgeprobe.probes.memory.analysis.decoding_rows
     calls = []
 
     def dying(*args, **kwargs):
@@ -270,10 +270,10 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch)
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bridgeprobe.probes.memory, "decoding_rows", dying)
+    monkeypatch.setattr(bridgeprobe.probes.memory.analysis, "decoding_rows", dying)
     with pytest.raises(KeyboardInterrupt):
         _run(hooked, tmp_path / "cut", batch_items=2)
-    monkeypatch.setattr(bridgeprobe.probes.memory, "decoding_rows", real)
+    monkeypatch.setattr(bridgeprobe.probes.memory.analysis, "decoding_rows", real)
     result = run_memory(hooked, ITEMS, tmp_path / "cut", MemoryConfig(batch_items=2), settings={"model": "tiny"})
     assert result.info["resumed_items"] == 2
     pd.testing.assert_frame_equal(clean, result.frame)
@@ -284,10 +284,10 @@ def test_resumed_run_times_the_whole_analysis(tmp_path: Path, monkeypatch) -> No
     """The first session commits one chunk whose decoding takes >= PAUSE s, then dies; the resumed session's
     run.json timings (``run_memory_section``) must include that chunk's seconds, and no ledger may remain."""
     from bridgeprobe.probes.cli.memory import run_memory_section
-    from bridgeprobe.probes.pipeline import Timer
+    from bridgeprobe.probes.runs.pipeline import Timer
 
     pause, hooked, out = 0.5, _hooked("llama"), tmp_path / "cut"
-    real = bridgeprobe.probes.memory.decoding_rows
+    real = bridgeprobe.probes.memory.analysis.decoding_rows
     calls = []
 
     def slow_then_dying(*args, **kwargs):
@@ -297,12 +297,12 @@ def test_resumed_run_times_the_whole_analysis(tmp_path: Path, monkeypatch) -> No
         time.sleep(pause)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bridgeprobe.probes.memory, "decoding_rows", slow_then_dying)
+    monkeypatch.setattr(bridgeprobe.probes.memory.analysis, "decoding_rows", slow_then_dying)
     with pytest.raises(KeyboardInterrupt):
         _run(hooked, out, batch_items=2)
     ledger = json.loads((out / ".memory.timings.json").read_text())
     assert ledger["sessions"] == 1 and ledger["elapsed_s"] >= pause and ledger["analyses"]["decoding_s"] >= pause
-    monkeypatch.setattr(bridgeprobe.probes.memory, "decoding_rows", real)
+    monkeypatch.setattr(bridgeprobe.probes.memory.analysis, "decoding_rows", real)
     timer, started = Timer(), time.perf_counter()
     done = run_memory_section(hooked, ITEMS, out, MemoryConfig(batch_items=2), {"model": "tiny"}, timer)
     this_session = time.perf_counter() - started
@@ -458,7 +458,7 @@ def test_identity_decoding_of_explicit_entities_works_above_chance(model_name: s
     placeholder at its own early layer, is decoded as the bridge far more often than as the partner's bridge (an
     entity of the same type: the chance level), as the decoding analysis does it."""
     from bridgeprobe.analyses.stats import sign_test
-    from bridgeprobe.probes.models import load_model
+    from bridgeprobe.probes.model.load import load_model
     from bridgeprobe.prompts.loaders import load_prompts
 
     model, tokenizer = load_model(model_name)
@@ -523,7 +523,7 @@ def test_memory_command_end_to_end(tmp_path: Path) -> None:
 def test_probe_is_trained_without_the_hop2_prompts_of_its_test_relations(monkeypatch) -> None:
     """probe_latent: no training row is the explicit hop2 state of a relation its test items use; the partner
     rows say when the probe names the partner's bridge instead."""
-    import bridgeprobe.probes.alignment as alignment
+    import bridgeprobe.probes.memory.alignment as alignment
     trained: list[torch.Tensor] = []
 
     class Recording(alignment.LinearProbe):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import requires_smollm2, tiny_model
-from bridgeprobe.probes.hooks import NativeHooks, pad_right
-from bridgeprobe.probes.models import EMBEDDED, ModelLoadError, convert_gguf, load_model
+from bridgeprobe.probes.model.hooks import NativeHooks, pad_right
+from bridgeprobe.probes.model.load import EMBEDDED, ModelLoadError, convert_gguf, load_model
 
 
 class _Tokenizer:
@@ -68,8 +68,8 @@ def test_device_map_splitting_across_cpu_and_offload_gives_same_logits(checkpoin
 def test_max_memory_split_across_cpu_and_disk_gives_the_same_probe_results(checkpoint) -> None:
     """accelerate places what exceeds the CPU cap on disk; logits, activations, lens rows and a patching sweep
     of the split model equal the plain model's."""
-    from bridgeprobe.probes.lens import lens_batch, lens_queries
-    from bridgeprobe.probes.patching import Pair, sweep
+    from bridgeprobe.probes.readouts.lens import lens_batch, lens_queries
+    from bridgeprobe.probes.readouts.patching import Pair, sweep
     from bridgeprobe.prompts.schema import PromptItem
 
     path, original = checkpoint

@@ -26,9 +26,9 @@ from bridgeprobe.analyses import memory_report, report
 from bridgeprobe.analyses.page import Section, render
 from bridgeprobe.analyses.patching_report import attribution_section
 from bridgeprobe.probes.cli import main
-from bridgeprobe.probes.hooks import NativeHooks
-from bridgeprobe.probes.memory import MemoryConfig, run_memory
-from bridgeprobe.probes.pipeline import item_pairs, run_patching
+from bridgeprobe.probes.model.hooks import NativeHooks
+from bridgeprobe.probes.memory.analysis import MemoryConfig, run_memory
+from bridgeprobe.probes.runs.pipeline import item_pairs, run_patching
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -215,7 +215,7 @@ def test_each_attribution_heatmap_has_its_own_caption_naming_the_site(tiny_runs,
 def test_a_gguf_conversion_says_so_before_it_starts(tmp_path: Path, monkeypatch, capsys) -> None:
     import transformers
 
-    from bridgeprobe.probes.models import ModelLoadError, convert_gguf
+    from bridgeprobe.probes.model.load import ModelLoadError, convert_gguf
 
     gguf = tmp_path / "tiny.Q4_1.gguf"
     gguf.write_bytes(b"GGUF" + bytes(64))
@@ -287,7 +287,7 @@ def test_identity_plots_read_in_words_with_chance_and_nothing_printed_over_anyth
     names), a chance line on the OOD panel, and no text box (title, label, legend) drawn over another."""
     from bridgeprobe.analyses import identity_report
     from bridgeprobe.analyses.plots import lay_out, overlapping_text
-    from bridgeprobe.probes.identity import reproduce_report
+    from bridgeprobe.probes.identity.experiments import reproduce_report
 
     figures = []
 
@@ -299,8 +299,8 @@ def test_identity_plots_read_in_words_with_chance_and_nothing_printed_over_anyth
     monkeypatch.setattr(identity_report, "save_figure", keep)
     out = ROOT / "reports" / "identity" / "reproduce"
     monkeypatch.setattr(identity_report, "atomic_write", lambda *a, **k: None)  # no page written over the report
-    monkeypatch.setattr("bridgeprobe.probes.identity.atomic_write", lambda *a, **k: None)
-    monkeypatch.setattr("bridgeprobe.probes.identity.atomic_write_csv", lambda *a, **k: None)
+    monkeypatch.setattr("bridgeprobe.probes.identity.experiments.atomic_write", lambda *a, **k: None)
+    monkeypatch.setattr("bridgeprobe.probes.identity.experiments.atomic_write_csv", lambda *a, **k: None)
     reproduce_report(out)
     assert {name for name, _ in figures} >= {"learning_curves.png", "spectrum.png", "alignment.png"}
     for name, fig in figures:

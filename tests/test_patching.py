@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM, Gemma2Config, GPTNeoXConfig, Mist
 from transformers.models.gemma3 import Gemma3TextConfig
 
 from conftest import TINY_CONFIGS, CharTokenizer, requires_gemma3, requires_smollm2, requires_transformer_lens
-from bridgeprobe.probes.attribution import attribution_sweep, screen_and_confirm
-from bridgeprobe.probes.hooks import SITES, NativeHooks
-from bridgeprobe.probes.heads import n_heads
-from bridgeprobe.probes.patching import COLUMNS, Pair, head_sweep, patch_cells, patch_jointly, sweep
-from bridgeprobe.probes.variants import FAST_ARCHITECTURES, fast_supported, plan_groups
-from bridgeprobe.probes.tl_backend import TransformerLensHooks
+from bridgeprobe.probes.readouts.attribution import attribution_sweep, screen_and_confirm
+from bridgeprobe.probes.model.hooks import SITES, NativeHooks
+from bridgeprobe.probes.readouts.heads import n_heads
+from bridgeprobe.probes.readouts.patching import COLUMNS, Pair, head_sweep, patch_cells, patch_jointly, sweep
+from bridgeprobe.probes.readouts.variants import FAST_ARCHITECTURES, fast_supported, plan_groups
+from bridgeprobe.probes.model.tl_backend import TransformerLensHooks
 
 TOL = 1e-4
 
@@ -384,7 +384,7 @@ def test_real_smollm2_heads_and_full_grid(smollm2) -> None:
 @pytest.mark.slow
 @requires_gemma3
 def test_real_gemma3_fast_matches_naive() -> None:
-    from bridgeprobe.probes.models import load_model
+    from bridgeprobe.probes.model.load import load_model
 
     model, tokenizer = load_model("gemma3-270m")
     hooked = NativeHooks(model, tokenizer)
@@ -410,7 +410,7 @@ def test_real_gemma3_fast_matches_naive() -> None:
 def test_real_out_of_memory_on_gpu_backs_off_to_the_same_values() -> None:
     """A memory budget far above the GPU's makes the first fast pass (and the first batched forward) allocate more
     than the card holds; both back off and still agree with each other."""
-    from bridgeprobe.probes.models import load_model
+    from bridgeprobe.probes.model.load import load_model
 
     model, tokenizer = load_model("smollm2-135m", device="cuda")
     hooked = NativeHooks(model, tokenizer)
@@ -432,7 +432,7 @@ def test_real_out_of_memory_on_gpu_backs_off_to_the_same_values() -> None:
                                      {"device_map": "auto", "max_memory": {0: "200MiB", "cpu": "8GiB"}}])
 def test_real_fast_sweep_on_gpu_matches_naive(options: dict) -> None:
     """bf16 on the GPU, and fp32 split between the GPU and the CPU by accelerate (blocks on two devices)."""
-    from bridgeprobe.probes.models import load_model
+    from bridgeprobe.probes.model.load import load_model
 
     model, tokenizer = load_model("smollm2-135m", **options)
     devices = {p.device.type for p in model.parameters()}

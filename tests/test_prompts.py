@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import requires_gemma3, requires_smollm2
-from bridgeprobe.probes.targets import target_ids
+from bridgeprobe.probes.model.targets import target_ids
 from bridgeprobe.prompts.loaders import load_prompts, parse_columns
 from bridgeprobe.prompts.schema import PromptSetError
 
@@ -42,7 +42,7 @@ def test_curated_set_shape() -> None:
 def _tokenizer(alias: str):
     from transformers import AutoTokenizer
 
-    from bridgeprobe.probes.models import EMBEDDED, convert_gguf
+    from bridgeprobe.probes.model.load import EMBEDDED, convert_gguf
 
     return AutoTokenizer.from_pretrained(convert_gguf(EMBEDDED[alias].locate()))
 

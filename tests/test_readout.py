@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, CohereConfig, GraniteConfig
 
 from conftest import CharTokenizer, tiny_model
-from bridgeprobe.probes.hooks import NativeHooks
-from bridgeprobe.probes.lens import lens_batch, lens_queries
+from bridgeprobe.probes.model.hooks import NativeHooks
+from bridgeprobe.probes.readouts.lens import lens_batch, lens_queries
 from bridgeprobe.prompts.schema import PromptItem
 
 SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,

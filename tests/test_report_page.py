@@ -21,10 +21,10 @@ from test_memory import ITEMS, WordTokenizer
 from bridgeprobe.analyses.memory_report import memory_section, write_memory_outputs
 from bridgeprobe.analyses.patching_report import attribution_section
 from bridgeprobe.analyses.report import write_lens_report
-from bridgeprobe.probes.hooks import NativeHooks
-from bridgeprobe.probes.lens import lens_batch, lens_queries
-from bridgeprobe.probes.memory import MemoryConfig, run_memory
-from bridgeprobe.probes.pipeline import item_pairs, run_patching
+from bridgeprobe.probes.model.hooks import NativeHooks
+from bridgeprobe.probes.readouts.lens import lens_batch, lens_queries
+from bridgeprobe.probes.memory.analysis import MemoryConfig, run_memory
+from bridgeprobe.probes.runs.pipeline import item_pairs, run_patching
 
 RAW_MARKUP = (":func:`", ":data:`", ":mod:`", ":class:`", ":meth:`", "``")
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bridgeprobe.probes.results import IncrementalCSV, ResumeMismatch
+from bridgeprobe.probes.io.results import IncrementalCSV, ResumeMismatch
 
 
 def test_resume_skips_done_rows_and_cuts_an_uncommitted_tail(tmp_path: Path) -> None:

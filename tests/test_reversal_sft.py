@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bridgeprobe.probes.chat_sft import SFTConfig, encode_chat, entity_correct, train_chat, weighted_loss
+from bridgeprobe.probes.identity.chat_sft import SFTConfig, encode_chat, entity_correct, train_chat, weighted_loss
 from bridgeprobe.prompts.couples import FORMS, check_couples, eval_sets, load_couples, training_set
 from conftest import TINY_CONFIGS
 

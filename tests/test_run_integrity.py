@@ -104,7 +104,7 @@ def reference(ws: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
 KILLER = textwrap.dedent('''
     """Run bridgeprobe, SIGKILLing (or stalling) this process at a chosen point of its output writes."""
     import os, signal, sys, time
-    import bridgeprobe.probes.results as results
+    import bridgeprobe.probes.io.results as results
     how, n, fraction = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     count = [0]
 

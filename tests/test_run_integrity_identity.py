@@ -41,8 +41,8 @@ def _one_line_error(capsys: pytest.CaptureFixture) -> str:
 def _fake_run(path: Path, seed: int = 0, **changes: dict) -> Path:
     """A finished reproduce run as identity-grid reads it (run.json settings of the tiny preset, results.csv),
     without training; ``changes``: settings per part, e.g. ``train={"n_layer": 3}``."""
-    from bridgeprobe.probes.identity import GRID_KEYS, REPRODUCE_PRESETS
-    from bridgeprobe.probes.scratch import TrainConfig
+    from bridgeprobe.probes.identity.experiments import GRID_KEYS, REPRODUCE_PRESETS
+    from bridgeprobe.probes.identity.scratch import TrainConfig
     from bridgeprobe.prompts.synthetic import SynthConfig
 
     preset = REPRODUCE_PRESETS["tiny"]
@@ -81,7 +81,7 @@ def test_identity_grid_puts_runs_with_other_settings_in_other_cells(tmp_path: Pa
 
 
 def test_identity_grid_out_into_a_running_directory_is_refused(tmp_path: Path, capsys) -> None:
-    from bridgeprobe.probes.rundir import run_directory
+    from bridgeprobe.probes.runs.rundir import run_directory
 
     run = _fake_run(tmp_path / "a")
     busy = tmp_path / "running"
@@ -166,7 +166,7 @@ def finetune_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A finetune run of ``ws/a/model`` given by its relative name from ``ws/a``, killed while its last report file
     is written and rerun; what was seen after the kill and in the rerun."""
     import bridgeprobe.analyses.identity_report as report
-    import bridgeprobe.probes.finetune as finetune
+    import bridgeprobe.probes.identity.finetune as finetune
     from test_finetune import _tiny_dir
 
     ws = tmp_path_factory.mktemp("finetune")
@@ -207,7 +207,7 @@ def test_finetune_is_finished_only_after_its_report(finetune_run: dict) -> None:
 
 def test_finetune_lens_loads_the_recorded_base_model_or_refuses(finetune_run: dict, tmp_path: Path, capsys,
                                                               monkeypatch) -> None:
-    import bridgeprobe.probes.models as models
+    import bridgeprobe.probes.model.load as models
 
     ws, run = finetune_run["ws"], finetune_run["out"]
     base = ws / "a" / "model"

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import place_items, save_tiny_checkpoint
 from bridgeprobe.probes.cli import main
-from bridgeprobe.probes.results import TEXT_COLUMNS, read_table
+from bridgeprobe.probes.io.results import TEXT_COLUMNS, read_table
 
 # eight ids, paired as in place_items (0-1, 2-3, ...): each pair holds two ids that pandas would confuse
 IDS = ["1", "01", "NA", "null", "None", "nan", "Zürich/1", "1.0"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import bridgeprobe.probes.cli.identity
-import bridgeprobe.probes.results
+import bridgeprobe.probes.io.results
 from bridgeprobe.probes.cli import main
 from conftest import save_tiny_checkpoint
 
@@ -154,7 +154,7 @@ def test_checkpoint_without_tokenizer_files_names_them(workspace: Path, capsys) 
 def test_interrupted_conversion_leaves_no_temporary_directory(workspace: Path, monkeypatch) -> None:
     import transformers
 
-    from bridgeprobe.probes.models import convert_gguf
+    from bridgeprobe.probes.model.load import convert_gguf
 
     monkeypatch.setenv("BRIDGEPROBE_CACHE", str(workspace / "cache"))
     gguf = workspace / "tiny.gguf"
@@ -170,7 +170,7 @@ def test_interrupted_conversion_leaves_no_temporary_directory(workspace: Path, m
 
 
 def test_conversion_removes_temporary_directories_of_dead_processes(cached_gguf) -> None:
-    from bridgeprobe.probes.models import convert_gguf
+    from bridgeprobe.probes.model.load import convert_gguf
 
     gguf, entry = cached_gguf
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
@@ -206,7 +206,7 @@ class _FullFile:
 
 
 class _FullDisk:
-    """The ``os`` module of probes.results on a full disk."""
+    """The ``os`` module of probes.io.results on a full disk."""
 
     def __getattr__(self, name: str):
         return getattr(os, name)
@@ -217,7 +217,7 @@ class _FullDisk:
 
 
 def test_disk_full_names_the_file(tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(bridgeprobe.probes.results, "os", _FullDisk())
+    monkeypatch.setattr(bridgeprobe.probes.io.results, "os", _FullDisk())
     assert main(["synth", "--out", str(tmp_path / "synth")]) == 2
     line = _one_line(capsys)  # before: "bridgeprobe: error: [Errno 28] No space left on device"
     assert line.startswith(f"bridgeprobe: error: {tmp_path / 'synth'}{os.sep}")

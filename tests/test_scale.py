@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 import torch
 
-import bridgeprobe.probes.pipeline
+import bridgeprobe.probes.runs.pipeline
 from conftest import CharTokenizer, requires_smollm2, save_tiny_checkpoint, tiny_model
-from bridgeprobe.probes.fidelity import compare_lens, compare_patching, spearman
-from bridgeprobe.probes.hooks import NativeHooks
-from bridgeprobe.probes.lens import (DEFAULT_BATCH_SIZE, MAX_AUTO_BATCH, _encode, auto_batch_size, lens_batch, lens_memory,
+from bridgeprobe.probes.runs.fidelity import compare_lens, compare_patching, spearman
+from bridgeprobe.probes.model.hooks import NativeHooks
+from bridgeprobe.probes.readouts.lens import (DEFAULT_BATCH_SIZE, MAX_AUTO_BATCH, _encode, auto_batch_size, lens_batch, lens_memory,
                                      lens_queries)
-from bridgeprobe.probes.pipeline import run_lens
+from bridgeprobe.probes.runs.pipeline import run_lens
 from bridgeprobe.prompts.schema import PromptItem
 
 ITEMS = [PromptItem(f"i{k}", f"The capital of the country where landmark {k} {'x' * k} is", f"Country{k}",
@@ -40,7 +40,7 @@ def hooked() -> NativeHooks:
 
 
 def test_lens_halves_its_batch_on_out_of_memory_and_writes_the_same_rows(hooked, tmp_path: Path, monkeypatch) -> None:
-    real = bridgeprobe.probes.pipeline.lens_batch
+    real = bridgeprobe.probes.runs.pipeline.lens_batch
     sizes = []
 
     def small_gpu(hooked, batch, **kwargs):
@@ -49,11 +49,11 @@ def test_lens_halves_its_batch_on_out_of_memory_and_writes_the_same_rows(hooked,
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(hooked, batch, **kwargs)
 
-    monkeypatch.setattr(bridgeprobe.probes.pipeline, "lens_batch", small_gpu)
+    monkeypatch.setattr(bridgeprobe.probes.runs.pipeline, "lens_batch", small_gpu)
     run = run_lens(hooked, ITEMS, tmp_path / "oom", settings={}, batch_size=12)
     assert sizes[:3] == [12, 6, 3] and max(sizes[3:]) == 3  # halved twice, and later batches stay small
     assert run.batch_size == 12 and run.batch_size_used == 3 and len(run.frame) == 7 * 5 * 3  # items x probes x layers
-    monkeypatch.setattr(bridgeprobe.probes.pipeline, "lens_batch", real)
+    monkeypatch.setattr(bridgeprobe.probes.runs.pipeline, "lens_batch", real)
     run_lens(hooked, ITEMS, tmp_path / "plain", settings={}, batch_size=3)
     # the batches that ran are those of a plain run with batch size 3, so the file is the same byte for byte
     assert (tmp_path / "oom" / "lens.csv").read_bytes() == (tmp_path / "plain" / "lens.csv").read_bytes()
@@ -64,7 +64,7 @@ def test_other_errors_are_not_taken_for_out_of_memory(hooked, tmp_path: Path, mo
     def failing(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(bridgeprobe.probes.pipeline, "lens_batch", failing)
+    monkeypatch.setattr(bridgeprobe.probes.runs.pipeline, "lens_batch", failing)
     with pytest.raises(type(error)):
         run_lens(hooked, ITEMS, tmp_path / "out", settings={}, batch_size=4)
 
@@ -73,7 +73,7 @@ def test_out_of_memory_with_one_query_is_raised(hooked, tmp_path: Path, monkeypa
     def no_memory(*args, **kwargs):
         raise MemoryError
 
-    monkeypatch.setattr(bridgeprobe.probes.pipeline, "lens_batch", no_memory)
+    monkeypatch.setattr(bridgeprobe.probes.runs.pipeline, "lens_batch", no_memory)
     with pytest.raises(MemoryError):
         run_lens(hooked, ITEMS[:1], tmp_path / "out", settings={}, batch_size=4)
 
@@ -215,8 +215,8 @@ def test_fidelity_command_compares_each_variant_with_the_reference(checkpoint: P
 def test_real_out_of_memory_on_gpu_halves_the_lens_batch(tmp_path: Path) -> None:
     """With 2 GiB left for activations, 64 prompts of ~1100 tokens do not fit in one batch: the lens backs off and
     writes what a run with the smaller batch writes; the automatic batch size fits its estimate in free memory."""
-    from bridgeprobe.probes.lens import free_memory
-    from bridgeprobe.probes.models import load_model
+    from bridgeprobe.probes.readouts.lens import free_memory
+    from bridgeprobe.probes.model.load import load_model
 
     model, tokenizer = load_model("smollm2-135m", device="cuda")
     hooked = NativeHooks(model, tokenizer)

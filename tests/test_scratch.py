@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from bridgeprobe.probes.scratch import (TrainConfig, Vocab, alignment, batch_indices, build_model, fixed_subsets,
+from bridgeprobe.probes.identity.scratch import (TrainConfig, Vocab, alignment, batch_indices, build_model, fixed_subsets,
                                         load_checkpoint, train, weight_stats)
 from bridgeprobe.prompts.synthetic import SynthConfig, generate
 
@@ -189,7 +189,7 @@ def test_gpt2_is_built_from_config_with_scaled_init() -> None:
 def test_reproduce_command_writes_outputs_and_resumes_after_a_kill(tmp_path: Path, monkeypatch) -> None:
     import pandas as pd
 
-    import bridgeprobe.probes.scratch
+    import bridgeprobe.probes.identity.scratch
     from bridgeprobe.probes.cli import main
 
     args = ["reproduce", "--preset", "tiny", "--seeds", "0", "--steps", "20", "--checkpoint-every", "10"]
@@ -214,15 +214,15 @@ def test_reproduce_command_writes_outputs_and_resumes_after_a_kill(tmp_path: Pat
         assert grid.loc[0, f"ood_two_hop_acc {condition} mean"] == pytest.approx(expected)
     assert "| seeds |" in (tmp_path / "grid" / "grid.md").read_text()
 
-    real, calls = bridgeprobe.probes.scratch.train, []
+    real, calls = bridgeprobe.probes.identity.scratch.train, []
 
     def killed_in_second_run(*a, **kw):
         calls.append(1)
         return real(*a, **kw, interrupt_at=15 if len(calls) == 2 else None)
 
-    monkeypatch.setattr(bridgeprobe.probes.scratch, "train", killed_in_second_run)
+    monkeypatch.setattr(bridgeprobe.probes.identity.scratch, "train", killed_in_second_run)
     assert main([*args, "--out", str(tmp_path / "killed")]) == 130  # Ctrl-C: one line, exit 130
-    monkeypatch.setattr(bridgeprobe.probes.scratch, "train", real)
+    monkeypatch.setattr(bridgeprobe.probes.identity.scratch, "train", real)
     assert main([*args, "--out", str(tmp_path / "killed")]) == 0
     for name in ("metrics.csv", "alignment.csv", "weights.csv", "spectrum.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "killed" / name), pd.read_csv(clean / name))

@@ -15,7 +15,7 @@ from scipy import stats
 
 from bridgeprobe.analyses.scratch_report import coverage_table, patch_table
 from bridgeprobe.probes.cli import main
-from bridgeprobe.probes.scratch_analysis import TrainedRun, cross_patch, ood_items, trained_runs
+from bridgeprobe.probes.identity.scratch_analysis import TrainedRun, cross_patch, ood_items, trained_runs
 from bridgeprobe.prompts.synthetic import SynthConfig, check_splits, generate, load_splits, save_splits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,7 +86,7 @@ def _by_hand(run: TrainedRun, source: list[int], receiver: list[int], s: int, t:
 
 
 def test_cross_patch_equals_the_forward_written_out(tiny_run: Path, monkeypatch) -> None:
-    import bridgeprobe.probes.scratch_analysis as analysis
+    import bridgeprobe.probes.identity.scratch_analysis as analysis
 
     run = next(r for r in trained_runs(tiny_run) if r.keys["condition"] == "identity")
     # every query counted: compare with all of them (the fact filter is checked below)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import requires_smollm2
-from bridgeprobe.probes.targets import target_ids
+from bridgeprobe.probes.model.targets import target_ids
 from bridgeprobe.prompts.loaders import load_prompts
 from bridgeprobe.prompts.schema import PromptSetError
 from bridgeprobe.prompts.synthetic import (SPLITS, SynthConfig, check_splits, generate, load_splits, make_names, render_items,

@@ -1,4 +1,4 @@
-"""Target tokens in context (probes.targets) for every tokenizer family, against an independent in-context
+"""Target tokens in context (probes.model.targets) for every tokenizer family, against an independent in-context
 tokenization (character offsets of the joint text), and the lens/patching/memory/synthetic paths that use them.
 
 The tokenizers are built offline with the ``tokenizers`` library, each laid out as its family's tokenizer.json:
@@ -18,11 +18,11 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 from conftest import requires_gemma3, requires_smollm2
-from bridgeprobe.probes.hooks import NativeHooks
-from bridgeprobe.probes.lens import control_bridges, flag_queries, lens_batch, lens_queries
-from bridgeprobe.probes.memory import encode
-from bridgeprobe.probes.pipeline import item_pairs
-from bridgeprobe.probes.targets import target_ids
+from bridgeprobe.probes.model.hooks import NativeHooks
+from bridgeprobe.probes.readouts.lens import control_bridges, flag_queries, lens_batch, lens_queries
+from bridgeprobe.probes.memory.analysis import encode
+from bridgeprobe.probes.runs.pipeline import item_pairs
+from bridgeprobe.probes.model.targets import target_ids
 from bridgeprobe.prompts.schema import PromptItem
 
 CORPUS = [
@@ -215,7 +215,7 @@ def test_fallback_when_the_join_merges_across_the_boundary(caplog: pytest.LogCap
     head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     joint = tokenizer(prompt + target, add_special_tokens=False)["input_ids"]
     assert joint[: len(head)] != head  # the case the fallback is for
-    with caplog.at_level(logging.WARNING, logger="bridgeprobe.probes.targets"):
+    with caplog.at_level(logging.WARNING, logger="bridgeprobe.probes.model.targets"):
         ids = target_ids(tokenizer, prompt, target, sep="")
     assert "not a prefix" in caplog.text
     common = next(i for i, (a, b) in enumerate(zip(head, joint)) if a != b)
@@ -285,7 +285,7 @@ def test_real_tokenizers_keep_their_curated_targets(alias: str) -> None:
     Gemma's have no dummy prefix: every one of them)."""
     from transformers import AutoTokenizer
 
-    from bridgeprobe.probes.models import resolve
+    from bridgeprobe.probes.model.load import resolve
     from bridgeprobe.prompts.loaders import load_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(resolve(alias))

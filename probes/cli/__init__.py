@@ -15,12 +15,12 @@ import shlex
 import sys
 from typing import NoReturn, Sequence
 
-from bridgeprobe.probes import pipeline
+from bridgeprobe.probes.runs import pipeline
 from bridgeprobe.probes.cli import fidelity, identity, lens, memory, patch
 from bridgeprobe.probes.cli.common import EPILOG
-from bridgeprobe.probes.models import ModelLoadError
-from bridgeprobe.probes.results import ResumeMismatch
-from bridgeprobe.probes.rundir import RunComplete, RunDirError
+from bridgeprobe.probes.model.load import ModelLoadError
+from bridgeprobe.probes.io.results import ResumeMismatch
+from bridgeprobe.probes.runs.rundir import RunComplete, RunDirError
 from bridgeprobe.prompts.schema import PromptSetError
 
 COMMANDS = (lens, patch, fidelity, memory, identity)

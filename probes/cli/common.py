@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from bridgeprobe.probes.models import DTYPES, EMBEDDED
-from bridgeprobe.probes.pipeline import BACKENDS, ModelOptions
+from bridgeprobe.probes.model.load import DTYPES, EMBEDDED
+from bridgeprobe.probes.runs.pipeline import BACKENDS, ModelOptions
 from bridgeprobe.prompts.loaders import PRESETS, load_prompts, parse_columns
 from bridgeprobe.prompts.sampling import SAMPLES
 from bridgeprobe.prompts.schema import PromptItem
@@ -125,9 +125,9 @@ def rundir_args(parser: argparse.ArgumentParser) -> None:
 
 
 def fingerprint(args: argparse.Namespace, command: str, **options: Any) -> dict[str, Any]:
-    """Everything that determines a job's numbers (:mod:`probes.rundir`): the model's identity and loading
+    """Everything that determines a job's numbers (:mod:`probes.runs.rundir`): the model's identity and loading
     options, the prompt files' content, the prompt selection, the job's own ``options``, seed and versions."""
-    from bridgeprobe.probes.rundir import adapter_identity, model_identity, prompt_identity
+    from bridgeprobe.probes.runs.rundir import adapter_identity, model_identity, prompt_identity
 
     def version(name: str) -> str | None:
         try:
@@ -174,7 +174,7 @@ def check_options(args: argparse.Namespace) -> None:
     if getattr(args, "max_memory", None):
         parse_max_memory(args.max_memory)
     if getattr(args, "adapter", None):
-        from bridgeprobe.probes.models import check_adapter
+        from bridgeprobe.probes.model.load import check_adapter
 
         if getattr(args, "command", None) == "finetune":
             raise ValueError("finetune trains its own adapters on --model; --adapter is for the probing commands")
@@ -223,7 +223,7 @@ def prompt_settings(args: argparse.Namespace) -> dict:
 
 
 def model_options(args: argparse.Namespace) -> ModelOptions:
-    """The model flags as :class:`~probes.pipeline.ModelOptions`."""
+    """The model flags as :class:`~probes.runs.pipeline.ModelOptions`."""
     max_memory = parse_max_memory(args.max_memory) if args.max_memory else None
     offline = args.offline or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     return ModelOptions(

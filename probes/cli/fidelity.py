@@ -12,15 +12,15 @@ import pandas as pd
 import torch
 
 from bridgeprobe.analyses.summaries import files_line
-from bridgeprobe.probes.checks import check_context_length
+from bridgeprobe.probes.runs.checks import check_context_length
 from bridgeprobe.probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, positive_int,
                                            non_negative_int, prompt_args, prompt_settings, rundir_args)
-from bridgeprobe.probes.fidelity import COLUMNS, compare_lens, compare_patching, summary
-from bridgeprobe.probes.hooks import SITES
-from bridgeprobe.probes.models import DTYPES
-from bridgeprobe.probes.pipeline import ModelOptions, Timer, item_pairs, run_lens, run_patching, run_record
-from bridgeprobe.probes.results import atomic_write_csv, atomic_write_json
-from bridgeprobe.probes.rundir import RunDirectory, run_directory
+from bridgeprobe.probes.runs.fidelity import COLUMNS, compare_lens, compare_patching, summary
+from bridgeprobe.probes.model.hooks import SITES
+from bridgeprobe.probes.model.load import DTYPES
+from bridgeprobe.probes.runs.pipeline import ModelOptions, Timer, item_pairs, run_lens, run_patching, run_record
+from bridgeprobe.probes.io.results import atomic_write_csv, atomic_write_json
+from bridgeprobe.probes.runs.rundir import RunDirectory, run_directory
 from bridgeprobe.prompts.sampling import sample_pairs
 from bridgeprobe.prompts.schema import PromptItem
 

@@ -1,6 +1,6 @@
 """``bridgeprobe synth`` (synthetic two-hop knowledge), ``bridgeprobe reproduce`` (from-scratch identity-bridge
 runs) and ``bridgeprobe finetune`` (LoRA identity fine-tuning of a pretrained model, probed before and after): the
-flags, turned into the configs :mod:`probes.identity` runs."""
+flags, turned into the configs :mod:`probes.identity.experiments` runs."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from bridgeprobe.analyses.summaries import files_line
 from bridgeprobe.probes.cli.common import (EPILOG, RUNS, check_options, fingerprint, fraction, model_args,
                                            model_options, non_negative_float, non_negative_int, positive_float,
                                            positive_int, real_number, rundir_args, whole_number)
-from bridgeprobe.probes.identity import (FINETUNE_DATA, GRID_FILES, REPRODUCE_PRESETS, finetune, reproduce, write_grid,
+from bridgeprobe.probes.identity.experiments import (FINETUNE_DATA, GRID_FILES, REPRODUCE_PRESETS, finetune, reproduce, write_grid,
                                         write_synth)
-from bridgeprobe.probes.models import DEFAULT_MODEL
+from bridgeprobe.probes.model.load import DEFAULT_MODEL
 from bridgeprobe.prompts.couples import FORMS as COUPLE_FORMS
 from bridgeprobe.prompts.reversal import IDENTITY_OF, RELATIONS, ReversalConfig
 from bridgeprobe.prompts.synthetic import IDENTITY_FORMS, OOD_KINDS, SynthConfig
@@ -255,7 +255,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     finetune.add_argument("--patch-pairs", type=non_negative_int, default=2,
                           help="counterfactual pairs per split for exact resid_pre patching (default 2; 0 skips)")
     finetune.add_argument("--memory", action="store_true",
-                          help="also run the shared-memory analyses (probes.memory: decoding and alignment) on the "
+                          help="also run the shared-memory analyses (probes.memory.analysis: decoding and alignment) on the "
                                "probe items of each model state -> DIR/memory/<state>/memory.csv")
     finetune.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2],
                           help="seeds, each with its own data, names and LoRA initialization (default 0 1 2); the "
@@ -304,8 +304,8 @@ MODEL_FLAGS = ("model", "dtype", "quantize", "device", "device_map", "max_memory
 
 
 def _run_directory(args: argparse.Namespace) -> Any:
-    """Lock ``args.out`` for this command with a fingerprint of all its options (:mod:`probes.rundir`)."""
-    from bridgeprobe.probes.rundir import run_directory
+    """Lock ``args.out`` for this command with a fingerprint of all its options (:mod:`probes.runs.rundir`)."""
+    from bridgeprobe.probes.runs.rundir import run_directory
 
     check_options(args)
     model_flags = MODEL_FLAGS if hasattr(args, "backend") else ()  # the fingerprint has the model flags already
@@ -327,7 +327,7 @@ def _synth(args: argparse.Namespace, run: Any) -> None:
     if args.tokenizer_model:
         from transformers import AutoTokenizer
 
-        from bridgeprobe.probes.models import resolve
+        from bridgeprobe.probes.model.load import resolve
 
         tokenizer = AutoTokenizer.from_pretrained(resolve(args.tokenizer_model))
     splits = write_synth(_data_config(args, {}, args.seed), args.out, tokenizer)
@@ -342,7 +342,7 @@ def _synth(args: argparse.Namespace, run: Any) -> None:
 
 
 def _train_config(args: argparse.Namespace, preset: dict[str, Any]) -> Any:
-    from bridgeprobe.probes.scratch import TrainConfig
+    from bridgeprobe.probes.identity.scratch import TrainConfig
 
     values = dict(preset)
     for flag, field in (("model", "model"), ("steps", "steps"), ("batch_size", "batch_size"), ("lr", "lr"),
@@ -359,7 +359,7 @@ def _train_config(args: argparse.Namespace, preset: dict[str, Any]) -> Any:
 
 def reproduce_job(args: argparse.Namespace) -> Path:
     """The preset and flags as a training config, data configs per seed and the grid, run by
-    :func:`probes.identity.reproduce`."""
+    :func:`probes.identity.experiments.reproduce`."""
     preset = REPRODUCE_PRESETS[args.preset]
     base = _train_config(args, preset["train"])
     grid = list(itertools.product(args.init_scales or [base.init_scale], args.weight_decays or [base.weight_decay],
@@ -376,8 +376,8 @@ def _finished_report(args: argparse.Namespace, command: str) -> Iterator[None]:
     """Around a job: when its directory holds this run finished (``RunComplete``, exit 0) but report files are
     missing (deleted, or a run killed after its finished mark by an earlier bridgeprobe), rebuild them from the
     run's tables under the lock, without training; the run is still complete."""
-    from bridgeprobe.probes.identity import missing_report, rebuild_report
-    from bridgeprobe.probes.rundir import RunComplete, RunDirectory
+    from bridgeprobe.probes.identity.experiments import missing_report, rebuild_report
+    from bridgeprobe.probes.runs.rundir import RunComplete, RunDirectory
 
     try:
         yield
@@ -392,7 +392,7 @@ def _finished_report(args: argparse.Namespace, command: str) -> Iterator[None]:
 
 
 def grid_job(args: argparse.Namespace) -> Path:
-    """Collect the runs (:func:`probes.identity.write_grid`) and print the cells that meet the claim, if any."""
+    """Collect the runs (:func:`probes.identity.experiments.write_grid`) and print the cells that meet the claim, if any."""
     table = write_grid(args.runs, args.out)
     met = int(table["claim met"].sum())
     best = table.iloc[0]
@@ -405,10 +405,10 @@ def grid_job(args: argparse.Namespace) -> Path:
 
 def finetune_lens_job(args: argparse.Namespace) -> Path:
     """Check the finetune run (before loading), lock OUT with a fingerprint of the run's record and adapters,
-    and run :func:`probes.finetune_lens.finetune_lens`."""
-    from bridgeprobe.probes.finetune_lens import base_model, finetune_lens, finished_two_hop_run
-    from bridgeprobe.probes.identity import adapter_name
-    from bridgeprobe.probes.rundir import adapter_identity, file_sha256, run_directory
+    and run :func:`probes.identity.finetune_lens.finetune_lens`."""
+    from bridgeprobe.probes.identity.finetune_lens import base_model, finetune_lens, finished_two_hop_run
+    from bridgeprobe.probes.identity.experiments import adapter_name
+    from bridgeprobe.probes.runs.rundir import adapter_identity, file_sha256, run_directory
 
     record = finished_two_hop_run(args.run)
     settings = record["settings"]
@@ -424,10 +424,10 @@ def finetune_lens_job(args: argparse.Namespace) -> Path:
 
 
 def reversal_sft_job(args: argparse.Namespace) -> Path:
-    """The flags as the recipe's config and couples, run by :func:`probes.reversal_sft.reversal_sft`."""
-    from bridgeprobe.probes.chat_sft import SFTConfig
-    from bridgeprobe.probes.reversal_sft import reversal_sft
-    from bridgeprobe.probes.rundir import RunDirError
+    """The flags as the recipe's config and couples, run by :func:`probes.identity.reversal_sft.reversal_sft`."""
+    from bridgeprobe.probes.identity.chat_sft import SFTConfig
+    from bridgeprobe.probes.identity.reversal_sft import reversal_sft
+    from bridgeprobe.probes.runs.rundir import RunDirError
     from bridgeprobe.prompts.couples import load_couples
 
     if args.quantize or args.device_map or args.adapter or args.backend != "native":
@@ -445,15 +445,15 @@ def reversal_sft_job(args: argparse.Namespace) -> Path:
 
 def scratch_analysis_job(args: argparse.Namespace) -> Path:
     """Check the runs (before any model is built), lock OUT with a fingerprint of their records, run
-    :func:`probes.scratch_analysis.analyse_run` on each and write the tables of :mod:`analyses.scratch_report`."""
+    :func:`probes.identity.scratch_analysis.analyse_run` on each and write the tables of :mod:`analyses.scratch_report`."""
     import pandas as pd
     from tqdm.auto import tqdm
 
     from bridgeprobe.analyses import scratch_report as report
-    from bridgeprobe.probes.identity import reproduce_runs
-    from bridgeprobe.probes.results import atomic_write, atomic_write_csv
-    from bridgeprobe.probes.rundir import RunDirError, file_sha256, run_directory
-    from bridgeprobe.probes.scratch_analysis import analyse_run
+    from bridgeprobe.probes.identity.experiments import reproduce_runs
+    from bridgeprobe.probes.io.results import atomic_write, atomic_write_csv
+    from bridgeprobe.probes.runs.rundir import RunDirError, file_sha256, run_directory
+    from bridgeprobe.probes.identity.scratch_analysis import analyse_run
 
     empty = [str(path) for path in args.runs if not reproduce_runs([path])]
     if empty:
@@ -490,10 +490,10 @@ def scratch_analysis_job(args: argparse.Namespace) -> Path:
 
 def finetune_report_job(args: argparse.Namespace) -> Path:
     """Check that DIR holds a finished finetune run, lock it and rebuild its report files."""
-    from bridgeprobe.probes.identity import finetune_report
-    from bridgeprobe.probes.rundir import RunDirError, RunDirectory, read_run_record
+    from bridgeprobe.probes.identity.experiments import finetune_report
+    from bridgeprobe.probes.runs.rundir import RunDirError, RunDirectory, read_run_record
 
-    from bridgeprobe.probes.finetune_lens import lens_tables
+    from bridgeprobe.probes.identity.finetune_lens import lens_tables
 
     record = args.out / "run.json"
     if not record.is_file():
@@ -515,8 +515,8 @@ def finetune_report_job(args: argparse.Namespace) -> Path:
 
 
 def finetune_job(args: argparse.Namespace) -> Path:
-    """The flags as model options, data and LoRA configs, run by :func:`probes.identity.finetune`."""
-    from bridgeprobe.probes.finetune import FinetuneConfig
+    """The flags as model options, data and LoRA configs, run by :func:`probes.identity.experiments.finetune`."""
+    from bridgeprobe.probes.identity.finetune import FinetuneConfig
 
     config = FinetuneConfig(rank=args.rank, alpha=args.alpha, target_modules=args.target_modules, lr=args.lr,
                             weight_decay=args.weight_decay, steps=args.steps, batch_size=args.batch_size,

@@ -9,17 +9,17 @@ from pathlib import Path
 import torch
 
 from bridgeprobe.analyses.summaries import lens_run_lines, lens_summary
-from bridgeprobe.probes.checks import check_context_length
+from bridgeprobe.probes.runs.checks import check_context_length
 from bridgeprobe.probes.cli.common import (EPILOG, check_options, default_out, fingerprint, load_items, model_args,
                                            model_options, non_negative_int, prompt_args, prompt_settings, run_args,
                                            rundir_args)
 from bridgeprobe.probes.cli.memory import (memory_config, memory_flags, memory_report_section, read_memory_csv,  # memory section
                                            run_memory_section)
-from bridgeprobe.probes.hooks import HookedModel
-from bridgeprobe.probes.models import DEFAULT_MODEL
-from bridgeprobe.probes.pipeline import ModelOptions, PatchingRun, Timer, item_pairs, run_lens, run_patching, run_record
-from bridgeprobe.probes.results import read_table
-from bridgeprobe.probes.rundir import (RunDirError, RunDirectory, check_prompt_files, check_rows, read_run_record,
+from bridgeprobe.probes.model.hooks import HookedModel
+from bridgeprobe.probes.model.load import DEFAULT_MODEL
+from bridgeprobe.probes.runs.pipeline import ModelOptions, PatchingRun, Timer, item_pairs, run_lens, run_patching, run_record
+from bridgeprobe.probes.io.results import read_table
+from bridgeprobe.probes.runs.rundir import (RunDirError, RunDirectory, check_prompt_files, check_rows, read_run_record,
                                       run_directory, table_path)
 from bridgeprobe.prompts.loaders import load_prompts, parse_columns
 from bridgeprobe.prompts.sampling import sample_pairs
@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def lens_job(args: argparse.Namespace, report: bool) -> Path:
-    """Check the options and prompts, lock the output directory (:mod:`probes.rundir`), load, run the lens
+    """Check the options and prompts, lock the output directory (:mod:`probes.runs.rundir`), load, run the lens
     (resumable) and write run.json, plus the report when asked."""
     torch.manual_seed(args.seed)
     out: Path = args.out or default_out(args.model)

@@ -13,15 +13,15 @@ import pandas as pd
 import torch
 
 from bridgeprobe.analyses.summaries import MEMORY_FILES, files_line, memory_lines
-from bridgeprobe.probes.checks import check_context_length
+from bridgeprobe.probes.runs.checks import check_context_length
 from bridgeprobe.probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, positive_int,
                                            non_negative_int, prompt_args, prompt_settings, rundir_args)
-from bridgeprobe.probes.hooks import HookedModel
-from bridgeprobe.probes.memory import ANALYSES, MemoryConfig, MemoryRun, run_memory
-from bridgeprobe.probes.pipeline import ModelOptions, Timer, run_record
-from bridgeprobe.probes.results import read_table
-from bridgeprobe.probes.rundir import RunDirError, RunDirectory, check_rows, run_directory, table_path
-from bridgeprobe.probes.variants import METHODS
+from bridgeprobe.probes.model.hooks import HookedModel
+from bridgeprobe.probes.memory.analysis import ANALYSES, MemoryConfig, MemoryRun, run_memory
+from bridgeprobe.probes.runs.pipeline import ModelOptions, Timer, run_record
+from bridgeprobe.probes.io.results import read_table
+from bridgeprobe.probes.runs.rundir import RunDirError, RunDirectory, check_rows, run_directory, table_path
+from bridgeprobe.probes.readouts.variants import METHODS
 from bridgeprobe.prompts.schema import PromptItem
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def memory_flags(parser: argparse.ArgumentParser, prefix: str = "", *, items: in
 
 
 def memory_config(args: argparse.Namespace, prefix: str = "") -> MemoryConfig:
-    """The memory flags as a :class:`~probes.memory.MemoryConfig`."""
+    """The memory flags as a :class:`~probes.memory.analysis.MemoryConfig`."""
     get = lambda name: getattr(args, prefix.replace("-", "_") + name)  # noqa: E731
     analyses = tuple(a.strip() for a in get("analyses").split(",") if a.strip())
     return MemoryConfig(analyses=analyses, n_items=get("items"), map_items=get("map_items"), stride=get("stride"),
@@ -128,7 +128,7 @@ def run_memory_section(hooked: HookedModel, items: list[PromptItem], out: Path, 
 
 
 def read_memory_csv(out: Path) -> pd.DataFrame:
-    """``DIR/memory.csv`` (or ``memory.csv.gz``) as :func:`~probes.memory.run_memory` returns it."""
+    """``DIR/memory.csv`` (or ``memory.csv.gz``) as :func:`~probes.memory.analysis.run_memory` returns it."""
     return read_table(table_path(out, "memory.csv"))
 
 
@@ -141,7 +141,7 @@ def memory_report_section(frame: pd.DataFrame, out: Path, record: dict) -> Secti
 
 
 def memory_job(args: argparse.Namespace) -> Path:
-    """Check the options and prompts, lock the output directory (:mod:`probes.rundir`), load, run the memory
+    """Check the options and prompts, lock the output directory (:mod:`probes.runs.rundir`), load, run the memory
     analyses (resumable), then write the tables, plots, summary and run.json."""
     torch.manual_seed(args.seed)
     config = memory_config(args)
@@ -160,7 +160,7 @@ FEW_ITEMS = 90  # the full SmolLM2 analysis decided at the last token with 94-11
 def warn_undecidable(items: list[PromptItem], config: MemoryConfig) -> None:
     """Before loading: say on stderr when the run cannot decide (no item for the other-relation test) or likely
     cannot (fewer than :data:`FEW_ITEMS` per test), with what would help."""
-    from bridgeprobe.probes.memory import other_relation_candidates
+    from bridgeprobe.probes.memory.analysis import other_relation_candidates
     from bridgeprobe.prompts.sampling import sample_items
 
     analysed = sample_items(items, config.n_items, seed=config.seed)
@@ -216,7 +216,7 @@ def memory_report_job(out: Path) -> None:
 
 def controls_job(args: argparse.Namespace) -> None:
     """Write the two control sets of :mod:`prompts.controls`."""
-    from bridgeprobe.probes.results import atomic_write
+    from bridgeprobe.probes.io.results import atomic_write
     from bridgeprobe.prompts.controls import KINDS, control_items
 
     items = load_items(args, limit=args.limit)

@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 
 from bridgeprobe.analyses.summaries import PATCH_FILES, files_line, patching_lines
-from bridgeprobe.probes.checks import check_context_length
+from bridgeprobe.probes.runs.checks import check_context_length
 from bridgeprobe.probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, prompt_args,
                                            non_negative_int, prompt_settings, rundir_args)
-from bridgeprobe.probes.hooks import SITES
-from bridgeprobe.probes.patching import HEAD
-from bridgeprobe.probes.pipeline import ModelOptions, Timer, item_pairs, run_patching, run_record
-from bridgeprobe.probes.rundir import RunDirectory, prompt_identity, run_directory
+from bridgeprobe.probes.model.hooks import SITES
+from bridgeprobe.probes.readouts.patching import HEAD
+from bridgeprobe.probes.runs.pipeline import ModelOptions, Timer, item_pairs, run_patching, run_record
+from bridgeprobe.probes.runs.rundir import RunDirectory, prompt_identity, run_directory
 from bridgeprobe.prompts.sampling import sample_pairs
 from bridgeprobe.prompts.schema import PromptItem
 
@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def patch_job(args: argparse.Namespace) -> Path:
-    """Check the options and prompts, lock the output directory (:mod:`probes.rundir`), load, build pairs, sweep
+    """Check the options and prompts, lock the output directory (:mod:`probes.runs.rundir`), load, build pairs, sweep
     (resumable), write patching outputs and run.json."""
     torch.manual_seed(args.seed)
     sites = [s.strip() for s in args.site.split(",") if s.strip()]

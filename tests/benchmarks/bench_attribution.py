@@ -16,11 +16,11 @@ import time
 
 import pandas as pd
 
-from bridgeprobe.probes.attribution import attribution_sweep
-from bridgeprobe.probes.hooks import NativeHooks
-from bridgeprobe.probes.models import load_model
-from bridgeprobe.probes.patching import sweep
-from bridgeprobe.probes.pipeline import item_pairs
+from bridgeprobe.probes.readouts.attribution import attribution_sweep
+from bridgeprobe.probes.model.hooks import NativeHooks
+from bridgeprobe.probes.model.load import load_model
+from bridgeprobe.probes.readouts.patching import sweep
+from bridgeprobe.probes.runs.pipeline import item_pairs
 from bridgeprobe.prompts.loaders import load_prompts
 
 SITES = ("resid_pre", "attn_out", "mlp_out")

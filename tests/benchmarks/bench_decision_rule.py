@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from bridgeprobe.analyses.calibration import markdown, operating_characteristics
-from bridgeprobe.probes.results import atomic_write, atomic_write_csv
+from bridgeprobe.probes.io.results import atomic_write, atomic_write_csv
 
 
 def main() -> None:

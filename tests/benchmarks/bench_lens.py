@@ -2,7 +2,7 @@
 
 Baseline: one ``TransformerBridge.run_with_cache`` per distinct prompt (caching only the resid_post hooks), then
 each layer's last-position residual through ``ln_final`` and ``unembed``, as a TransformerLens user writes the
-logit lens. Ours: :func:`probes.lens.lens_batch` with the native backend, batched and padded. Both are timed in
+logit lens. Ours: :func:`probes.readouts.lens.lens_batch` with the native backend, batched and padded. Both are timed in
 the same process after loading; the ranks must agree (up to float near-ties).
 
     python tests/benchmarks/bench_lens.py --model smollm2-135m --prompts curated [--limit N] [--batch-size 32]
@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from bridgeprobe.probes.hooks import NativeHooks
-from bridgeprobe.probes.lens import batches, lens_batch, lens_queries
-from bridgeprobe.probes.models import load_model
-from bridgeprobe.probes.targets import target_ids
+from bridgeprobe.probes.model.hooks import NativeHooks
+from bridgeprobe.probes.readouts.lens import batches, lens_batch, lens_queries
+from bridgeprobe.probes.model.load import load_model
+from bridgeprobe.probes.model.targets import target_ids
 from bridgeprobe.prompts.loaders import load_prompts
 
 
 def transformer_lens_loop(model: torch.nn.Module, tokenizer, queries) -> dict[tuple, int]:
     """First-target-token rank per (query key, layer) via one run_with_cache per distinct prompt."""
-    from bridgeprobe.probes.tl_backend import TransformerLensHooks
+    from bridgeprobe.probes.model.tl_backend import TransformerLensHooks
 
     bridge = TransformerLensHooks(model, tokenizer).bridge
     n_layers = bridge.cfg.n_layers

@@ -1,4 +1,4 @@
-"""Benchmark: the shared-memory analysis (``probes.memory.run_memory``) as it runs now against the code before its
+"""Benchmark: the shared-memory analysis (``probes.memory.analysis.run_memory``) as it runs now against the code before its
 speed-up, same process, same items; the values must agree.
 
     python tests/benchmarks/bench_memory.py [--model smollm2-135m] [--items 12] [--stride 4] [--threads 2]
@@ -7,11 +7,11 @@ speed-up, same process, same items; the values must agree.
 - the logits of every patched variant came from the model's own output head on a slice of the last positions,
   which PyTorch on the CPU multiplies as one matrix-vector product per row against an expanded copy of the
   unembedding (now: one contiguous matrix product, :meth:`NativeHooks.run_from` and
-  :func:`probes.models.contiguous_head`);
+  :func:`probes.model.load.contiguous_head`);
 - the ranks of the candidate tokens compared the whole ``[rows, vocab]`` logit matrix once per candidate (now: one
-  row at a time, in cache, :func:`probes.memory.candidate_measure`);
+  row at a time, in cache, :func:`probes.memory.analysis.candidate_measure`);
 - the alignment's probes were fitted one after another with all of torch's intra-op threads (now: on a pool of
-  threads, one thread per fit, :func:`probes.alignment.fit_pool`), each from zero (now: a layer's probes without
+  threads, one thread per fit, :func:`probes.memory.alignment.fit_pool`), each from zero (now: a layer's probes without
   some relations' hop2 prompts start from its templates-only probe, ``LinearProbe(start=...)``). The alignment's
   reads of a two-hop prompt's two latent positions in one forward (once two) stay in both runs.
 
@@ -36,11 +36,11 @@ from typing import Iterator
 import pandas as pd
 import torch
 
-import bridgeprobe.probes.alignment as alignment
-import bridgeprobe.probes.memory as memory
-from bridgeprobe.probes.architecture import head_logits
-from bridgeprobe.probes.hooks import NativeHooks
-from bridgeprobe.probes.models import load_model
+import bridgeprobe.probes.memory.alignment as alignment
+import bridgeprobe.probes.memory.analysis as memory
+from bridgeprobe.probes.model.architecture import head_logits
+from bridgeprobe.probes.model.hooks import NativeHooks
+from bridgeprobe.probes.model.load import load_model
 from bridgeprobe.prompts.loaders import load_prompts
 
 KEYS = ["analysis", "prompt_id", "condition", "source_id", "receiving_id", "source_position", "source_layer",
@@ -60,7 +60,7 @@ def _whole_matrix_measure(tokens):  # the rank computation before the speed-up
 
 
 class _InCallingThread:
-    """The probe fits as they ran before :func:`probes.alignment.fit_pool`: one after another, every intra-op thread."""
+    """The probe fits as they ran before :func:`probes.memory.alignment.fit_pool`: one after another, every intra-op thread."""
 
     def map(self, fit, layers):
         return map(fit, layers)

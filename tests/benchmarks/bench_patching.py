@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from bridgeprobe.probes.attribution import attribution_sweep
-from bridgeprobe.probes.hooks import NativeHooks
-from bridgeprobe.probes.models import load_model
-from bridgeprobe.probes.patching import Pair, SweepResult, sweep
+from bridgeprobe.probes.readouts.attribution import attribution_sweep
+from bridgeprobe.probes.model.hooks import NativeHooks
+from bridgeprobe.probes.model.load import load_model
+from bridgeprobe.probes.readouts.patching import Pair, SweepResult, sweep
 
 
 def transformer_lens_sweep(model: torch.nn.Module, pair: Pair, like: SweepResult) -> tuple[dict, SweepResult]:
@@ -25,7 +25,7 @@ def transformer_lens_sweep(model: torch.nn.Module, pair: Pair, like: SweepResult
     of ``model``, as a SweepResult for comparison."""
     from transformer_lens import patching
 
-    from bridgeprobe.probes.tl_backend import TransformerLensHooks
+    from bridgeprobe.probes.model.tl_backend import TransformerLensHooks
 
     bridge = TransformerLensHooks(model).bridge
     clean, corrupted = pair.ids("clean"), pair.ids("corrupted")

@@ -8,10 +8,10 @@ Per (model, variant):
   everything else at the dtype's size); on a GPU also the bytes allocated after loading;
 - ``lens``: the same queries at each ``--batch-sizes`` (batch 1 is the baseline: ``speedup`` is the throughput
   over batch 1's), seconds per query and per prompt item, queries/s, and the peak memory the batches add to the
-  weights beside :func:`probes.lens.lens_memory`'s estimate (``estimate_ratio`` = measured / estimate, <= 1 when
+  weights beside :func:`probes.readouts.lens.lens_memory`'s estimate (``estimate_ratio`` = measured / estimate, <= 1 when
   the estimate bounds it). On a GPU the peak is ``torch.cuda.max_memory_allocated`` over the run minus the
   weights; on the CPU it is the peak bytes of the tensors the first (largest) batch allocates, tracked by
-  :class:`PeakTracker`. Also the batch size :func:`probes.lens.auto_batch_size` would pick;
+  :class:`PeakTracker`. Also the batch size :func:`probes.readouts.lens.auto_batch_size` would pick;
 - ``patching``: a ``resid_pre`` sweep (every layer x position) of the first ``--pairs`` curated pairs with the
   fast engine and, as the obvious alternative, one forward per cell (``naive``): seconds, forward-equivalents,
   peak memory, max |metric difference| between the two.
@@ -130,11 +130,11 @@ def weight_formula(model: torch.nn.Module, quantize: str | None, dtype: torch.dt
 
 
 def bench_model(spec: str, variant: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from bridgeprobe.probes.hooks import NativeHooks
-    from bridgeprobe.probes.lens import _encode, auto_batch_size, batches, lens_batch, lens_memory, lens_queries
-    from bridgeprobe.probes.models import DTYPES, load_model
-    from bridgeprobe.probes.patching import sweep
-    from bridgeprobe.probes.pipeline import item_pairs
+    from bridgeprobe.probes.model.hooks import NativeHooks
+    from bridgeprobe.probes.readouts.lens import _encode, auto_batch_size, batches, lens_batch, lens_memory, lens_queries
+    from bridgeprobe.probes.model.load import DTYPES, load_model
+    from bridgeprobe.probes.readouts.patching import sweep
+    from bridgeprobe.probes.runs.pipeline import item_pairs
     from bridgeprobe.prompts.loaders import load_prompts
 
     quantize = variant if variant in ("8bit", "4bit") else None

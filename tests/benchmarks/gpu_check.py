@@ -8,15 +8,15 @@ tests). Checks, each independent (a failure is recorded and the next check runs)
 - ``gpu_tests``: ``python -m pytest -m gpu`` (junit XML parsed into passed / failed / skipped per test);
 - per model shape (``--shapes``; Llama-3-8B and Qwen2.5-7B configs, built on the GPU in bf16 with random
   weights, no file on disk), after ``build`` (seconds, weight bytes against the README's formula):
-  ``lens`` (queries/s at ``--batch-sizes`` and at :func:`probes.lens.auto_batch_size`'s choice, peak memory
-  over the weights against :func:`probes.lens.lens_memory`, rows equal across batch sizes), ``sweep`` (the exact
+  ``lens`` (queries/s at ``--batch-sizes`` and at :func:`probes.readouts.lens.auto_batch_size`'s choice, peak memory
+  over the weights against :func:`probes.readouts.lens.lens_memory`, rows equal across batch sizes), ``sweep`` (the exact
   resid_pre sweep, fast engine vs one forward per patch on a 20-token pair: seconds, ratio, max |diff|, peak
   memory against the patching memory model), ``attribution`` (attribution patching's time in forwards of the
   pair), ``oom_lens`` / ``oom_sweep`` (an out-of-memory error triggered for real by capping the process's GPU
   memory with ``torch.cuda.set_per_process_memory_fraction``; the backed-off run must end with the rows of a run
   that never ran out);
 - ``device_map``: a checkpoint of the first shape cut to ``--ckpt-layers`` blocks, saved once, loaded through
-  ``probes.models.load_model`` on one GPU and split GPU/CPU by an explicit ``device_map``: lens rows and the fast
+  ``probes.model.load.load_model`` on one GPU and split GPU/CPU by an explicit ``device_map``: lens rows and the fast
   sweep must agree;
 - ``quantized``: the same checkpoint loaded in 8-bit and 4-bit nf4 (bitsandbytes; skipped when it is not
   importable) with a lens pass: weight bytes against the formula, agreement with bf16.
@@ -122,7 +122,7 @@ def word_tokenizer(items: list, vocab_size: int) -> Any:
 
 def patch_pair(tokenizer: Any, length: int) -> Any:
     """A clean/corrupted pair of ``length`` tokens that differ in one word, answers ``city1`` vs ``city2``."""
-    from bridgeprobe.probes.patching import Pair
+    from bridgeprobe.probes.readouts.patching import Pair
 
     words = [f"w{k % 300}" for k in range(length - 1)]
     clean = " ".join(["landmark1", *words])
@@ -238,14 +238,14 @@ def bench_scale() -> Any:
 
 
 def lens_rows(hooked: Any, queries: list, size: int) -> list[dict]:
-    """Lens rows of ``queries`` in batches of ``size`` (as :func:`bridgeprobe.probes.pipeline.run_lens` plans them)."""
-    from bridgeprobe.probes.lens import batches, lens_batch
+    """Lens rows of ``queries`` in batches of ``size`` (as :func:`bridgeprobe.probes.runs.pipeline.run_lens` plans them)."""
+    from bridgeprobe.probes.readouts.lens import batches, lens_batch
 
     return [row for batch in batches(queries, hooked.tokenizer, size) for row in lens_batch(hooked, batch)]
 
 
 def lens_and_sweep(hooked: Any, queries: list, pair: Any) -> tuple[list[dict], Any]:
-    from bridgeprobe.probes.patching import sweep
+    from bridgeprobe.probes.readouts.patching import sweep
 
     return lens_rows(hooked, queries, 8), sweep(hooked, pair, "resid_pre", method="fast")
 
@@ -289,7 +289,7 @@ class Shape:
     def __init__(self, name: str, config: Any, args: argparse.Namespace) -> None:
         from transformers import AutoModelForCausalLM
 
-        from bridgeprobe.probes.hooks import NativeHooks
+        from bridgeprobe.probes.model.hooks import NativeHooks
 
         self.name, self.config = name, config
         self.dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -327,7 +327,7 @@ def check_build(shape: Shape) -> dict[str, Any]:
 
 
 def check_lens(shape: Shape, args: argparse.Namespace, clock: Clock) -> dict[str, Any]:
-    from bridgeprobe.probes.lens import _encode, auto_batch_size, batches, free_memory, lens_batch, lens_memory, lens_queries
+    from bridgeprobe.probes.readouts.lens import _encode, auto_batch_size, batches, free_memory, lens_batch, lens_memory, lens_queries
 
     hooked = shape.hooked
     queries = lens_queries(shape.items)
@@ -381,8 +381,8 @@ def patching_memory(shape: Shape, length: int) -> dict[str, int]:
 
 
 def check_sweep(shape: Shape) -> dict[str, Any]:
-    from bridgeprobe.probes.lens import free_memory
-    from bridgeprobe.probes.patching import sweep
+    from bridgeprobe.probes.readouts.lens import free_memory
+    from bridgeprobe.probes.readouts.patching import sweep
 
     hooked, pair = shape.hooked, shape.pair
     free = free_memory(hooked)
@@ -405,7 +405,7 @@ def check_sweep(shape: Shape) -> dict[str, Any]:
 
 
 def check_attribution(shape: Shape) -> dict[str, Any]:
-    from bridgeprobe.probes.attribution import attribution_sweep
+    from bridgeprobe.probes.readouts.attribution import attribution_sweep
 
     hooked, pair = shape.hooked, shape.pair
     ids = pair.ids("corrupted")
@@ -425,9 +425,9 @@ def check_attribution(shape: Shape) -> dict[str, Any]:
 
 
 def check_oom_lens(shape: Shape) -> dict[str, Any]:
-    import bridgeprobe.probes.pipeline
-    from bridgeprobe.probes.lens import MAX_AUTO_BATCH, _encode, lens_memory, lens_queries
-    from bridgeprobe.probes.pipeline import run_lens
+    import bridgeprobe.probes.runs.pipeline
+    from bridgeprobe.probes.readouts.lens import MAX_AUTO_BATCH, _encode, lens_memory, lens_queries
+    from bridgeprobe.probes.runs.pipeline import run_lens
 
     hooked = shape.hooked
     first = MAX_AUTO_BATCH if cuda() else 16
@@ -441,7 +441,7 @@ def check_oom_lens(shape: Shape) -> dict[str, Any]:
         else:
             headroom = None
             trigger = "simulated: torch.cuda.OutOfMemoryError above 4 queries (no CUDA)"
-            cap = simulated_oom(bridgeprobe.probes.pipeline, "lens_batch", lambda h, batch, *a: len(batch) > 4, simulated)
+            cap = simulated_oom(bridgeprobe.probes.runs.pipeline, "lens_batch", lambda h, batch, *a: len(batch) > 4, simulated)
         with cap:
             backed = run_lens(hooked, shape.items, Path(tmp) / "oom", settings={}, batch_size=first)
         ooms = num_ooms() - before
@@ -456,8 +456,8 @@ def check_oom_lens(shape: Shape) -> dict[str, Any]:
 
 
 def check_oom_sweep(shape: Shape) -> dict[str, Any]:
-    import bridgeprobe.probes.variants
-    from bridgeprobe.probes.patching import sweep
+    import bridgeprobe.probes.readouts.variants
+    from bridgeprobe.probes.readouts.patching import sweep
 
     hooked = shape.hooked
     pair = patch_pair(shape.tokenizer, 256 if cuda() else 24)
@@ -469,7 +469,7 @@ def check_oom_sweep(shape: Shape) -> dict[str, Any]:
         trigger, cap, budget = "real: torch.cuda.set_per_process_memory_fraction", capped_gpu(1 << 30), huge
     else:
         trigger = "simulated: torch.cuda.OutOfMemoryError above 2 variants per pass (no CUDA)"
-        cap = simulated_oom(bridgeprobe.probes.variants, "_fast_pass", lambda h, group, *a: len(group) > 2, simulated)
+        cap = simulated_oom(bridgeprobe.probes.readouts.variants, "_fast_pass", lambda h, group, *a: len(group) > 2, simulated)
         budget = None
     with cap:
         backed = sweep(hooked, pair, "resid_pre", layers=layers, method="fast", memory_budget=budget)
@@ -522,9 +522,9 @@ def split_map(path: Path) -> dict[str, Any]:
 
 
 def check_device_map(ckpt: Path, items: list) -> dict[str, Any]:
-    from bridgeprobe.probes.hooks import NativeHooks
-    from bridgeprobe.probes.lens import lens_queries
-    from bridgeprobe.probes.models import load_model
+    from bridgeprobe.probes.model.hooks import NativeHooks
+    from bridgeprobe.probes.readouts.lens import lens_queries
+    from bridgeprobe.probes.model.load import load_model
 
     queries = lens_queries(items[:16])
     results = {}
@@ -568,10 +568,10 @@ def quantized_unavailable() -> str | None:
 
 
 def check_quantized(ckpt: Path, items: list) -> dict[str, Any]:
-    from bridgeprobe.probes.fidelity import spearman
-    from bridgeprobe.probes.hooks import NativeHooks
-    from bridgeprobe.probes.lens import auto_batch_size, lens_queries
-    from bridgeprobe.probes.models import load_model
+    from bridgeprobe.probes.runs.fidelity import spearman
+    from bridgeprobe.probes.model.hooks import NativeHooks
+    from bridgeprobe.probes.readouts.lens import auto_batch_size, lens_queries
+    from bridgeprobe.probes.model.load import load_model
 
     version = bitsandbytes_version()
     weights = bench_scale().weight_formula

@@ -33,8 +33,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Iterator
 
-from bridgeprobe.probes import distributed
-from bridgeprobe.probes.results import RESUMED_RUNS, atomic_write_json
+from bridgeprobe.probes.runs import distributed
+from bridgeprobe.probes.io.results import RESUMED_RUNS, atomic_write_json
 
 RUN_JSON = "run.json"
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "config.json", "generation_config.json",
@@ -67,7 +67,7 @@ def file_sha256(path: Path) -> str:
 def model_identity(spec: str) -> dict[str, Any]:
     """What identifies the weights ``spec`` names, cheaply: a GGUF file's sha256; a checkpoint directory's weight,
     config and tokenizer files by size and modification time; a hub name with the revision cached locally."""
-    from bridgeprobe.probes.models import EMBEDDED, ModelLoadError, check_checkpoint
+    from bridgeprobe.probes.model.load import EMBEDDED, ModelLoadError, check_checkpoint
 
     if spec in EMBEDDED:
         return {"embedded": spec, "gguf_sha256": file_sha256(EMBEDDED[spec].locate())}
@@ -96,7 +96,7 @@ def model_location(spec: str) -> str:
     """Where ``spec`` points, as a run records it: a local checkpoint directory or GGUF file as its absolute,
     resolved path (a relative name read from another directory would point elsewhere); an embedded alias or a hub
     name as given."""
-    from bridgeprobe.probes.models import EMBEDDED
+    from bridgeprobe.probes.model.load import EMBEDDED
 
     path = Path(spec).expanduser()
     if spec not in EMBEDDED and (path.suffix == ".gguf" or path.is_dir()):

@@ -20,9 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from bridgeprobe.analyses.summaries import files_line, identity_lines
-from bridgeprobe.probes.pipeline import ModelOptions, Timer, versions
-from bridgeprobe.probes.results import IncrementalCSV, atomic_write, atomic_write_csv, read_table
-from bridgeprobe.probes.rundir import (RunDirError, RunDirectory, check_rows, flat_settings,
+from bridgeprobe.probes.runs.pipeline import ModelOptions, Timer, versions
+from bridgeprobe.probes.io.results import IncrementalCSV, atomic_write, atomic_write_csv, read_table
+from bridgeprobe.probes.runs.rundir import (RunDirError, RunDirectory, check_rows, flat_settings,
                                       read_run_record, write_finished)
 from bridgeprobe.prompts.sampling import sample_items
 from bridgeprobe.prompts.schema import PromptItem
@@ -137,7 +137,7 @@ def finished(out: Path, settings: dict[str, Any]) -> bool:
     if not (out / "run.json").is_file() or (out / "metrics.partial.csv").exists():
         return False
     record = json.loads((out / "run.json").read_text())
-    if record.get("status") == "running":  # started by probes.rundir, which has compared the settings
+    if record.get("status") == "running":  # started by probes.runs.rundir, which has compared the settings
         return False
     previous = record.get("settings")
     if previous != json.loads(json.dumps(settings)):
@@ -183,9 +183,9 @@ GRID_KEYS = ("init_scale", "weight_decay", "identity_repeat")
 def reproduce(out: Path, base: Any, data: dict[int, SynthConfig], grid: Sequence[tuple[float, float, int]], *,
               preset: str, device: str = "cpu", keep_checkpoints: bool = False) -> Path:
     """Train every (init_scale, weight_decay, identity_repeat) of ``grid`` x seed (the keys of ``data``) x condition
-    from the :class:`~probes.scratch.TrainConfig` ``base`` (resumable), then write the tables, plots, page and
+    from the :class:`~probes.identity.scratch.TrainConfig` ``base`` (resumable), then write the tables, plots, page and
     run.json under ``out``; ``preset`` is the name recorded in the settings."""
-    from bridgeprobe.probes.scratch import (ALIGNMENT_COLUMNS, CONDITIONS, METRIC_COLUMNS, WEIGHT_COLUMNS, run_name, train,
+    from bridgeprobe.probes.identity.scratch import (ALIGNMENT_COLUMNS, CONDITIONS, METRIC_COLUMNS, WEIGHT_COLUMNS, run_name, train,
                                             weight_stats)
 
     seeds = list(data)
@@ -447,17 +447,17 @@ def finetune(out: Path, options: ModelOptions, data: dict[int, Any], config: Any
              conditions: Sequence[str] = ("no_identity", "identity"), probe_items: int = 16, patch_pairs: int = 2,
              memory: bool = False, keep_checkpoints: bool = False) -> Path:
     """Train one LoRA adapter per seed (the keys of ``data``, each with its own data set) and condition
-    (:class:`~probes.finetune.FinetuneConfig` ``config``; resumable) on ``task`` (``two_hop`` with
+    (:class:`~probes.identity.finetune.FinetuneConfig` ``config``; resumable) on ``task`` (``two_hop`` with
     :class:`SynthConfig` data, or ``reversal`` with :class:`ReversalConfig` data); score base and adapters on every
     evaluation item (``config.eval_limit`` per split) -> items.csv; for two-hop, run the lens, exact patching
     (``patch_pairs`` per split) and, with ``memory``, the shared-memory analyses on ``probe_items`` items per split
     of the first seed; and write the report."""
     from accelerate import Accelerator
 
-    from bridgeprobe.probes.finetune import (BASE, add_adapter, eval_pairs, inner_model, item_scores, load_base,
+    from bridgeprobe.probes.identity.finetune import (BASE, add_adapter, eval_pairs, inner_model, item_scores, load_base,
                                              metric_columns, model_state, save_adapter, train_adapter)
-    from bridgeprobe.probes.hooks import NativeHooks
-    from bridgeprobe.probes.pipeline import item_pairs, run_lens, run_patching, run_record
+    from bridgeprobe.probes.model.hooks import NativeHooks
+    from bridgeprobe.probes.runs.pipeline import item_pairs, run_lens, run_patching, run_record
 
     if options.backend != "native":
         raise ValueError("finetune hooks the adapted model with the native backend; drop --backend")
@@ -544,7 +544,7 @@ def finetune(out: Path, options: ModelOptions, data: dict[int, Any], config: Any
                                      sites=["resid_pre"], method="exact", direction="denoise",
                                      settings={**settings, "state": state, "split": split})
             if memory:
-                from bridgeprobe.probes.memory import MemoryConfig, run_memory
+                from bridgeprobe.probes.memory.analysis import MemoryConfig, run_memory
 
                 with timer.section(f"memory_{state}_s"):
                     run_memory(hooked, [i for chosen in probed.values() for i in chosen], out / "memory" / state,
@@ -593,7 +593,7 @@ def finetune_report(out: Path, record: dict[str, Any] | None = None) -> Path:
     from bridgeprobe.analyses.aggregate import per_layer
     from bridgeprobe.analyses.findings import finetune_finding
     from bridgeprobe.analyses.patching_report import by_layer
-    from bridgeprobe.probes.finetune import two_hop_stats
+    from bridgeprobe.probes.identity.finetune import two_hop_stats
 
     record = record if record is not None else json.loads((out / "run.json").read_text())
     results = pd.read_csv(out / "results.csv")

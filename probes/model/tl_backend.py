@@ -1,4 +1,4 @@
-"""TransformerLens backend (opt-in): the same :class:`~probes.hooks.HookedModel` interface over a TransformerLens
+"""TransformerLens backend (opt-in): the same :class:`~probes.model.hooks.HookedModel` interface over a TransformerLens
 4.x ``TransformerBridge``, for the architectures TransformerLens supports.
 
 The bridge replaces the submodules of the model it wraps, so it wraps a deep copy and the caller's HF model stays
@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from bridgeprobe.probes.architecture import head_logits
-from bridgeprobe.probes.hooks import HookedModel, Patch, RunResult, Site
+from bridgeprobe.probes.model.architecture import head_logits
+from bridgeprobe.probes.model.hooks import HookedModel, Patch, RunResult, Site
 
 # TransformerLens hook names; for Gemma 2/3 its attn/mlp outputs are the post-norm outputs, as in ours.
 HOOK_NAMES = {

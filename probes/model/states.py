@@ -1,5 +1,5 @@
 """Residual-stream states at chosen positions, read in one batched forward: the shared reader of the
-shared-memory analyses (:mod:`probes.memory`) and the alignment statistics (:mod:`probes.alignment`)."""
+shared-memory analyses (:mod:`probes.memory.analysis`) and the alignment statistics (:mod:`probes.memory.alignment`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from bridgeprobe.probes.hooks import HookedModel, pad_right
+from bridgeprobe.probes.model.hooks import HookedModel, pad_right
 
 
 @torch.no_grad()

@@ -4,9 +4,9 @@ Conventions (docs/conventions.md):
 - a prompt is tokenized as ``tokenizer(text)`` does by default (special tokens included), so the last layer
   agrees with the model's own next-token prediction;
 - a target's tokens are those it gets in context, after the prompt and a space
-  (:func:`probes.targets.target_ids`); ``token_id`` is the first of them;
+  (:func:`probes.model.targets.target_ids`); ``token_id`` is the first of them;
 - ``layer`` l in ``0..L-1`` is the output of block l (``resid_post``) read through the final norm, the
-  unembedding and the model's own logit scaling (:meth:`probes.hooks.HookedModel.readout`); the last layer is
+  unembedding and the model's own logit scaling (:meth:`probes.model.hooks.HookedModel.readout`); the last layer is
   the model's own logits;
 - ``rank`` is 0-based over the whole vocabulary: the number of tokens with a strictly larger logit;
 - ``whole_logprob`` scores a multi-token target as a whole: the model's own log-probability of all its tokens,
@@ -33,8 +33,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from bridgeprobe.probes.hooks import HookedModel, pad_right
-from bridgeprobe.probes.targets import is_short, target_ids
+from bridgeprobe.probes.model.hooks import HookedModel, pad_right
+from bridgeprobe.probes.model.targets import is_short, target_ids
 from bridgeprobe.prompts.schema import PromptItem
 
 # Which target each prompt kind is scored on: the two-hop prompt on both and on a control entity; the one-hop
@@ -285,7 +285,7 @@ def lens_memory(hooked: HookedModel, n_queries: int, n_tokens: int, *, n_sequenc
       ``10*S*n_extra*V`` for the whole-string score.
 
     An upper bound by design (checked against measured peaks in tests/benchmarks/bench_scale.py)."""
-    from bridgeprobe.probes.heads import n_heads
+    from bridgeprobe.probes.readouts.heads import n_heads
 
     config = hooked.model.config
     config = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -54,7 +54,7 @@ def atomic_write_csv(path: Path, frame: pd.DataFrame) -> None:
 
 
 RESUMED_RUNS: set[Path] = set()
-"""Output directories that :mod:`probes.rundir` is resuming in this process: the same fingerprint, unfinished.
+"""Output directories that :mod:`probes.runs.rundir` is resuming in this process: the same fingerprint, unfinished.
 A store there without a partial file but with its final table had finished before the interruption; it resumes
 from that table instead of recomputing it."""
 

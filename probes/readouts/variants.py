@@ -1,10 +1,10 @@
 """The patching engine: run many single-cell patched variants of one receiving prompt, exactly and fast.
 
 A :class:`Variant` overwrites one cell of the receiving run, ``(site, layer, position)`` with ``site`` in
-:data:`~probes.hooks.SITES`, or ``("head", layer, position, head)`` (one attention head's output,
-:mod:`probes.heads`), with a given vector, wherever that vector comes from: the same position of a counterfactual
-prompt (:mod:`probes.patching`), another prompt altogether, or a later layer of the same prompt
-(:mod:`probes.memory`). Each variant is reduced on the device by a ``measure`` of its last position: the final
+:data:`~probes.model.hooks.SITES`, or ``("head", layer, position, head)`` (one attention head's output,
+:mod:`probes.readouts.heads`), with a given vector, wherever that vector comes from: the same position of a counterfactual
+prompt (:mod:`probes.readouts.patching`), another prompt altogether, or a later layer of the same prompt
+(:mod:`probes.memory.analysis`). Each variant is reduced on the device by a ``measure`` of its last position: the final
 logits there (``[B, vocab]``) and, with ``resid=True``, the residual stream after every block there
 (``[B, L, d]``, for logit-lens readouts).
 
@@ -12,7 +12,7 @@ Three methods give the same numbers (``<= 1e-4`` apart in fp32, tests/test_patch
 
 - ``naive``: one full forward per variant through :meth:`HookedModel.run` (the reference; any backend);
 - ``batched``: one variant per batch row, full forwards (any backend, any architecture);
-- ``fast`` (:class:`~probes.hooks.NativeHooks` only): a patch at block ``l`` and position ``p`` leaves every
+- ``fast`` (:class:`~probes.model.hooks.NativeHooks` only): a patch at block ``l`` and position ``p`` leaves every
   block below ``l``, and every position before ``p``, equal to the receiving run. So each variant starts at
   block ``l`` from the receiving run's cached residual (:meth:`NativeHooks.run_from` swaps the blocks below ``l``
   for pass-throughs) and runs only the positions from ``p0 <= p`` on, with the receiving run's keys/values of the
@@ -42,9 +42,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from bridgeprobe.probes.heads import HEAD, n_heads, patch_heads, record_heads
-from bridgeprobe.probes.hooks import HookedModel, NativeHooks, Patch, check_sites
-from bridgeprobe.probes.lens import free_memory
+from bridgeprobe.probes.readouts.heads import HEAD, n_heads, patch_heads, record_heads
+from bridgeprobe.probes.model.hooks import HookedModel, NativeHooks, Patch, check_sites
+from bridgeprobe.probes.readouts.lens import free_memory
 
 METHODS = ("auto", "fast", "batched", "naive")
 # model_type values whose fast path is tested against the naive loop (tests/test_patching.py)

@@ -8,7 +8,7 @@ the cross-entropy of the target tokens (the answer and the final period) only.
 
 One :class:`peft.PeftModel` holds the base model and one adapter per condition: ``set_adapter(name)`` gives an
 adapted model, ``with model.disable_adapter():`` the base model, so the logit lens and patching
-(:func:`probes.pipeline.run_lens` / :func:`~probes.pipeline.run_patching`) run on base and adapted weights from
+(:func:`probes.runs.pipeline.run_lens` / :func:`~probes.runs.pipeline.run_patching`) run on base and adapted weights from
 one object (:func:`model_state`). LoRA's B matrices start at zero, so an untrained adapter is the base model
 exactly (tested against plain HF logits).
 
@@ -20,7 +20,7 @@ condition per launch; only the main process writes files).
 
 Resume: per condition, a checkpoint (``torch.save`` of the LoRA weights, the optimizer state, the step and the
 loss accumulated since the last evaluation; loaded with ``weights_only=True``) every ``checkpoint_every`` steps;
-the batch of step ``s`` depends only on the seed and ``s`` (:func:`probes.scratch.batch_indices`).
+the batch of step ``s`` depends only on the seed and ``s`` (:func:`probes.identity.scratch.batch_indices`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 from torch import nn
 
-from bridgeprobe.probes.scratch import batch_indices, fixed_subsets, load_checkpoint, save_checkpoint
-from bridgeprobe.probes.targets import target_ids
+from bridgeprobe.probes.identity.scratch import batch_indices, fixed_subsets, load_checkpoint, save_checkpoint
+from bridgeprobe.probes.model.targets import target_ids
 
 BASE = "base"
 
@@ -96,7 +96,7 @@ class FinetuneConfig:
 def encode_texts(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
     """``(input_ids, labels)`` of ``prompt + " " + target + "."``: the prompt tokenized as the lens does
     (``tokenizer(prompt)``), then the tokens the target and period get after it
-    (:func:`probes.targets.target_ids`); labels are -100 on the prompt so only the target is learned."""
+    (:func:`probes.model.targets.target_ids`); labels are -100 on the prompt so only the target is learned."""
     out = []
     for prompt, target in pairs:
         head = list(tokenizer(prompt)["input_ids"])
@@ -158,7 +158,7 @@ def metric_columns(task: TextTask) -> tuple[str, ...]:
 def item_scores(model: nn.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]],
                 batch_size: int = 16) -> list[tuple[bool, bool]]:
     """Per (prompt, target): whether the greedy next token is the target's first token after the prompt
-    (:func:`probes.targets.target_ids`; the lens's notion of answered), and whether greedy decoding reproduces
+    (:func:`probes.model.targets.target_ids`; the lens's notion of answered), and whether greedy decoding reproduces
     every token of the target (teacher-forced argmax at each target position: the whole entity)."""
     device = model.get_input_embeddings().weight.device
     scores = []
@@ -190,9 +190,9 @@ def accuracy(model: nn.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]],
 
 def load_base(spec: str, *, quantize: str | None = None, dtype: str = "float32", device: str | None = None,
               device_map: str | None = None) -> tuple[nn.Module, Any]:
-    """The base model for fine-tuning (:func:`probes.models.load_model`); with ``quantize`` (4bit/8bit, GPU hosts)
+    """The base model for fine-tuning (:func:`probes.model.load.load_model`); with ``quantize`` (4bit/8bit, GPU hosts)
     prepared for k-bit training (QLoRA)."""
-    from bridgeprobe.probes.models import load_model
+    from bridgeprobe.probes.model.load import load_model
 
     model, tokenizer = load_model(spec, dtype=dtype, device=device, device_map=device_map, quantize=quantize)
     if quantize is not None:
@@ -367,7 +367,7 @@ def save_adapter(peft_model: Any, adapter: str, out_dir: Path, extra_files: Sequ
 
 
 def two_hop_stats(frame: Any) -> dict[str, float]:
-    """Headline figures of a lens frame (:data:`probes.lens.COLUMNS`) of two-hop items: two-hop and hop accuracy
+    """Headline figures of a lens frame (:data:`probes.readouts.lens.COLUMNS`) of two-hop items: two-hop and hop accuracy
     at the last layer, the bridge's top-1 / top-10 rate at its best layer, and that layer."""
     from bridgeprobe.analyses.aggregate import per_layer
 

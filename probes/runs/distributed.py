@@ -4,7 +4,7 @@
 --num_processes N --no_python bridgeprobe ...``) starts N processes with ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set. Each process
 loads its own model replica (its own GPU with ``--device cuda``; its own group of GPUs with ``--device-map``, see
 :func:`replica_placement`), takes its share of the prompts or pairs, and appends its rows to its own resumable
-shard (``OUT/shards/R-of-N/NAME.partial.csv``, a :class:`~probes.results.IncrementalCSV`). At the end rank 0
+shard (``OUT/shards/R-of-N/NAME.partial.csv``, a :class:`~probes.io.results.IncrementalCSV`). At the end rank 0
 gathers every shard's rows over the process group (no shared file system needed) and writes ``OUT/NAME.csv``
 exactly as a single process would: the rows are parsed and sorted by the same code, so the merged file equals the
 single-process one row for row. A process that crashes loses only its unfinished batch; rerunning the same
@@ -17,8 +17,8 @@ that wants NCCL); our own collectives (gathering rows, barriers) carry Python ob
 either way. The timeout is long (:data:`TIMEOUT`, or ``$BRIDGEPROBE_DIST_TIMEOUT`` seconds) because a rank that
 finished its shard waits at the merge for the slowest one.
 
-A job becomes data-parallel with a few lines (this is how :func:`probes.pipeline.run_lens` and
-:func:`~probes.pipeline.run_patching` use it)::
+A job becomes data-parallel with a few lines (this is how :func:`probes.runs.pipeline.run_lens` and
+:func:`~probes.runs.pipeline.run_patching` use it)::
 
     shards = distributed.context()
     store = shards.store(out_dir, "memory", COLUMNS, settings)         # instead of IncrementalCSV(out_dir, ...)
@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import pandas as pd
 import torch
 
-from bridgeprobe.probes.results import IncrementalCSV, ResumeMismatch, finish_rows
+from bridgeprobe.probes.io.results import IncrementalCSV, ResumeMismatch, finish_rows
 
 T = TypeVar("T")
 TIMEOUT = timedelta(hours=24)
@@ -103,7 +103,7 @@ class Shards:
     def store(self, out_dir: Path, name: str, columns: Sequence[str], settings: dict[str, Any]) -> IncrementalCSV:
         """The resumable row store of this process: ``out_dir/NAME.partial.csv`` when inactive, else its shard.
 
-        Raises :class:`~probes.results.ResumeMismatch` when ``out_dir`` holds an interrupted run of another
+        Raises :class:`~probes.io.results.ResumeMismatch` when ``out_dir`` holds an interrupted run of another
         number of processes (its shards could not be resumed and would be lost)."""
         _check_resumable(out_dir, name, self.world_size)
         if not self.active:

@@ -1,6 +1,6 @@
 """``bridgeprobe reversal-sft``: Ma et al.'s husband-wife reversal experiment, one form and seed per run directory.
 
-Full-parameter fine-tuning (:mod:`probes.chat_sft`) of a pretrained chat model on one training set of
+Full-parameter fine-tuning (:mod:`probes.identity.chat_sft`) of a pretrained chat model on one training set of
 :mod:`prompts.couples` (``forward``, ``idn`` or ``ocr``), scored every ``eval_every`` steps on the forward facts,
 the never-trained reversed questions and the shortcut (echoing the queried name). Writes DIR/metrics.csv (per
 evaluation), items.csv (every scored question of the final model), results.csv (the final rates with exact
@@ -22,10 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from bridgeprobe.analyses.stats import proportion_interval
-from bridgeprobe.probes.chat_sft import SFTConfig, encode_chat, entity_correct, train_chat
-from bridgeprobe.probes.pipeline import ModelOptions, versions
-from bridgeprobe.probes.results import IncrementalCSV, atomic_write, atomic_write_csv
-from bridgeprobe.probes.rundir import write_finished
+from bridgeprobe.probes.identity.chat_sft import SFTConfig, encode_chat, entity_correct, train_chat
+from bridgeprobe.probes.runs.pipeline import ModelOptions, versions
+from bridgeprobe.probes.io.results import IncrementalCSV, atomic_write, atomic_write_csv
+from bridgeprobe.probes.runs.rundir import write_finished
 from bridgeprobe.prompts.couples import EVAL_SPLITS, ChatExample, check_couples, eval_sets, training_set
 
 FILES = ("results.csv", "metrics.csv", "items.csv", "data/train.jsonl", "data/eval.jsonl", "run.json")
@@ -67,7 +67,7 @@ def summary_line(row: pd.Series) -> str:
 def reversal_sft(out: Path, options: ModelOptions, form: str, pairs: list[tuple[str, str]], config: SFTConfig, *,
                  seed: int, keep_checkpoints: bool = False) -> str:
     """Train and score one run (module docstring) and return its summary."""
-    from bridgeprobe.probes.models import load_model
+    from bridgeprobe.probes.model.load import load_model
 
     check_couples(form, pairs)
     train, sets = training_set(form, pairs), eval_sets(form, pairs)

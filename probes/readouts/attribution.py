@@ -1,12 +1,12 @@
 """Attribution patching: a first-order estimate of every cell's patching effect from two forwards and a backward.
 
-For the receiving run ``r`` and source run ``s`` of a direction (see :mod:`probes.patching`), patching a cell
+For the receiving run ``r`` and source run ``s`` of a direction (see :mod:`probes.readouts.patching`), patching a cell
 with activation ``a`` changes the metric by about ``(a_s - a_r) . d metric / d a`` at ``a_r``. One source forward
 (no gradient) and one receiving forward + backward give that for every ``(site, layer, position)`` (and, with
 ``heads=True``, every attention head via the input of the output projection) at once. The estimate is exact
 where the metric is linear in the cell (e.g. the last block's ``mlp_out``/``resid_post`` when the final norm is
 the identity) and can be far off elsewhere, so :func:`screen_and_confirm` uses it only to pick the cells that
-:func:`probes.patching.patch_cells` then patches exactly. Native backend only.
+:func:`probes.readouts.patching.patch_cells` then patches exactly. Native backend only.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from bridgeprobe.probes.heads import HEAD, edit_out_projection_input, n_heads
-from bridgeprobe.probes.hooks import SITES, NativeHooks, _post_hook, _pre_hook
-from bridgeprobe.probes.patching import Pair, SweepResult, _normalize, _roles, _source_run, cell_frame, patch_cells
+from bridgeprobe.probes.readouts.heads import HEAD, edit_out_projection_input, n_heads
+from bridgeprobe.probes.model.hooks import SITES, NativeHooks, _post_hook, _pre_hook
+from bridgeprobe.probes.readouts.patching import Pair, SweepResult, _normalize, _roles, _source_run, cell_frame, patch_cells
 
 
 def attribution_sweep(
@@ -35,7 +35,7 @@ def attribution_sweep(
     positions: Iterable[int] | None = None,
 ) -> SweepResult:
     """Attribution estimates for every ``site x layer x position`` (and ``head`` cells with ``heads=True``), in
-    the long format of :func:`probes.patching.sweep`: ``metric`` is the estimated patched metric (receiving
+    the long format of :func:`probes.readouts.patching.sweep`: ``metric`` is the estimated patched metric (receiving
     metric + estimated change), ``value`` its normalized recovery, ``clean_prob`` NaN (not estimated)."""
     if not isinstance(hooked, NativeHooks):
         raise ValueError("attribution patching needs the native backend (NativeHooks)")
@@ -121,7 +121,7 @@ def screen_and_confirm(
     memory_budget: int | None = None,
 ) -> SweepResult:
     """Screen every cell with :func:`attribution_sweep`, then patch the ``top_k`` cells with the largest
-    estimated ``|metric change|`` exactly. The frame has the exact :data:`~probes.patching.COLUMNS` plus
+    estimated ``|metric change|`` exactly. The frame has the exact :data:`~probes.readouts.patching.COLUMNS` plus
     ``estimate`` (estimated recovery), ``estimate_metric`` and ``rank`` (0 = largest estimate), best first."""
     screened = attribution_sweep(hooked, pair, sites=sites, heads=heads, direction=direction)
     frame = screened.frame

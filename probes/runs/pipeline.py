@@ -17,15 +17,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from bridgeprobe.probes import distributed
-from bridgeprobe.probes.hooks import HookedModel, NativeHooks
-from bridgeprobe.probes.lens import COLUMNS, LensQuery, auto_batch_size, batches, lens_batch, lens_queries
-from bridgeprobe.probes.models import load_model
-from bridgeprobe.probes.patching import Pair
-from bridgeprobe.probes.results import IncrementalCSV
-from bridgeprobe.probes.rundir import model_location
-from bridgeprobe.probes.targets import target_ids
-from bridgeprobe.probes.variants import is_oom
+from bridgeprobe.probes.runs import distributed
+from bridgeprobe.probes.model.hooks import HookedModel, NativeHooks
+from bridgeprobe.probes.readouts.lens import COLUMNS, LensQuery, auto_batch_size, batches, lens_batch, lens_queries
+from bridgeprobe.probes.model.load import load_model
+from bridgeprobe.probes.readouts.patching import Pair
+from bridgeprobe.probes.io.results import IncrementalCSV
+from bridgeprobe.probes.runs.rundir import model_location
+from bridgeprobe.probes.model.targets import target_ids
+from bridgeprobe.probes.readouts.variants import is_oom
 from bridgeprobe.prompts.schema import PromptItem
 
 BACKENDS = ("native", "transformer-lens")
@@ -38,7 +38,7 @@ def hook_model(model: torch.nn.Module, tokenizer: Any, backend: str = "native") 
     if backend == "native":
         return NativeHooks(model, tokenizer)
     if backend == "transformer-lens":
-        from bridgeprobe.probes.tl_backend import TransformerLensHooks
+        from bridgeprobe.probes.model.tl_backend import TransformerLensHooks
 
         return TransformerLensHooks(model, tokenizer)
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -57,11 +57,11 @@ class ModelOptions:
     quantize: str | None = None
     offline: bool = False
     trust_remote_code: bool = False
-    adapter: str | None = None  # a peft adapter directory applied to the model (probes.models.apply_adapter)
+    adapter: str | None = None  # a peft adapter directory applied to the model (probes.model.load.apply_adapter)
 
     def load(self) -> HookedModel:
         """Load and hook the model; in a data-parallel run, this process's replica on its own GPU(s)
-        (:meth:`probes.distributed.Shards.placement`)."""
+        (:meth:`probes.runs.distributed.Shards.placement`)."""
         implied_map = "auto" if self.quantize and self.device is None else None  # load_model's choice for it
         device, max_memory = distributed.context().placement(self.device, self.device_map or implied_map,
                                                              self.max_memory)
@@ -126,9 +126,9 @@ def run_lens(
     all_positions: bool = False,
 ) -> LensRun:
     """Write ``out_dir/lens.csv`` for ``items``, resuming an interrupted run. ``batch_size`` (queries per forward)
-    None: :func:`~probes.lens.auto_batch_size` (from free GPU memory; 16 on the CPU). A batch that runs out of
+    None: :func:`~probes.readouts.lens.auto_batch_size` (from free GPU memory; 16 on the CPU). A batch that runs out of
     memory is halved and retried, and the batches after it keep the smaller size. Data-parallel
-    (:mod:`probes.distributed`): the processes take turns over the same batches a single process would run, and
+    (:mod:`probes.runs.distributed`): the processes take turns over the same batches a single process would run, and
     rank 0 writes ``lens.csv``."""
     if batch_size is not None and batch_size < 1:
         raise ValueError("batch size must be at least 1")
@@ -269,10 +269,10 @@ def run_patching(
 ) -> PatchingRun:
     """Write ``out_dir/NAME.csv`` (resumable, one batch of rows per pair) and, with ``bridge_rank`` (exact
     patching only), ``NAME_bridge.csv``: the clean bridge's logit-lens rank after each patch, read in the same
-    sweep (:class:`probes.patching.SweepResult` ``bridge``). ``method``: ``exact`` or ``attribution``;
-    ``sites``: any of :data:`probes.hooks.SITES` and ``head``."""
-    from bridgeprobe.probes.attribution import attribution_sweep
-    from bridgeprobe.probes.patching import BRIDGE_COLUMNS, HEAD, head_sweep, sweep
+    sweep (:class:`probes.readouts.patching.SweepResult` ``bridge``). ``method``: ``exact`` or ``attribution``;
+    ``sites``: any of :data:`probes.model.hooks.SITES` and ``head``."""
+    from bridgeprobe.probes.readouts.attribution import attribution_sweep
+    from bridgeprobe.probes.readouts.patching import BRIDGE_COLUMNS, HEAD, head_sweep, sweep
 
     if method not in ("exact", "attribution"):
         raise ValueError(f"method must be exact or attribution, got {method!r}")

@@ -17,7 +17,7 @@ model from its checkpoint and its seed's data files (both checked against the ru
   the last block's output before the final norm, the state that decodes to ``b``); target layers ``0..L-1``
   (writing after the last block cannot reach the next position). The paper reports that without identity the
   last-layer state written at the input "completely fails to decode c". Through the project's patching engine
-  (:class:`probes.hooks.NativeHooks` on the GPT-2's HF modules). The Emb-MLP has no layers to choose: its hop 2
+  (:class:`probes.model.hooks.NativeHooks` on the GPT-2's HF modules). The Emb-MLP has no layers to choose: its hop 2
   reads only the state hop 1 produced, so this patch is its two-hop query itself, and it is skipped.
 """
 
@@ -32,9 +32,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from bridgeprobe.probes.hooks import NativeHooks, Patch
-from bridgeprobe.probes.rundir import RunDirError, read_run_record
-from bridgeprobe.probes.scratch import TrainConfig, Vocab, build_model, fixed_subsets, load_checkpoint, run_name
+from bridgeprobe.probes.model.hooks import NativeHooks, Patch
+from bridgeprobe.probes.runs.rundir import RunDirError, read_run_record
+from bridgeprobe.probes.identity.scratch import TrainConfig, Vocab, build_model, fixed_subsets, load_checkpoint, run_name
 from bridgeprobe.prompts.schema import PromptSetError
 from bridgeprobe.prompts.synthetic import Example, Splits, load_splits
 

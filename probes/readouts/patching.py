@@ -9,9 +9,9 @@ corrupted activations into the clean run, where 0 means the site alone destroys 
 sweep also reads, after each patch, the bridge token's logit-lens rank at the last position at every layer from
 the patched one on (``SweepResult.bridge``), beside the receiving run's own rank there.
 
-Cells are ``(site, layer, position)`` with ``site`` in :data:`~probes.hooks.SITES`, or ``("head", layer,
-position, head)`` (:mod:`probes.heads`). Each cell becomes one :class:`~probes.variants.Variant` of the receiving
-run carrying the source run's activation, and :func:`probes.variants.run_variants` runs them (``method``:
+Cells are ``(site, layer, position)`` with ``site`` in :data:`~probes.model.hooks.SITES`, or ``("head", layer,
+position, head)`` (:mod:`probes.readouts.heads`). Each cell becomes one :class:`~probes.readouts.variants.Variant` of the receiving
+run carrying the source run's activation, and :func:`probes.readouts.variants.run_variants` runs them (``method``:
 ``fast``, ``batched``, ``naive`` or ``auto``; see there). All metrics stay on the model's device until the sweep
 ends.
 """
@@ -29,11 +29,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from bridgeprobe.probes.heads import HEAD, n_heads, record_heads
-from bridgeprobe.probes.hooks import SITES, HookedModel, NativeHooks, check_sites
-from bridgeprobe.probes.lens import token_ranks
-from bridgeprobe.probes.targets import target_ids
-from bridgeprobe.probes.variants import Measure, Variant, full_patches, run_variants
+from bridgeprobe.probes.readouts.heads import HEAD, n_heads, record_heads
+from bridgeprobe.probes.model.hooks import SITES, HookedModel, NativeHooks, check_sites
+from bridgeprobe.probes.readouts.lens import token_ranks
+from bridgeprobe.probes.model.targets import target_ids
+from bridgeprobe.probes.readouts.variants import Measure, Variant, full_patches, run_variants
 
 DIRECTIONS = ("denoise", "noise")
 COLUMNS = ("site", "layer", "position", "head", "value", "metric", "clean_prob")
@@ -69,7 +69,7 @@ class Pair:
     def from_text(cls, tokenizer: Any, clean: str, corrupted: str, clean_answer: str, corrupt_answer: str,
                   sep: str = " ") -> Pair:
         """Tokenize prompts as ``tokenizer(text)`` (special tokens included) and each answer as the first of the
-        tokens it gets after its prompt and ``sep`` (:func:`probes.targets.target_ids`; ``"Paris"``, no space)."""
+        tokens it gets after its prompt and ``sep`` (:func:`probes.model.targets.target_ids`; ``"Paris"``, no space)."""
         answers = [target_ids(tokenizer, prompt, answer, sep)[0]
                    for prompt, answer in ((clean, clean_answer), (corrupted, corrupt_answer))]
         return cls(tokenizer(clean)["input_ids"], tokenizer(corrupted)["input_ids"], *answers)
@@ -239,8 +239,8 @@ def sweep(
     overhead_tokens: int | None = None,
     bridge_token: int | None = None,
 ) -> SweepResult:
-    """Patch ``site`` (one of :data:`~probes.hooks.SITES`) at every ``layer x position`` (default: all), one
-    cell at a time; see :func:`probes.variants.run_variants` for ``method``, ``memory_budget`` and
+    """Patch ``site`` (one of :data:`~probes.model.hooks.SITES`) at every ``layer x position`` (default: all), one
+    cell at a time; see :func:`probes.readouts.variants.run_variants` for ``method``, ``memory_budget`` and
     ``overhead_tokens``."""
     if site not in SITES:
         raise ValueError(f"unknown site {site!r}; choose from {', '.join(SITES)}")

@@ -3,7 +3,7 @@ relative to where hop 2 reads an explicitly written bridge.
 
 Per item ``A`` (two-hop prompt, bridge ``B_A``, answer ``Y_A``; its ``pair`` partner ``C`` has the same relation
 composition, another bridge and answer), four analyses, all on ``resid_post`` (layer ``l`` = the output of block
-``l``, as in the logit lens) and all through the patching engine (:func:`probes.variants.run_variants`):
+``l``, as in the logit lens) and all through the patching engine (:func:`probes.readouts.variants.run_variants`):
 
 - ``crosspatch``: A's two-hop state at source layer ``s`` (at its last token, or at the last token of ``e1``) is
   written into C's ``hop2`` prompt ("The capital of Italy is") at the last token of C's bridge, at target layer
@@ -30,7 +30,7 @@ composition, another bridge and answer), four analyses, all on ``resid_post`` (l
 - ``backpatch``: for two-hop prompts answered wrongly although both one-hop prompts are right
   (``hops_ok_composition_failed``), and as a control for the correct ones, the last token's state at a later
   layer ``s`` is written into an earlier layer ``t < s`` of the same prompt; rank/prob of ``Y_A``.
-- ``alignment`` (:mod:`probes.alignment`): cosine and linear CKA between latent and explicit bridge states per
+- ``alignment`` (:mod:`probes.memory.alignment`): cosine and linear CKA between latent and explicit bridge states per
   layer against mismatched pairs, and a linear probe trained on explicit states, tested on latent ones.
 
 Every item's rows go into ``memory.csv`` (long format, :data:`COLUMNS`) as soon as its chunk is done, so an
@@ -56,13 +56,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bridgeprobe.probes import distributed
-from bridgeprobe.probes.alignment import alignment_rows
-from bridgeprobe.probes.hooks import HookedModel
-from bridgeprobe.probes.targets import target_ids
-from bridgeprobe.probes.results import atomic_write_json
-from bridgeprobe.probes.states import read_states
-from bridgeprobe.probes.variants import Measure, Variant, run_variants
+from bridgeprobe.probes.runs import distributed
+from bridgeprobe.probes.memory.alignment import alignment_rows
+from bridgeprobe.probes.model.hooks import HookedModel
+from bridgeprobe.probes.model.targets import target_ids
+from bridgeprobe.probes.io.results import atomic_write_json
+from bridgeprobe.probes.model.states import read_states
+from bridgeprobe.probes.readouts.variants import Measure, Variant, run_variants
 from bridgeprobe.prompts.sampling import sample_items
 from bridgeprobe.prompts.schema import PromptItem
 
@@ -194,7 +194,7 @@ def patch_states(hooked: HookedModel, receiving_ids: Sequence[int], position: in
                  method: str = "auto") -> tuple[list[TokenScores], TokenScores]:
     """Write each source's residual stream ``states[i][s]`` (``[L, d]``: ``resid_post`` of every block at the
     source position) into ``resid_post[t]`` of the receiving prompt at ``position``, for every ``(s, t)`` in
-    ``cells[i]``, one variant at a time, all in one :func:`~probes.variants.run_variants` call. Returns, per
+    ``cells[i]``, one variant at a time, all in one :func:`~probes.readouts.variants.run_variants` call. Returns, per
     source, the scores of the candidate ``tokens`` at the receiving prompt's last position (``[len(cells[i]),
     3K]``), and those of the unpatched receiving run (``[3K]``)."""
     tokens = tuple(dict.fromkeys(int(t) for t in tokens))
@@ -216,7 +216,7 @@ def rank_of(logits: Tensor, token: int) -> int:
 class Encoded:
     """One item tokenized: two-hop ids with the e1 position, hop1/hop2 ids with the bridge's position in hop2
     (None where absent or at position 0, whose state is the attention sink's), and the first tokens of the bridge
-    and the answer after the two-hop prompt (:func:`probes.targets.target_ids`, as in the logit lens)."""
+    and the answer after the two-hop prompt (:func:`probes.model.targets.target_ids`, as in the logit lens)."""
 
     item: PromptItem
     two_hop: tuple[int, ...]
@@ -494,7 +494,7 @@ def backpatch_rows(hooked: HookedModel, plan: Plan, sources: _Sources, group: st
 
 def lens_rows(hooked: HookedModel, plan: Plan, sources: _Sources) -> list[dict[str, Any]]:
     """Logit-lens ranks of the bridge (and the answer) read from the states the decoding patches."""
-    from bridgeprobe.probes.lens import token_ranks
+    from bridgeprobe.probes.readouts.lens import token_ranks
 
     a = plan.a
     reads = [("latent", pos, "bridge_rank", state, a.bridge) for pos, state in sources.latent.items()]
@@ -564,7 +564,7 @@ def run_memory(hooked: HookedModel, items: Sequence[PromptItem], out_dir: Path, 
                settings: dict[str, Any], name: str = "memory") -> MemoryRun:
     """Write ``out_dir/NAME.csv`` for ``items`` (partners and controls may be any item of the set; the analysed
     ones are :func:`~prompts.sampling.sample_items` of ``config.n_items``), resuming an interrupted run. Data-parallel
-    (:mod:`probes.distributed`): the processes share the chunks of items; rank 0 runs the alignment and writes
+    (:mod:`probes.runs.distributed`): the processes share the chunks of items; rank 0 runs the alignment and writes
     the file."""
     started = time.perf_counter()
     tokenizer, n_layers = hooked.tokenizer, hooked.n_layers

@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from bridgeprobe.probes.results import atomic_write
+from bridgeprobe.probes.io.results import atomic_write
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from typing import Any
 import pandas as pd
 
 from bridgeprobe.analyses.summaries import files_line
-from bridgeprobe.probes.pipeline import Timer, versions
-from bridgeprobe.probes.results import atomic_write_csv, read_table
-from bridgeprobe.probes.rundir import RunDirError, differences, model_identity, read_run_record, write_finished
+from bridgeprobe.probes.runs.pipeline import Timer, versions
+from bridgeprobe.probes.io.results import atomic_write_csv, read_table
+from bridgeprobe.probes.runs.rundir import RunDirError, differences, model_identity, read_run_record, write_finished
 from bridgeprobe.prompts.schema import PromptItem
 
 FILES = ("lens_states.csv", "lens_comparison.csv", "lens_layers.csv", "prompts.csv", "lens_layers.png")
@@ -27,8 +27,8 @@ FILES = ("lens_states.csv", "lens_comparison.csv", "lens_layers.csv", "prompts.c
 def finished_two_hop_run(run_dir: Path) -> dict[str, Any]:
     """``run_dir/run.json`` of a finished two-hop finetune run whose adapters are all on disk, or a one-line
     error (before any model loads)."""
-    from bridgeprobe.probes.identity import adapter_name
-    from bridgeprobe.probes.models import check_adapter
+    from bridgeprobe.probes.identity.experiments import adapter_name
+    from bridgeprobe.probes.model.load import check_adapter
 
     path = run_dir / "run.json"
     if not path.is_file():
@@ -53,7 +53,7 @@ def base_model(run_dir: Path, record: dict[str, Any]) -> tuple[str, dict[str, An
     """Where the finetune run's base model is (the absolute location it recorded; older runs: the checkpoint
     directory of its fingerprint, else the name it was given) and its identity, checked before any model loads:
     weights that are not the ones the adapters were trained on are a one-line error."""
-    from bridgeprobe.probes.models import ModelLoadError
+    from bridgeprobe.probes.model.load import ModelLoadError
 
     recorded = (record.get("fingerprint") or {}).get("model")  # the identity the run started with
     location = record.get("model_path") or (recorded or {}).get("directory") or record["model"]
@@ -74,7 +74,7 @@ def base_model(run_dir: Path, record: dict[str, Any]) -> tuple[str, dict[str, An
 def seed_items(run_dir: Path, seed: int, per_split: int | None) -> list[PromptItem]:
     """The ID and OOD two-hop test prompts of one seed (``per_split`` of each split, drawn by the stratified
     sampler with the seed, pair partners included, when given)."""
-    from bridgeprobe.probes.identity import select_split_items
+    from bridgeprobe.probes.identity.experiments import select_split_items
     from bridgeprobe.prompts.loaders import load_prompts
 
     items = load_prompts([run_dir / "data" / f"seed{seed}" / "prompts.jsonl"])
@@ -92,11 +92,11 @@ def finetune_lens(run_dir: Path, out: Path, *, per_split: int | None = None,
 
     from bridgeprobe.analyses import identity_report as report
     from bridgeprobe.analyses.aggregate import per_layer, per_prompt
-    from bridgeprobe.probes.finetune import BASE, inner_model, model_state
-    from bridgeprobe.probes.hooks import NativeHooks
-    from bridgeprobe.probes.identity import adapter_name
-    from bridgeprobe.probes.models import check_adapter_fits, load_model
-    from bridgeprobe.probes.pipeline import run_lens
+    from bridgeprobe.probes.identity.finetune import BASE, inner_model, model_state
+    from bridgeprobe.probes.model.hooks import NativeHooks
+    from bridgeprobe.probes.identity.experiments import adapter_name
+    from bridgeprobe.probes.model.load import check_adapter_fits, load_model
+    from bridgeprobe.probes.runs.pipeline import run_lens
 
     record = finished_two_hop_run(run_dir)
     location, identity = base_model(run_dir, record)

@@ -6,7 +6,7 @@ Sites (per block ``l`` in ``0..L-1``):
 - ``attn_out`` / ``mlp_out``: what the attention / MLP sub-layer of block ``l`` adds to the residual stream.
 
 Two backends implement :class:`HookedModel`: :class:`NativeHooks` (plain PyTorch hooks on the HF modules; the
-default, works with bitsandbytes and ``device_map`` models) and ``probes.tl_backend.TransformerLensHooks``
+default, works with bitsandbytes and ``device_map`` models) and ``probes.model.tl_backend.TransformerLensHooks``
 (TransformerLens ``TransformerBridge``, opt-in). Batches are right-padded: in a causal model a real token never
 attends to the padding after it, so every real position equals the unpadded one-at-a-time run.
 """
@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from bridgeprobe.probes.architecture import head_logits, locate
+from bridgeprobe.probes.model.architecture import head_logits, locate
 
 SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 Site = tuple[str, int]
@@ -111,7 +111,7 @@ class HookedModel(ABC):
     @abstractmethod
     def readout(self, hidden: Tensor) -> Tensor:
         """Logit lens: the final norm, the unembedding and the model's own logit scaling or soft cap
-        (:func:`probes.architecture.head_logits`) applied to residual vectors ``[..., d]``."""
+        (:func:`probes.model.architecture.head_logits`) applied to residual vectors ``[..., d]``."""
 
     @staticmethod
     def _last_block(read: Iterable[Site], patches: Sequence[Patch]) -> int:
@@ -146,7 +146,7 @@ class _StopForward(Exception):
 
 
 class NativeHooks(HookedModel):
-    """PyTorch forward hooks on the HF modules located by :func:`probes.architecture.locate`."""
+    """PyTorch forward hooks on the HF modules located by :func:`probes.model.architecture.locate`."""
 
     def __init__(self, model: nn.Module, tokenizer: Any = None) -> None:
         self.model = model

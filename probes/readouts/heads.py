@@ -2,7 +2,7 @@
 
 Each attention head's output is its slice of the input of the attention output projection (``o_proj`` / GPT-2's
 Conv1D ``c_proj`` / ``dense``): heads are concatenated there after attention, so reading or patching a slice is
-exact for grouped-query attention too. Native backend (:class:`~probes.hooks.NativeHooks`) only.
+exact for grouped-query attention too. Native backend (:class:`~probes.model.hooks.NativeHooks`) only.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 
 from torch import Tensor, nn
 
-from bridgeprobe.probes.hooks import HookedModel, NativeHooks
+from bridgeprobe.probes.model.hooks import HookedModel, NativeHooks
 
 HEAD = "head"
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")

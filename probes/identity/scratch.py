@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 from torch import Tensor, nn
 
-from bridgeprobe.probes.results import atomic_write
+from bridgeprobe.probes.io.results import atomic_write
 from bridgeprobe.prompts.synthetic import Example, Splits, token_vocab
 
 MODELS = ("gpt2", "emb_mlp")
