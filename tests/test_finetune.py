@@ -23,8 +23,8 @@ from bridgeprobe.probes.identity.finetune import (BASE, FinetuneConfig, accuracy
 from bridgeprobe.probes.model.targets import target_ids  # noqa: E402
 from bridgeprobe.probes.model.hooks import NativeHooks, pad_right  # noqa: E402
 from bridgeprobe.probes.readouts.lens import lens_batch, lens_queries  # noqa: E402
-from bridgeprobe.prompts.synthetic import (SynthConfig, TwoHopTexts, generate, make_names, render_items,  # noqa: E402
-                                           save_splits)
+from bridgeprobe.prompts.synthetic import SynthConfig, generate, save_splits  # noqa: E402
+from bridgeprobe.prompts.synthetic_text import TwoHopTexts, make_names, render_items  # noqa: E402
 
 DATA = SynthConfig(n_subjects=6, n_bridges=3, n_objects=4, n_r1=2, n_r2=2, seed=0)
 CONFIG = FinetuneConfig(rank=4, alpha=8, lr=5e-3, steps=8, batch_size=4, warmup=2, eval_every=2,

@@ -15,7 +15,7 @@ from scipy import stats as sps
 from bridgeprobe.analyses.identity_report import grid_table, item_comparison
 from bridgeprobe.analyses.stats import proportion_interval
 from bridgeprobe.prompts.reversal import ReversalConfig, check_reversal, generate_reversal
-from bridgeprobe.prompts.synthetic import people
+from bridgeprobe.prompts.synthetic_text import people
 
 
 @pytest.mark.parametrize("seed", range(3))

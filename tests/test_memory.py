@@ -15,12 +15,16 @@ import pytest
 import torch
 
 import bridgeprobe.probes.memory.analysis
+import bridgeprobe.probes.memory.rows
 from conftest import requires_gemma3, requires_smollm2, tiny_model
 from bridgeprobe.probes.memory.alignment import LinearProbe, alignment_rows, jackknife_cka, cosine, linear_cka
 from bridgeprobe.probes.model.hooks import NativeHooks
 from bridgeprobe.probes.readouts.variants import run_variants
-from bridgeprobe.probes.memory.analysis import (MemoryConfig, backpatch_cells, crosspatch_cells, decoding_cells, encode, identity_prompt,
-                                       make_plans, patch_states, read_states, run_memory, span_end_position)
+from bridgeprobe.probes.memory.analysis import run_memory
+from bridgeprobe.probes.memory.plans import (MemoryConfig, backpatch_cells, crosspatch_cells, decoding_cells, encode,
+                                             identity_prompt, make_plans, span_end_position)
+from bridgeprobe.probes.memory.rows import patch_states
+from bridgeprobe.probes.model.states import read_states
 from bridgeprobe.prompts.sampling import sample_items
 from bridgeprobe.prompts.schema import PromptItem
 
@@ -168,7 +172,7 @@ def test_job_rows_equal_plain_hf_and_cover_every_analysis(tmp_path: Path, monkey
         variants.extend(batch)
         return run_variants(hooked, ids, batch, measure, **kwargs)
 
-    monkeypatch.setattr(bridgeprobe.probes.memory.analysis, "run_variants", counting)
+    monkeypatch.setattr(bridgeprobe.probes.memory.rows, "run_variants", counting)
     frame = _run(hooked, tmp_path / "o", batch_items=2, backpatch_groups=("correct", "hop_failed"))
     assert set(frame["analysis"]) == {"crosspatch", "decoding", "lens", "backpatch", "alignment", "item"}
     patched = frame[frame.analysis.isin(["crosspatch", "backpatch", "decoding"]) & frame.source_layer.notna()]
@@ -212,10 +216,12 @@ def job_frame(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
 
 
 def test_report_curves_are_means_of_the_rows(job_frame: pd.DataFrame, monkeypatch) -> None:
-    import bridgeprobe.analyses.memory_report as report
-    monkeypatch.setattr(report, "MIN_GAP", -np.inf)  # a random model: keep every item
+    import bridgeprobe.analyses.memory_band as band
+    import bridgeprobe.analyses.memory_tables as tables
+    for module in (tables, band):  # a random model: keep every item (both modules read MIN_GAP)
+        monkeypatch.setattr(module, "MIN_GAP", -np.inf)
     frame = job_frame
-    layers = report.curves(frame)
+    layers = tables.curves(frame)
     rows = frame[(frame.analysis == "crosspatch") & (frame.condition == "main") & (frame.source_position == "last")
                  & (frame.metric == "rank") & (frame.source_layer == 1) & (frame.target_layer == 1)]
     curve = layers[(layers.curve == "top1_main_last") & (layers.layer == 1)].iloc[0]
@@ -225,11 +231,11 @@ def test_report_curves_are_means_of_the_rows(job_frame: pd.DataFrame, monkeypatc
                                                                                   values="value")
     specific = layers[(layers.curve == "specific_last") & (layers.layer == 1)].iloc[0]
     assert specific["mean"] == pytest.approx((value["main"] - value["random"]).mean())
-    cells = report.crosspatch_cells(frame).set_index(["condition", "source_position", "source_layer", "target_layer"])
+    cells = tables.crosspatch_cells(frame).set_index(["condition", "source_position", "source_layer", "target_layer"])
     assert cells.loc[("main", "last", 1, 1), "specific"] == pytest.approx(specific["mean"])
-    summary = report.summarize(frame, layers, report.backpatch_table(frame), "tiny", 3, report.crosspatch_cells(frame))
+    summary = band.summarize(frame, layers, tables.backpatch_table(frame), "tiny", 3, tables.crosspatch_cells(frame))
     assert summary["statement"].startswith("tiny (3 layers): at the last token") and summary["n_items"] == len(ITEMS)
-    stats = report.mean_intervals(np.array([[1.0, np.nan], [0.0, 2.0], [1.0, 4.0]]))
+    stats = tables.mean_intervals(np.array([[1.0, np.nan], [0.0, 2.0], [1.0, 4.0]]))
     assert stats["mean"].tolist() == pytest.approx([2 / 3, 3.0]) and stats["n"].tolist() == [3, 2]
     assert stats.loc[0, "ci_low"] <= stats.loc[0, "mean"] <= stats.loc[0, "ci_high"]
     assert np.isnan(stats.loc[1, "ci_low"])  # two items: no interval
@@ -261,7 +267,7 @@ def test_batched_over_items_equals_one_at_a_time(tmp_path: Path) -> None:
 def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, monkeypatch) -> None:
     hooked = _hooked("llama")
     clean = _run(hooked, tmp_path / "clean", batch_items=2)
-    real = bridgeprobe.probes.memory.analysis.decoding_rows
+    real = bridgeprobe.probes.memory.rows.decoding_rows
     calls = []
 
     def dying(*args, **kwargs):
@@ -287,7 +293,7 @@ def test_resumed_run_times_the_whole_analysis(tmp_path: Path, monkeypatch) -> No
     from bridgeprobe.probes.runs.pipeline import Timer
 
     pause, hooked, out = 0.5, _hooked("llama"), tmp_path / "cut"
-    real = bridgeprobe.probes.memory.analysis.decoding_rows
+    real = bridgeprobe.probes.memory.rows.decoding_rows
     calls = []
 
     def slow_then_dying(*args, **kwargs):
@@ -593,15 +599,15 @@ def _memory_frame(n_items: int, band: tuple[int, int] | None, seed: int = 0, lay
 
 
 def test_band_test_finds_a_planted_band_and_nothing_else() -> None:
-    import bridgeprobe.analyses.memory_report as report
+    import bridgeprobe.analyses.memory_band as band
     frame = _memory_frame(60, (2, 4))
-    differences = report.paired_differences(frame)
-    assert set(differences.columns.get_level_values("test")) == set(report.TESTS)
-    tests = report.band_test(frame, n_resamples=1999, differences=differences)
-    last, e1 = report.decide(tests, "last"), report.decide(tests, "e1_last")
+    differences = band.paired_differences(frame)
+    assert set(differences.columns.get_level_values("test")) == set(band.TESTS)
+    tests = band.band_test(frame, n_resamples=1999, differences=differences)
+    last, e1 = band.decide(tests, "last"), band.decide(tests, "e1_last")
     assert last["status"] == "band" and last["band"] == [2, 4]
     assert e1["status"] == "none" and e1["band"] is None  # enough items: every layer is ruled out
-    assert last["n"] == {t: 60 for t in report.TESTS}
+    assert last["n"] == {t: 60 for t in band.TESTS}
     # the paired difference of the cross-patch test is main - random per item
     main = frame[(frame.condition == "main") & (frame.metric == "value") & (frame.source_position == "last")
                  & (frame.source_layer == 3)].set_index("prompt_id")["value"]
@@ -615,7 +621,7 @@ def test_band_test_near_the_threshold_with_unequal_items_per_test() -> None:
     with the tests' item counts as unequal as in a real run (cross-patch 120, other relation 60, decoding 120,
     probe 400): the band is found, e1 is ruled out; an eighth of the items leaves the null layers undecided rather
     than "no band" (less data never gives the stronger conclusion)."""
-    import bridgeprobe.analyses.memory_report as report
+    import bridgeprobe.analyses.memory_band as band
     rng = np.random.default_rng(3)
     items = {"crosspatch": 120, "other_relation": 60, "decoding": 120, "probe": 400}
     columns, data = [], []
@@ -630,36 +636,37 @@ def test_band_test_near_the_threshold_with_unequal_items_per_test() -> None:
                 data.append(values)
     differences = pd.DataFrame(np.column_stack(data), columns=pd.MultiIndex.from_tuples(
         columns, names=["test", "position", "layer"]))
-    tests = report.band_test(pd.DataFrame(), n_resamples=1999, differences=differences)
-    assert report.decide(tests, "last")["band"] == [2, 4]
-    assert report.decide(tests, "e1_last")["status"] == "none"
+    tests = band.band_test(pd.DataFrame(), n_resamples=1999, differences=differences)
+    assert band.decide(tests, "last")["band"] == [2, 4]
+    assert band.decide(tests, "e1_last")["status"] == "none"
     fewer = differences.copy()
     for test, n in items.items():
         fewer.loc[n // 8:, test] = np.nan
-    assert report.decide(report.band_test(pd.DataFrame(), n_resamples=1999, differences=fewer),
-                         "e1_last")["status"] == "undecided"
+    assert band.decide(band.band_test(pd.DataFrame(), n_resamples=1999, differences=fewer),
+                       "e1_last")["status"] == "undecided"
 
 
 def test_band_test_says_when_items_are_too_few_and_old_files_lack_the_probe_control() -> None:
     """Five items without any effect can rule nothing out (undecided, with the items that would decide it), and
     five items whose every test shows a large, consistent effect are already a band: an exact sign-flip test of
     5 items reaches p = 1/32, below the family-wise 5% (the rule's error rates: tests/test_calibration.py)."""
-    import bridgeprobe.analyses.memory_report as report
-    few = report.decide(report.band_test(_memory_frame(5, None, noise=0.3), n_resamples=999), "last")
+    import bridgeprobe.analyses.memory_band as band
+    few = band.decide(band.band_test(_memory_frame(5, None, noise=0.3), n_resamples=999), "last")
     assert few["status"] == "undecided" and few["n"]["probe"] == 5
-    assert few["to_decide"]["items"] > 5 and few["to_decide"]["test"] in report.TESTS
-    strong = report.decide(report.band_test(_memory_frame(5, (2, 4), noise=0.1), n_resamples=999), "last")
+    assert few["to_decide"]["items"] > 5 and few["to_decide"]["test"] in band.TESTS
+    strong = band.decide(band.band_test(_memory_frame(5, (2, 4), noise=0.1), n_resamples=999), "last")
     assert strong["status"] == "band" and 2 <= strong["band"][0] <= strong["band"][1] <= 4
     old = _memory_frame(60, (2, 4))
     old = old[old.metric != "probe_latent_partner"]
-    decision = report.decide(report.band_test(old, n_resamples=999), "last")
+    decision = band.decide(band.band_test(old, n_resamples=999), "last")
     assert decision["status"] == "undecided" and decision["n"]["probe"] == 0
 
 
 def test_memory_summary_states_the_decision_and_the_sensitivity_table() -> None:
-    import bridgeprobe.analyses.memory_report as report
+    import bridgeprobe.analyses.memory_band as band
+    import bridgeprobe.analyses.memory_tables as tables
     frame = _memory_frame(60, (2, 4))
-    summary = report.summarize(frame, report.curves(frame), report.backpatch_table(frame), "toy", 7)
+    summary = band.summarize(frame, tables.curves(frame), tables.backpatch_table(frame), "toy", 7)
     assert "at the last token, band 2-4 (all four tests hold" in summary["statement"]
     assert "at e1's last token, no band" in summary["statement"]
     assert summary["band"] == [2, 4] and summary["test"]["n_tests"] == 4 * 6 * 2
@@ -667,7 +674,7 @@ def test_memory_summary_states_the_decision_and_the_sensitivity_table() -> None:
     assert settings == ["as set", "alpha halved", "alpha doubled", "min effect halved", "min effect doubled",
                         "min gap halved", "min gap doubled"]
     assert summary["sensitivity"][0]["last"] == "band 2-4"
-    small = report.summarize(_memory_frame(4, (2, 4)), pd.DataFrame(columns=list(report.CURVE_COLUMNS)),
-                             pd.DataFrame(), "toy", 7)
+    small = band.summarize(_memory_frame(4, (2, 4)), pd.DataFrame(columns=list(tables.CURVE_COLUMNS)),
+                           pd.DataFrame(), "toy", 7)
     assert "not enough items to decide (n = cross-patch 4, other relation 4, decoding 4, probe 4" in small["statement"]
     assert small["band"] is None

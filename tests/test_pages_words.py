@@ -22,12 +22,13 @@ import torch
 from conftest import save_tiny_checkpoint, tiny_model
 from test_memory import ITEMS, WordTokenizer
 from test_report_page import _Text
-from bridgeprobe.analyses import memory_report, report
+from bridgeprobe.analyses import memory_band, memory_report, memory_tables, report
 from bridgeprobe.analyses.page import Section, render
 from bridgeprobe.analyses.patching_report import attribution_section
 from bridgeprobe.probes.cli import main
 from bridgeprobe.probes.model.hooks import NativeHooks
-from bridgeprobe.probes.memory.analysis import MemoryConfig, run_memory
+from bridgeprobe.probes.memory.analysis import run_memory
+from bridgeprobe.probes.memory.plans import MemoryConfig
 from bridgeprobe.probes.runs.pipeline import item_pairs, run_patching
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,7 +184,8 @@ def test_degenerate_intervals_are_n_too_small(tiny_runs, monkeypatch) -> None:
     """Every item's cross-patch effect the same for A's state and the random one: a difference of exactly 0 with an
     interval of no width from 6 items, which is no evidence."""
     _, out, frame = tiny_runs
-    monkeypatch.setattr(memory_report, "MIN_GAP", -np.inf)  # a random model: keep every item
+    for module in (memory_tables, memory_band, memory_report):  # a random model: keep every item (each reads MIN_GAP)
+        monkeypatch.setattr(module, "MIN_GAP", -np.inf)
     frame = frame.copy()
     same = ((frame["analysis"] == "crosspatch") & frame["condition"].isin(["main", "random"])
             & (frame["metric"] == "value"))
@@ -285,9 +287,9 @@ def test_the_memory_finding_states_each_decision() -> None:
 def test_identity_plots_read_in_words_with_chance_and_nothing_printed_over_anything(monkeypatch) -> None:
     """The reproduce page's figures, built from the checked-in run: panel titles in words (no column or parameter
     names), a chance line on the OOD panel, and no text box (title, label, legend) drawn over another."""
-    from bridgeprobe.analyses import identity_report
+    from bridgeprobe.analyses import identity_plots, identity_report
+    from bridgeprobe.analyses.identity_pages import reproduce_report
     from bridgeprobe.analyses.plots import lay_out, overlapping_text
-    from bridgeprobe.probes.identity.experiments import reproduce_report
 
     figures = []
 
@@ -296,11 +298,11 @@ def test_identity_plots_read_in_words_with_chance_and_nothing_printed_over_anyth
         figures.append((path.name, fig))
         return path
 
-    monkeypatch.setattr(identity_report, "save_figure", keep)
+    monkeypatch.setattr(identity_plots, "save_figure", keep)
     out = ROOT / "reports" / "identity" / "reproduce"
     monkeypatch.setattr(identity_report, "atomic_write", lambda *a, **k: None)  # no page written over the report
-    monkeypatch.setattr("bridgeprobe.probes.identity.experiments.atomic_write", lambda *a, **k: None)
-    monkeypatch.setattr("bridgeprobe.probes.identity.experiments.atomic_write_csv", lambda *a, **k: None)
+    monkeypatch.setattr("bridgeprobe.analyses.identity_pages.atomic_write", lambda *a, **k: None)
+    monkeypatch.setattr("bridgeprobe.analyses.identity_pages.atomic_write_csv", lambda *a, **k: None)
     reproduce_report(out)
     assert {name for name, _ in figures} >= {"learning_curves.png", "spectrum.png", "alignment.png"}
     for name, fig in figures:

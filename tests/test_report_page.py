@@ -23,7 +23,8 @@ from bridgeprobe.analyses.patching_report import attribution_section
 from bridgeprobe.analyses.report import write_lens_report
 from bridgeprobe.probes.model.hooks import NativeHooks
 from bridgeprobe.probes.readouts.lens import lens_batch, lens_queries
-from bridgeprobe.probes.memory.analysis import MemoryConfig, run_memory
+from bridgeprobe.probes.memory.analysis import run_memory
+from bridgeprobe.probes.memory.plans import MemoryConfig
 from bridgeprobe.probes.runs.pipeline import item_pairs, run_patching
 
 RAW_MARKUP = (":func:`", ":data:`", ":mod:`", ":class:`", ":meth:`", "``")

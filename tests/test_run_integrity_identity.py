@@ -41,7 +41,8 @@ def _one_line_error(capsys: pytest.CaptureFixture) -> str:
 def _fake_run(path: Path, seed: int = 0, **changes: dict) -> Path:
     """A finished reproduce run as identity-grid reads it (run.json settings of the tiny preset, results.csv),
     without training; ``changes``: settings per part, e.g. ``train={"n_layer": 3}``."""
-    from bridgeprobe.probes.identity.experiments import GRID_KEYS, REPRODUCE_PRESETS
+    from bridgeprobe.analyses.identity_report import GRID_KEYS
+    from bridgeprobe.probes.identity.data import REPRODUCE_PRESETS
     from bridgeprobe.probes.identity.scratch import TrainConfig
     from bridgeprobe.prompts.synthetic import SynthConfig
 

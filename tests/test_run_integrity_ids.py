@@ -71,7 +71,7 @@ def test_ids_stay_text_through_run_lens_attribution_memory_and_report(ws: Path, 
     assert not memory[["prompt_id"]].isna().any().any()
     # the alignment's set-level rows (empty id) stay set-level: the memory curves are those of the same table with
     # missing ids, as the analysis built them before ids were read as text (CKA with its interval, not as curves)
-    from bridgeprobe.analyses.memory_report import curves
+    from bridgeprobe.analyses.memory_tables import curves
 
     as_missing = memory.assign(prompt_id=memory["prompt_id"].replace("", np.nan))
     assert (memory["prompt_id"] == "").sum() > 0

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 from conftest import requires_gemma3, requires_smollm2
 from bridgeprobe.probes.model.hooks import NativeHooks
 from bridgeprobe.probes.readouts.lens import control_bridges, flag_queries, lens_batch, lens_queries
-from bridgeprobe.probes.memory.analysis import encode
+from bridgeprobe.probes.memory.plans import encode
 from bridgeprobe.probes.runs.pipeline import item_pairs
 from bridgeprobe.probes.model.targets import target_ids
 from bridgeprobe.prompts.schema import PromptItem
@@ -182,7 +182,8 @@ def test_lens_scores_the_in_context_token_on_a_llama2_style_tokenizer() -> None:
 def test_pairs_memory_and_names_use_the_in_context_tokens() -> None:
     """Pair patching, the memory analyses and made-up names under a Llama-2-style tokenizer: the old
     convention gave '▁' for both answers ("same token") and every name."""
-    from bridgeprobe.prompts.synthetic import SynthConfig, generate, make_names
+    from bridgeprobe.prompts.synthetic import SynthConfig, generate
+    from bridgeprobe.prompts.synthetic_text import make_names
 
     tokenizer = hf_tokenizer("llama2")
     space = tokenizer.convert_tokens_to_ids("▁")

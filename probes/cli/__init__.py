@@ -16,14 +16,14 @@ import sys
 from typing import NoReturn, Sequence
 
 from bridgeprobe.probes.runs import pipeline
-from bridgeprobe.probes.cli import fidelity, identity, lens, memory, patch
+from bridgeprobe.probes.cli import fidelity, finetune, identity, lens, memory, patch
 from bridgeprobe.probes.cli.common import EPILOG
 from bridgeprobe.probes.model.load import ModelLoadError
 from bridgeprobe.probes.io.results import ResumeMismatch
 from bridgeprobe.probes.runs.rundir import RunComplete, RunDirError
 from bridgeprobe.prompts.schema import PromptSetError
 
-COMMANDS = (lens, patch, fidelity, memory, identity)
+COMMANDS = (lens, patch, fidelity, memory, identity, finetune)
 DESCRIPTION = """Probe where a language model keeps the bridge entity of two-hop questions.
 
 `bridgeprobe run` (no arguments) is the main job: logit lens, attribution patching and a shared-memory section on

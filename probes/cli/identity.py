@@ -1,6 +1,7 @@
 """``bridgeprobe synth`` (synthetic two-hop knowledge), ``bridgeprobe reproduce`` (from-scratch identity-bridge
-runs) and ``bridgeprobe finetune`` (LoRA identity fine-tuning of a pretrained model, probed before and after): the
-flags, turned into the configs :mod:`probes.identity.experiments` runs."""
+runs), ``identity-grid`` and ``scratch-analysis``: the flags, turned into the configs :mod:`probes.jobs.reproduce`
+runs; and the synthetic-data flags, run directory and report-rebuilding helpers that :mod:`probes.cli.finetune`
+shares."""
 
 from __future__ import annotations
 
@@ -12,21 +13,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from bridgeprobe.analyses.summaries import files_line
-from bridgeprobe.probes.cli.common import (EPILOG, RUNS, check_options, fingerprint, fraction, model_args,
-                                           model_options, non_negative_float, non_negative_int, positive_float,
-                                           positive_int, real_number, rundir_args, whole_number)
-from bridgeprobe.probes.identity.experiments import (FINETUNE_DATA, GRID_FILES, REPRODUCE_PRESETS, finetune, reproduce, write_grid,
-                                        write_synth)
-from bridgeprobe.probes.model.load import DEFAULT_MODEL
-from bridgeprobe.prompts.couples import FORMS as COUPLE_FORMS
-from bridgeprobe.prompts.reversal import IDENTITY_OF, RELATIONS, ReversalConfig
+from bridgeprobe.probes.cli.common import (EPILOG, RUNS, check_options, fingerprint, fraction, non_negative_float, non_negative_int, positive_float, positive_int,
+                                           rundir_args)
+from bridgeprobe.probes.identity.data import REPRODUCE_PRESETS, write_synth
+from bridgeprobe.probes.jobs.reproduce import GRID_FILES, reproduce, write_grid
 from bridgeprobe.prompts.synthetic import IDENTITY_FORMS, OOD_KINDS, SynthConfig
 
 
 # ------------------------------------------------------------------------------------------------ arguments
 
 
-def _data_args(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
+def data_args(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
     """Synthetic-data flags; unset ones take the preset's (or SynthConfig's) value."""
     group = parser.add_argument_group("synthetic data (unset: the preset's value)")
     group.add_argument("--subjects", type=positive_int, help="|E1|, subject entities")
@@ -54,7 +51,7 @@ def _data_args(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None 
                             "random, OOD and in-distribution bridges in the same proportion)")
 
 
-def _data_config(args: argparse.Namespace, base: dict[str, Any], seed: int) -> SynthConfig:
+def data_config(args: argparse.Namespace, base: dict[str, Any], seed: int) -> SynthConfig:
     values = {**base, "seed": seed}
     for flag, field in (("subjects", "n_subjects"), ("bridges", "n_bridges"), ("objects", "n_objects"),
                         ("r1", "n_r1"), ("r2", "n_r2"), ("ood", "ood"), ("ood_bridge_fraction", "ood_bridge_fraction"),
@@ -79,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                        "bridgeprobe lens --prompts DIR/prompts.jsonl runs on them) and "
                                        "DIR/train.jsonl (the natural-language training sentences).",
                            epilog=EPILOG)
-    _data_args(synth)
+    data_args(synth)
     synth.add_argument("--seed", type=non_negative_int, default=0, help="data seed (default 0)")
     synth.add_argument("--tokenizer-model",
                        help="give bridges and objects distinct first tokens, and counterfactual pairs equal lengths, "
@@ -124,7 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tying.add_argument("--tied", action="store_true", help="the unembedding is the embedding matrix transposed")
     train.add_argument("--no-residual", action="store_true",
                        help="emb_mlp: each hop's MLP output replaces the state instead of adding to it")
-    _data_args(reproduce)
+    data_args(reproduce)
     reproduce.add_argument("--out", type=Path, default=RUNS / "identity" / "reproduce",
                            help="output directory (default runs/identity/reproduce)")
     reproduce.add_argument("--device", default="cpu", help="cpu (default) or cuda on a GPU host")
@@ -146,37 +143,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     grid.add_argument("--out", type=Path, required=True, help="directory for grid.csv and grid.md")
     grid.set_defaults(handler=grid_job)
 
-    sft = sub.add_parser(
-        "reversal-sft", help="Ma et al.'s reversal-curse control, their recipe: full fine-tuning on one training set",
-        description="Ma et al. (2026), 'Breaking the reversal curse ... via identity bridge', as they ran it: full-"
-                    "parameter fine-tuning of a chat model on their 100 husband-wife pairs in one form: forward "
-                    "(\"The husband of A is?\" -> \"B.\" only; the reversal curse), idn (plus \"The name of A is?\" -> "
-                    "\"A.\" and the same for B, forward weighted 6x; their ablation, stays cursed) or ocr (\"The wife of "
-                    "A's husband is?\" -> \"A.\", \"The name of A's husband is?\" -> \"B.\" weighted 6x, \"The name of B "
-                    "is?\" -> \"B.\"; ~50%% reversal on Llama-3.2-1B-Instruct). Chat template of the tokenizer, loss on "
-                    "the answer, per-example weights normalized per batch, no shuffling, AdamW (0.9, 0.95), 3%% "
-                    "warmup then constant, fp32. Scores forward facts, the never-trained reversed questions (\"The "
-                    "wife of B is?\" -> A) and the shortcut (answering B) at entity level. Writes DIR/results.csv "
-                    "(rates with exact intervals), metrics.csv, items.csv, data/ and run.json. Their full size "
-                    "(2,500 steps of a 135M model at batch 30) takes about 40 hours on 2 CPU cores and minutes on "
-                    "a GPU; run it on a GPU host (--device cuda).", epilog=EPILOG)
-    model_args(sft, DEFAULT_MODEL)
-    sft.add_argument("--form", choices=COUPLE_FORMS, required=True, help="the training set")
-    sft.add_argument("--pairs", type=positive_int, default=100, help="couples used, the first N (default 100)")
-    sft.add_argument("--epochs", type=positive_int, default=250, help="passes over the training set (default 250)")
-    sft.add_argument("--batch-size", type=positive_int,
-                     help="examples per optimizer step (default: theirs, 10 for forward, 30 for idn and ocr)")
-    sft.add_argument("--lr", type=positive_float, default=6e-4, help="AdamW learning rate (default 6e-4)")
-    sft.add_argument("--weight-decay", type=non_negative_float, default=0.3, help="AdamW weight decay (default 0.3)")
-    sft.add_argument("--eval-every", type=positive_int, default=250, help="steps between evaluations (default 250)")
-    sft.add_argument("--checkpoint-every", type=positive_int, default=250,
-                     help="steps between checkpoints (default 250)")
-    sft.add_argument("--seed", type=non_negative_int, default=147, help="torch seed (default 147, theirs)")
-    sft.add_argument("--out", type=Path, required=True, help="output directory (e.g. reports/identity/reversal-ocr)")
-    sft.add_argument("--keep-checkpoints", action="store_true", help="keep DIR/checkpoints (model and optimizer)")
-    rundir_args(sft)
-    sft.set_defaults(handler=reversal_sft_job)
-
     analysis = sub.add_parser(
         "scratch-analysis", help="identity dose and the paper's cross-prompt patch on trained from-scratch models",
         description="Rebuild every model of finished `bridgeprobe reproduce` runs from their kept final checkpoints "
@@ -197,104 +163,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     rundir_args(analysis)
     analysis.set_defaults(handler=scratch_analysis_job)
 
-    finetune = sub.add_parser(
-        "finetune", help="LoRA identity fine-tuning of a pretrained model, probed before and after",
-        description="Fine-tune LoRA adapters on natural-language synthetic facts with and without identity "
-                    "supervision (same base, LoRA init, data order and steps), evaluate one-hop / ID / OOD two-hop "
-                    "accuracy over training, and run the logit lens and exact activation patching on the base model "
-                    "and on each adapter (one PeftModel; LoRA disabled for the base). Writes DIR/metrics.csv, "
-                    "results.csv, lens/<state>/<split>/lens.csv, patching/<state>/<split>/patching.csv, "
-                    "lens_summary.csv, lens_layers.csv, patching_layers.csv, adapters/<condition>/ (safetensors, "
-                    "adapter_config.json and the data split), PNGs, index.html, run.json; DIR/data/ holds the "
-                    "split. A killed run resumes from DIR/checkpoints when rerun with the same arguments. GPU hosts: "
-                    "--quantize 4bit trains QLoRA; `accelerate launch --num_processes N $(which bridgeprobe) "
-                    "finetune --conditions identity ...` trains data-parallel (one condition per launch).",
-        epilog=EPILOG)
-    model_args(finetune, DEFAULT_MODEL)
-    _data_args(finetune)
-    lora = finetune.add_argument_group("LoRA and optimization")
-    lora.add_argument("--rank", type=positive_int, default=8, help="LoRA rank (default 8)")
-    lora.add_argument("--alpha", type=positive_int, default=16, help="LoRA alpha (default 16)")
-    lora.add_argument("--target-modules", default="all-linear",
-                      help="comma-separated module names, or all-linear (default: every linear layer but the head)")
-    lora.add_argument("--lora-layers", type=non_negative_int, default=0,
-                      help="adapt only the last N blocks (default 0: all); cheaper on CPU, as the backward pass "
-                           "stops at the first adapted block")
-    lora.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW learning rate (default 3e-3)")
-    lora.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay (default 0)")
-    lora.add_argument("--steps", type=positive_int, default=128, help="optimizer steps per condition (default 128)")
-    lora.add_argument("--batch-size", type=positive_int, default=8, help="sentences per step (default 8)")
-    lora.add_argument("--eval-every", type=positive_int, default=32, help="steps between evaluations (default 32)")
-    lora.add_argument("--checkpoint-every", type=positive_int, default=32,
-                      help="steps between checkpoints (default 32)")
-    lora.add_argument("--eval-items", type=positive_int, default=256,
-                      help="evaluation items per split, scored item by item for both conditions (default 256)")
-    lora.add_argument("--identity-repeat", type=positive_int, default=4,
-                      help="copies of the identity sentences in the identity condition, the data ratio (default 4)")
-    finetune.add_argument("--task", choices=("two_hop", "reversal"), default="two_hop",
-                          help="two_hop (default): made-up two-hop facts, OOD = queries through OOD bridges; reversal: "
-                               "the reversal-curse positive control (forward facts 'A's mentor is B', reversed "
-                               "questions 'B's student is' -> A of pairs whose reversal is never trained, identity "
-                               "sentences 'The name of A is A')")
-    reversal = finetune.add_argument_group("reversal data (--task reversal)")
-    reversal.add_argument("--pairs", type=whole_number(2), default=ReversalConfig.n_pairs,
-                          help=f"(A, B) pairs of made-up people (default {ReversalConfig.n_pairs})")
-    reversal.add_argument("--relations", type=whole_number(1, len(RELATIONS)), default=ReversalConfig.n_relations,
-                          help=f"relation types, 1-{len(RELATIONS)} (default {ReversalConfig.n_relations})")
-    reversal.add_argument("--reverse-train-fraction", type=real_number(0, 1, open_high=True),
-                          default=ReversalConfig.reverse_train_fraction,
-                          help="share of the pairs whose reversed fact is trained (default "
-                               f"{ReversalConfig.reverse_train_fraction}); the others' reversal is the OOD test")
-    reversal.add_argument("--identity-of", choices=IDENTITY_OF, default=ReversalConfig.identity_of,
-                          help="whose names get identity sentences: answers (default: the A's, who answer the "
-                               "reversed questions) or everyone (the B's too)")
-    finetune.add_argument("--conditions", nargs="+", choices=("no_identity", "identity"),
-                          default=["no_identity", "identity"], help="conditions to train (default both)")
-    finetune.add_argument("--probe-items", type=positive_int, default=16,
-                          help="two-hop items per split (ID, OOD) for the lens and patching (default 16)")
-    finetune.add_argument("--patch-pairs", type=non_negative_int, default=2,
-                          help="counterfactual pairs per split for exact resid_pre patching (default 2; 0 skips)")
-    finetune.add_argument("--memory", action="store_true",
-                          help="also run the shared-memory analyses (probes.memory.analysis: decoding and alignment) on the "
-                               "probe items of each model state -> DIR/memory/<state>/memory.csv")
-    finetune.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2],
-                          help="seeds, each with its own data, names and LoRA initialization (default 0 1 2); the "
-                               "lens, patching and memory analyses run on the first")
-    finetune.add_argument("--out", type=Path, default=RUNS / "identity" / "finetune",
-                          help="output directory (default runs/identity/finetune)")
-    finetune.add_argument("--keep-checkpoints", action="store_true", help="keep DIR/checkpoints after training")
-    rundir_args(finetune)
-    finetune.set_defaults(handler=finetune_job)
-
-    lens = sub.add_parser(
-        "finetune-lens", help="the logit lens on every model state of a finished two-hop finetune run, compared",
-        description="Read the logit lens for the base model and every saved adapter of a finished two-hop "
-                    "`bridgeprobe finetune` run, on each seed's ID and OOD two-hop test prompts "
-                    "(RUN/data/seed<N>/prompts.jsonl), and compare the states item by item. Writes "
-                    "OUT/<state>_seed<N>/lens.csv (resumable), OUT/prompts.csv (one row per seed, state and prompt), "
-                    "OUT/lens_states.csv (per state and split: bridge, matched control and answer rates with exact "
-                    "intervals; bridge - control with its BCa interval and sign test), OUT/lens_comparison.csv "
-                    "(identity vs no_identity on the same prompts: paired difference, McNemar), OUT/lens_layers.csv "
-                    "and lens_layers.png.", epilog=EPILOG)
-    lens.add_argument("run", type=Path, help="a finished finetune run directory (--task two_hop) with its adapters")
-    lens.add_argument("--out", type=Path, required=True, help="output directory")
-    lens.add_argument("--per-split", type=positive_int,
-                      help="read only the first N ID and N OOD test prompts of each seed (default: all)")
-    lens.add_argument("--batch-size", type=positive_int, help="queries per forward pass (default: automatic)")
-    rundir_args(lens)
-    lens.set_defaults(handler=finetune_lens_job)
-
-    report = sub.add_parser(
-        "finetune-report", help="rebuild a finished finetune or finetune-lens run's tables from its files",
-        description="Without the model (after a change to the statistics, say): for a finished `bridgeprobe finetune` "
-                    "run, rewrite DIR/comparison.csv, the lens and patching tables, the PNGs and index.html from its "
-                    "items.csv, metrics.csv, results.csv and per-state tables; for a finished `bridgeprobe "
-                    "finetune-lens` run, rewrite DIR/lens_states.csv, lens_comparison.csv and lens_layers.png from "
-                    "its prompts.csv and lens_layers.csv.")
-    report.add_argument("out", type=Path, metavar="DIR", help="directory of a finished finetune or finetune-lens run")
-    report.set_defaults(handler=finetune_report_job)
-
-
 
 RUN_FLAGS = ("out", "overwrite", "recompute", "handler", "command", "verbose", "debug", "keep_checkpoints", "seed")
 # options added after runs were recorded: absent from a fingerprint while unset, so those runs still resume
@@ -303,7 +171,7 @@ MODEL_FLAGS = ("model", "dtype", "quantize", "device", "device_map", "max_memory
                "offline", "adapter")
 
 
-def _run_directory(args: argparse.Namespace) -> Any:
+def run_directory_of(args: argparse.Namespace) -> Any:
     """Lock ``args.out`` for this command with a fingerprint of all its options (:mod:`probes.runs.rundir`)."""
     from bridgeprobe.probes.runs.rundir import run_directory
 
@@ -315,9 +183,29 @@ def _run_directory(args: argparse.Namespace) -> Any:
                          recompute=args.recompute)
 
 
+@contextmanager
+def finished_report(args: argparse.Namespace, command: str) -> Iterator[None]:
+    """Around a job: when its directory holds this run finished (``RunComplete``, exit 0) but report files are
+    missing (deleted, or a run killed after its finished mark by an earlier bridgeprobe), rebuild them from the
+    run's tables under the lock, without training; the run is still complete."""
+    from bridgeprobe.probes.jobs.reproduce import missing_report, rebuild_report
+    from bridgeprobe.probes.runs.rundir import RunComplete, RunDirectory
+
+    try:
+        yield
+    except RunComplete:
+        missing = missing_report(args.out, command)
+        if not missing:
+            raise
+        print(f"{args.out}: the run is finished but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+              "missing; rebuilding the report from its tables (no training)")
+        with RunDirectory.locked(args.out):
+            rebuild_report(args.out, command)
+
+
 def synth_job(args: argparse.Namespace) -> Path:
     """Generate, check and save the data, its natural-language prompt set and training sentences."""
-    with _run_directory(args) as run:
+    with run_directory_of(args) as run:
         _synth(args, run)
     return args.out
 
@@ -330,7 +218,7 @@ def _synth(args: argparse.Namespace, run: Any) -> None:
         from bridgeprobe.probes.model.load import resolve
 
         tokenizer = AutoTokenizer.from_pretrained(resolve(args.tokenizer_model))
-    splits = write_synth(_data_config(args, {}, args.seed), args.out, tokenizer)
+    splits = write_synth(data_config(args, {}, args.seed), args.out, tokenizer)
     sizes = ", ".join(f"{k} {v}" for k, v in splits.summary()["sizes"].items())
     summary = "\n".join([f"Synthetic two-hop data, seed {args.seed}: {sizes} examples.",
                          (f"OOD bridges (never a latent bridge in training): {', '.join(splits.ood_bridges)}."
@@ -359,40 +247,20 @@ def _train_config(args: argparse.Namespace, preset: dict[str, Any]) -> Any:
 
 def reproduce_job(args: argparse.Namespace) -> Path:
     """The preset and flags as a training config, data configs per seed and the grid, run by
-    :func:`probes.identity.experiments.reproduce`."""
+    :func:`probes.jobs.reproduce.reproduce`."""
     preset = REPRODUCE_PRESETS[args.preset]
     base = _train_config(args, preset["train"])
     grid = list(itertools.product(args.init_scales or [base.init_scale], args.weight_decays or [base.weight_decay],
                                   args.identity_repeats or [base.identity_repeat]))
-    data = {seed: _data_config(args, preset["data"], seed) for seed in args.seeds or preset["seeds"]}
-    with _finished_report(args, "reproduce"), _run_directory(args):
+    data = {seed: data_config(args, preset["data"], seed) for seed in args.seeds or preset["seeds"]}
+    with finished_report(args, "reproduce"), run_directory_of(args):
         return reproduce(args.out, base, data, grid, preset=args.preset, device=args.device,
                          keep_checkpoints=args.keep_checkpoints)
     return args.out  # finished before; its missing report files rebuilt
 
 
-@contextmanager
-def _finished_report(args: argparse.Namespace, command: str) -> Iterator[None]:
-    """Around a job: when its directory holds this run finished (``RunComplete``, exit 0) but report files are
-    missing (deleted, or a run killed after its finished mark by an earlier bridgeprobe), rebuild them from the
-    run's tables under the lock, without training; the run is still complete."""
-    from bridgeprobe.probes.identity.experiments import missing_report, rebuild_report
-    from bridgeprobe.probes.runs.rundir import RunComplete, RunDirectory
-
-    try:
-        yield
-    except RunComplete:
-        missing = missing_report(args.out, command)
-        if not missing:
-            raise
-        print(f"{args.out}: the run is finished but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-              "missing; rebuilding the report from its tables (no training)")
-        with RunDirectory.locked(args.out):
-            rebuild_report(args.out, command)
-
-
 def grid_job(args: argparse.Namespace) -> Path:
-    """Collect the runs (:func:`probes.identity.experiments.write_grid`) and print the cells that meet the claim, if any."""
+    """Collect the runs (:func:`probes.jobs.reproduce.write_grid`) and print the cells that meet the claim, if any."""
     table = write_grid(args.runs, args.out)
     met = int(table["claim met"].sum())
     best = table.iloc[0]
@@ -403,46 +271,6 @@ def grid_job(args: argparse.Namespace) -> Path:
     return args.out
 
 
-def finetune_lens_job(args: argparse.Namespace) -> Path:
-    """Check the finetune run (before loading), lock OUT with a fingerprint of the run's record and adapters,
-    and run :func:`probes.identity.finetune_lens.finetune_lens`."""
-    from bridgeprobe.probes.identity.finetune_lens import base_model, finetune_lens, finished_two_hop_run
-    from bridgeprobe.probes.identity.experiments import adapter_name
-    from bridgeprobe.probes.runs.rundir import adapter_identity, file_sha256, run_directory
-
-    record = finished_two_hop_run(args.run)
-    settings = record["settings"]
-    location, identity = base_model(args.run, record)  # the weights the adapters were trained on, checked
-    adapters = {adapter_name(c, s): adapter_identity(str(args.run / "adapters" / adapter_name(c, s)))
-                for s in settings["seeds"] for c in settings["conditions"]}
-    found = fingerprint(args, args.command, run=file_sha256(args.run / "run.json"), adapters=adapters,
-                        model={"location": location, "identity": identity}, per_split=args.per_split,
-                        batch_size=args.batch_size)
-    with run_directory(args.out, found, overwrite=args.overwrite, recompute=args.recompute):
-        finetune_lens(args.run, args.out, per_split=args.per_split, batch_size=args.batch_size)
-    return args.out
-
-
-def reversal_sft_job(args: argparse.Namespace) -> Path:
-    """The flags as the recipe's config and couples, run by :func:`probes.identity.reversal_sft.reversal_sft`."""
-    from bridgeprobe.probes.identity.chat_sft import SFTConfig
-    from bridgeprobe.probes.identity.reversal_sft import reversal_sft
-    from bridgeprobe.probes.runs.rundir import RunDirError
-    from bridgeprobe.prompts.couples import load_couples
-
-    if args.quantize or args.device_map or args.adapter or args.backend != "native":
-        raise RunDirError("reversal-sft trains every weight (full-parameter fine-tuning): drop --quantize, "
-                          "--device-map, --adapter and --backend")
-    batch = args.batch_size or (10 if args.form == "forward" else 30)
-    config = SFTConfig(epochs=args.epochs, batch_size=batch, lr=args.lr, weight_decay=args.weight_decay,
-                       eval_every=args.eval_every, checkpoint_every=args.checkpoint_every)
-    pairs = load_couples(n=args.pairs)
-    with _run_directory(args):
-        print(reversal_sft(args.out, model_options(args), args.form, pairs, config, seed=args.seed,
-                           keep_checkpoints=args.keep_checkpoints))
-    return args.out
-
-
 def scratch_analysis_job(args: argparse.Namespace) -> Path:
     """Check the runs (before any model is built), lock OUT with a fingerprint of their records, run
     :func:`probes.identity.scratch_analysis.analyse_run` on each and write the tables of :mod:`analyses.scratch_report`."""
@@ -450,7 +278,7 @@ def scratch_analysis_job(args: argparse.Namespace) -> Path:
     from tqdm.auto import tqdm
 
     from bridgeprobe.analyses import scratch_report as report
-    from bridgeprobe.probes.identity.experiments import reproduce_runs
+    from bridgeprobe.probes.jobs.reproduce import reproduce_runs
     from bridgeprobe.probes.io.results import atomic_write, atomic_write_csv
     from bridgeprobe.probes.runs.rundir import RunDirError, file_sha256, run_directory
     from bridgeprobe.probes.identity.scratch_analysis import analyse_run
@@ -486,52 +314,3 @@ def scratch_analysis_job(args: argparse.Namespace) -> Path:
                          summary)
     print(summary)
     return args.out
-
-
-def finetune_report_job(args: argparse.Namespace) -> Path:
-    """Check that DIR holds a finished finetune run, lock it and rebuild its report files."""
-    from bridgeprobe.probes.identity.experiments import finetune_report
-    from bridgeprobe.probes.runs.rundir import RunDirError, RunDirectory, read_run_record
-
-    from bridgeprobe.probes.identity.finetune_lens import lens_tables
-
-    record = args.out / "run.json"
-    if not record.is_file():
-        raise RunDirError(f"{args.out} has no finetune or finetune-lens run (no run.json)")
-    run = read_run_record(record, "rerun its command with --overwrite")
-    lens = run.get("command") == "finetune-lens"
-    needed = ("prompts.csv", "lens_layers.csv") if lens else ("items.csv",)
-    missing = [name for name in needed if not (args.out / name).is_file()]
-    if missing:
-        raise RunDirError(f"{args.out}: missing {', '.join(missing)}; rerun its command")
-    if run.get("status") != "finished":
-        raise RunDirError(f"{record}: the run is not finished (status {run.get('status')!r}); rerun its command first")
-    with RunDirectory.locked(args.out):
-        if not lens:
-            return finetune_report(args.out)
-        summary, _ = lens_tables(args.out, run["model"])
-        print(summary)
-        return args.out
-
-
-def finetune_job(args: argparse.Namespace) -> Path:
-    """The flags as model options, data and LoRA configs, run by :func:`probes.identity.experiments.finetune`."""
-    from bridgeprobe.probes.identity.finetune import FinetuneConfig
-
-    config = FinetuneConfig(rank=args.rank, alpha=args.alpha, target_modules=args.target_modules, lr=args.lr,
-                            weight_decay=args.weight_decay, steps=args.steps, batch_size=args.batch_size,
-                            eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-                            identity_repeat=args.identity_repeat, eval_limit=args.eval_items,
-                            layers=args.lora_layers)
-    if args.task == "reversal":
-        data: dict[int, Any] = {seed: ReversalConfig(n_pairs=args.pairs, n_relations=args.relations,
-                                                     reverse_train_fraction=args.reverse_train_fraction,
-                                                     identity_of=args.identity_of, seed=seed)
-                                for seed in args.seeds}
-    else:
-        data = {seed: _data_config(args, FINETUNE_DATA, seed) for seed in args.seeds}
-    with _finished_report(args, "finetune"), _run_directory(args):
-        return finetune(args.out, model_options(args), data, config, task=args.task, conditions=args.conditions,
-                        probe_items=args.probe_items, patch_pairs=args.patch_pairs, memory=args.memory,
-                        keep_checkpoints=args.keep_checkpoints)
-    return args.out  # finished before; its missing report files rebuilt

@@ -17,7 +17,8 @@ from bridgeprobe.probes.runs.checks import check_context_length
 from bridgeprobe.probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, positive_int,
                                            non_negative_int, prompt_args, prompt_settings, rundir_args)
 from bridgeprobe.probes.model.hooks import HookedModel
-from bridgeprobe.probes.memory.analysis import ANALYSES, MemoryConfig, MemoryRun, run_memory
+from bridgeprobe.probes.memory.analysis import MemoryRun, run_memory
+from bridgeprobe.probes.memory.plans import ANALYSES, MemoryConfig
 from bridgeprobe.probes.runs.pipeline import ModelOptions, Timer, run_record
 from bridgeprobe.probes.io.results import read_table
 from bridgeprobe.probes.runs.rundir import RunDirError, RunDirectory, check_rows, run_directory, table_path
@@ -73,7 +74,7 @@ def memory_flags(parser: argparse.ArgumentParser, prefix: str = "", *, items: in
 
 
 def memory_config(args: argparse.Namespace, prefix: str = "") -> MemoryConfig:
-    """The memory flags as a :class:`~probes.memory.analysis.MemoryConfig`."""
+    """The memory flags as a :class:`~probes.memory.plans.MemoryConfig`."""
     get = lambda name: getattr(args, prefix.replace("-", "_") + name)  # noqa: E731
     analyses = tuple(a.strip() for a in get("analyses").split(",") if a.strip())
     return MemoryConfig(analyses=analyses, n_items=get("items"), map_items=get("map_items"), stride=get("stride"),
@@ -160,7 +161,7 @@ FEW_ITEMS = 90  # the full SmolLM2 analysis decided at the last token with 94-11
 def warn_undecidable(items: list[PromptItem], config: MemoryConfig) -> None:
     """Before loading: say on stderr when the run cannot decide (no item for the other-relation test) or likely
     cannot (fewer than :data:`FEW_ITEMS` per test), with what would help."""
-    from bridgeprobe.probes.memory.analysis import other_relation_candidates
+    from bridgeprobe.probes.memory.plans import other_relation_candidates
     from bridgeprobe.prompts.sampling import sample_items
 
     analysed = sample_items(items, config.n_items, seed=config.seed)

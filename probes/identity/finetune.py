@@ -25,7 +25,6 @@ the batch of step ``s`` depends only on the seed and ``s`` (:func:`probes.identi
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -134,7 +133,7 @@ def target_loss(model: nn.Module, rows: Sequence[tuple[list[int], list[int]]], p
 
 
 class TextTask(Protocol):
-    """What an adapter learns and is scored on: :class:`prompts.synthetic.TwoHopTexts` or
+    """What an adapter learns and is scored on: :class:`prompts.synthetic_text.TwoHopTexts` or
     :class:`prompts.reversal.ReversalData`."""
 
     def training(self, identity: bool, identity_repeat: int = 1) -> list[tuple[str, str]]: ...
@@ -364,26 +363,3 @@ def save_adapter(peft_model: Any, adapter: str, out_dir: Path, extra_files: Sequ
     for path in extra_files:
         shutil.copyfile(path, target / path.name)
     return target
-
-
-def two_hop_stats(frame: Any) -> dict[str, float]:
-    """Headline figures of a lens frame (:data:`probes.readouts.lens.COLUMNS`) of two-hop items: two-hop and hop accuracy
-    at the last layer, the bridge's top-1 / top-10 rate at its best layer, and that layer."""
-    from bridgeprobe.analyses.aggregate import per_layer
-
-    layers = per_layer(frame)
-    last = layers["layer"].max()
-
-    def rate(kind: str, target: str, column: str, layer: int | None = None) -> float:
-        sub = layers[(layers["prompt_kind"] == kind) & (layers["target"] == target)]
-        sub = sub if layer is None else sub[sub["layer"] == layer]
-        return float(sub[column].max()) if len(sub) else math.nan
-
-    bridge = layers[(layers["prompt_kind"] == "two_hop") & (layers["target"] == "bridge")]
-    best = int(bridge.loc[bridge["top10_rate"].idxmax(), "layer"]) if len(bridge) else -1
-    return {"two_hop_acc": rate("two_hop", "answer", "top1_rate", last),
-            "hop1_acc": rate("hop1", "bridge", "top1_rate", last),
-            "hop2_acc": rate("hop2", "answer", "top1_rate", last), "bridge_best_layer": best,
-            "bridge_top10_at_best": rate("two_hop", "bridge", "top10_rate", best),
-            "bridge_top1_any_layer": rate("two_hop", "bridge", "top1_rate")}
-

@@ -170,7 +170,7 @@ def typical(states: Tensor) -> Tensor:
 
 def alignment_rows(hooked: HookedModel, plans: Sequence[Any], encoded: dict[str, Any], *, seed: int = 0,
                    workers: int | None = None) -> list[dict]:
-    """The alignment rows of ``memory.csv`` for the analysed items (``plans`` of :func:`probes.memory.analysis.make_plans`),
+    """The alignment rows of ``memory.csv`` for the analysed items (``plans`` of :func:`probes.memory.plans.make_plans`),
     for the latent state at the two-hop prompt's last token and at e1's last token (``source_position``); one row
     ``(alignment, "", n_items)`` marks the analysis done even when no item qualifies. The layers' probes are fitted
     on ``workers`` threads (:func:`fit_pool`)."""

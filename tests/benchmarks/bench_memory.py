@@ -9,7 +9,7 @@ speed-up, same process, same items; the values must agree.
   unembedding (now: one contiguous matrix product, :meth:`NativeHooks.run_from` and
   :func:`probes.model.load.contiguous_head`);
 - the ranks of the candidate tokens compared the whole ``[rows, vocab]`` logit matrix once per candidate (now: one
-  row at a time, in cache, :func:`probes.memory.analysis.candidate_measure`);
+  row at a time, in cache, :func:`probes.memory.rows.candidate_measure`);
 - the alignment's probes were fitted one after another with all of torch's intra-op threads (now: on a pool of
   threads, one thread per fit, :func:`probes.memory.alignment.fit_pool`), each from zero (now: a layer's probes without
   some relations' hop2 prompts start from its templates-only probe, ``LinearProbe(start=...)``). The alignment's
@@ -38,6 +38,8 @@ import torch
 
 import bridgeprobe.probes.memory.alignment as alignment
 import bridgeprobe.probes.memory.analysis as memory
+import bridgeprobe.probes.memory.plans as plans
+import bridgeprobe.probes.memory.rows as rows
 from bridgeprobe.probes.model.architecture import head_logits
 from bridgeprobe.probes.model.hooks import NativeHooks
 from bridgeprobe.probes.model.load import load_model
@@ -87,7 +89,7 @@ def before_speedup(model: torch.nn.Module) -> Iterator[None]:
     head = model.get_output_embeddings()
     hooks = dict(head._forward_pre_hooks)
     head._forward_pre_hooks.clear()
-    original_readout, original_measure = NativeHooks.readout, memory.candidate_measure
+    original_readout, original_measure = NativeHooks.readout, rows.candidate_measure
 
     def readout(self, hidden):
         if hidden.dim() != 3:  # the 2-D readouts (reference runs, lens rows) were contiguous before too
@@ -97,17 +99,17 @@ def before_speedup(model: torch.nn.Module) -> Iterator[None]:
         return head_logits(self.model.config, head(strided))
 
     original_pool, original_probe = alignment.fit_pool, alignment.LinearProbe
-    NativeHooks.readout, memory.candidate_measure, alignment.fit_pool = readout, _whole_matrix_measure, _serial_fits
+    NativeHooks.readout, rows.candidate_measure, alignment.fit_pool = readout, _whole_matrix_measure, _serial_fits
     alignment.LinearProbe = _FromZero
     try:
         yield
     finally:
-        NativeHooks.readout, memory.candidate_measure = original_readout, original_measure
+        NativeHooks.readout, rows.candidate_measure = original_readout, original_measure
         alignment.fit_pool, alignment.LinearProbe = original_pool, original_probe
         head._forward_pre_hooks.update(hooks)
 
 
-def timed_run(hooked: NativeHooks, items, config: memory.MemoryConfig) -> tuple[float, dict, pd.DataFrame]:
+def timed_run(hooked: NativeHooks, items, config: plans.MemoryConfig) -> tuple[float, dict, pd.DataFrame]:
     out = Path(tempfile.mkdtemp())
     started = time.perf_counter()
     run = memory.run_memory(hooked, items, out, config, settings={})
@@ -140,13 +142,13 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=12, help="analysed items, all with maps and decoding")
     parser.add_argument("--stride", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--analyses", default=",".join(memory.ANALYSES), help="comma-separated (default: all)")
+    parser.add_argument("--analyses", default=",".join(plans.ANALYSES), help="comma-separated (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     hooked = NativeHooks(model, tokenizer)
     items = load_prompts("curated")
-    config = memory.MemoryConfig(n_items=args.items, stride=args.stride, analyses=tuple(args.analyses.split(",")))
+    config = plans.MemoryConfig(n_items=args.items, stride=args.stride, analyses=tuple(args.analyses.split(",")))
     with before_speedup(model):
         before_s, before_t, before = timed_run(hooked, items, config)
     after_s, after_t, after = timed_run(hooked, items, config)

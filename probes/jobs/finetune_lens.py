@@ -15,19 +15,18 @@ from typing import Any
 
 import pandas as pd
 
-from bridgeprobe.analyses.summaries import files_line
+from bridgeprobe.analyses.identity_pages import lens_tables
+from bridgeprobe.analyses.identity_report import synth_split
+from bridgeprobe.probes.identity.data import adapter_name, select_split_items
+from bridgeprobe.probes.io.results import atomic_write_csv
 from bridgeprobe.probes.runs.pipeline import Timer, versions
-from bridgeprobe.probes.io.results import atomic_write_csv, read_table
 from bridgeprobe.probes.runs.rundir import RunDirError, differences, model_identity, read_run_record, write_finished
 from bridgeprobe.prompts.schema import PromptItem
-
-FILES = ("lens_states.csv", "lens_comparison.csv", "lens_layers.csv", "prompts.csv", "lens_layers.png")
 
 
 def finished_two_hop_run(run_dir: Path) -> dict[str, Any]:
     """``run_dir/run.json`` of a finished two-hop finetune run whose adapters are all on disk, or a one-line
     error (before any model loads)."""
-    from bridgeprobe.probes.identity.experiments import adapter_name
     from bridgeprobe.probes.model.load import check_adapter
 
     path = run_dir / "run.json"
@@ -74,7 +73,6 @@ def base_model(run_dir: Path, record: dict[str, Any]) -> tuple[str, dict[str, An
 def seed_items(run_dir: Path, seed: int, per_split: int | None) -> list[PromptItem]:
     """The ID and OOD two-hop test prompts of one seed (``per_split`` of each split, drawn by the stratified
     sampler with the seed, pair partners included, when given)."""
-    from bridgeprobe.probes.identity.experiments import select_split_items
     from bridgeprobe.prompts.loaders import load_prompts
 
     items = load_prompts([run_dir / "data" / f"seed{seed}" / "prompts.jsonl"])
@@ -90,11 +88,9 @@ def finetune_lens(run_dir: Path, out: Path, *, per_split: int | None = None,
     ``lens_comparison``."""
     from peft import PeftModel
 
-    from bridgeprobe.analyses import identity_report as report
     from bridgeprobe.analyses.aggregate import per_layer, per_prompt
     from bridgeprobe.probes.identity.finetune import BASE, inner_model, model_state
     from bridgeprobe.probes.model.hooks import NativeHooks
-    from bridgeprobe.probes.identity.experiments import adapter_name
     from bridgeprobe.probes.model.load import check_adapter_fits, load_model
     from bridgeprobe.probes.runs.pipeline import run_lens
 
@@ -126,12 +122,12 @@ def finetune_lens(run_dir: Path, out: Path, *, per_split: int | None = None,
                 run = run_lens(hooked, items[seed], out / f"{state}_seed{seed}", batch_size=batch_size,
                                settings={"source": str(run_dir.resolve()), "state": state, "seed": seed,
                                          "per_split": per_split})
-            frame = run.frame.assign(split=run.frame["prompt_id"].map(report.synth_split))
+            frame = run.frame.assign(split=run.frame["prompt_id"].map(synth_split))
             prompts.append(per_prompt(run.frame).assign(seed=seed, state=state))
             layers += [per_layer(part).assign(seed=seed, state=state, split=split)
                        for split, part in frame.groupby("split")]
     table = pd.concat(prompts, ignore_index=True)
-    table["split"] = table["prompt_id"].map(report.synth_split)
+    table["split"] = table["prompt_id"].map(synth_split)
     atomic_write_csv(out / "prompts.csv", table)
     atomic_write_csv(out / "lens_layers.csv", pd.concat(layers, ignore_index=True))
     summary, comparison = lens_tables(out, record["model"])
@@ -143,21 +139,3 @@ def finetune_lens(run_dir: Path, out: Path, *, per_split: int | None = None,
                          "timings": timer.timings, "versions": versions()}, summary)
     print(summary)
     return comparison
-
-
-def lens_tables(out: Path, model: str) -> tuple[str, pd.DataFrame]:
-    """From ``out/prompts.csv`` and ``out/lens_layers.csv``: ``lens_states.csv``, ``lens_comparison.csv`` and
-    ``lens_layers.png``; returns the summary lines and the comparison (also what rebuilds a finished run's
-    tables without the model, ``bridgeprobe finetune-report``)."""
-    from bridgeprobe.analyses import identity_report as report
-
-    table = read_table(out / "prompts.csv")
-    layer_table = pd.read_csv(out / "lens_layers.csv")
-    states, comparison = report.lens_states(table), report.lens_comparison(table)
-    pooled = (layer_table.groupby(["state", "split", "prompt_kind", "target", "layer"], as_index=False)
-              [["median_rank", "top10_rate"]].mean())  # mean over seeds of the per-seed medians and rates
-    atomic_write_csv(out / "lens_states.csv", states)
-    atomic_write_csv(out / "lens_comparison.csv", comparison)
-    report.lens_layer_plot(pooled, out / "lens_layers.png",
-                           f"Logit lens, {model}: base vs adapters (mean over {table['seed'].nunique()} seeds)")
-    return "\n".join([*report.lens_lines(states, comparison), files_line(out, FILES)]), comparison
