@@ -111,3 +111,13 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(graph: dict[str, set[str]
     assert violations(library_to_report) == ["bridgeprobe.probes.identity.scratch -> bridgeprobe.analyses.page"]
     looped = {**graph, "bridgeprobe.probes.model.architecture": {"bridgeprobe.probes.model.hooks"}}
     assert set(cycle(looped)) == {"bridgeprobe.probes.model.architecture", "bridgeprobe.probes.model.hooks"}
+
+
+def test_every_room_is_installed() -> None:
+    """Each folder with an ``__init__.py`` is in pyproject.toml's package list (a wheel leaves out the others)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join([FOLDERS[init.relative_to(ROOT).parts[0]], *init.relative_to(ROOT).parts[1:-1]])
+               for folder in FOLDERS for init in (ROOT / folder).rglob("__init__.py")}
+    assert folders - listed == set()
