@@ -64,7 +64,7 @@ def test_default_outputs_are_under_runs_and_runs_is_ignored() -> None:
     for command in ("reproduce", "finetune"):
         out = parser.parse_args([command]).out
         assert out.parts[0] == "runs", (command, out)
-    assert "runs/" in (REPO / ".gitignore").read_text().split()
+    assert "/runs/" in (REPO / ".gitignore").read_text().split()  # the top-level runs/, not probes/runs/
 
 
 def test_main_job_without_out_writes_under_runs_of_the_working_directory(tmp_path: Path, prompt_file: Path,
