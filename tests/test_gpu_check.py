@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 SCRIPT = Path(__file__).parent / "benchmarks" / "gpu_check.py"
 SHAPES = ("llama-tiny", "qwen2-tiny")
-PER_SHAPE = ("build", "lens", "sweep", "attribution", "oom_lens", "oom_sweep")
+PER_SHAPE = ("build", "lens", "sweep", "attribution", "memory", "oom_lens", "oom_sweep")
 
 
 def _gpu_check():
@@ -106,6 +106,17 @@ def test_fast_sweep_matches_naive_with_fewer_forwards(dry_run, shape) -> None:
     attribution = dry_run[0]["checks"][f"{shape}/attribution"]
     assert attribution["cells"] == 60 and attribution["forward_equivalents_nominal"] == 3.0
     assert 0 < attribution["forward_equivalents_measured"] < attribution["naive_forward_equivalents"] == 60
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_memory_check_times_every_analysis_on_paired_items(dry_run, shape) -> None:
+    """The memory check runs cross-patching (every item has its partner), decoding and back-patching."""
+    memory = dry_run[0]["checks"][f"{shape}/memory"]
+    assert memory["status"] == "ok" and memory["items"] == 4
+    per = memory["rows_per_analysis"]
+    assert {"crosspatch", "decoding", "backpatch"} <= set(per) and sum(per.values()) == memory["rows"]
+    assert {"crosspatch_s", "decoding_s", "backpatch_s"} <= set(memory["timings"])
+    assert memory["seconds_per_item"] == pytest.approx(memory["seconds"] / 4, abs=1e-3)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

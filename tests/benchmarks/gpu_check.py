@@ -12,7 +12,8 @@ tests). Checks, each independent (a failure is recorded and the next check runs)
   over the weights against :func:`probes.readouts.lens.lens_memory`, rows equal across batch sizes), ``sweep`` (the exact
   resid_pre sweep, fast engine vs one forward per patch on a 20-token pair: seconds, ratio, max |diff|, peak
   memory against the patching memory model), ``attribution`` (attribution patching's time in forwards of the
-  pair), ``oom_lens`` / ``oom_sweep`` (an out-of-memory error triggered for real by capping the process's GPU
+  pair), ``memory`` (the shared-memory analysis, cross-patching, decoding and back-patching, on up to 8 paired
+  items: seconds per item and per analysis, rows, peak memory), ``oom_lens`` / ``oom_sweep`` (an out-of-memory error triggered for real by capping the process's GPU
   memory with ``torch.cuda.set_per_process_memory_fraction``; the backed-off run must end with the rows of a run
   that never ran out);
 - ``device_map``: a checkpoint of the first shape cut to ``--ckpt-layers`` blocks, saved once, loaded through
@@ -60,10 +61,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 SCRIPT = "tests/benchmarks/gpu_check.py"
 
-CHECKS = ("gpu_tests", "build", "lens", "sweep", "attribution", "oom_lens", "oom_sweep", "device_map", "quantized")
-SHAPE_CHECKS = ("build", "lens", "sweep", "attribution", "oom_lens", "oom_sweep")
+CHECKS = ("gpu_tests", "build", "lens", "sweep", "attribution", "memory", "oom_lens", "oom_sweep", "device_map",
+          "quantized")
+SHAPE_CHECKS = ("build", "lens", "sweep", "attribution", "memory", "oom_lens", "oom_sweep")
 # rough seconds each check needs on an H200 (a check is skipped when less than this is left in the budget)
-NEEDS_S = {"gpu_tests": 30, "build": 10, "lens": 25, "sweep": 40, "attribution": 10, "oom_lens": 25,
+NEEDS_S = {"gpu_tests": 30, "build": 10, "lens": 25, "sweep": 40, "attribution": 10, "memory": 40, "oom_lens": 25,
            "oom_sweep": 25, "device_map": 60, "quantized": 60}
 KEYS = ["prompt_id", "prompt_kind", "target", "layer", "position"]
 LENGTH = 20  # tokens of the patching pair
@@ -421,6 +423,33 @@ def check_attribution(shape: Shape) -> dict[str, Any]:
             "naive_forward_equivalents": hooked.n_layers * pair.length, "peak_bytes": peak}
 
 
+def memory_items(items: list) -> list:
+    """Up to 8 of the shape's items as the memory analysis reads them: ``e1``, the relations, and a pair partner of
+    the same composition (items 0-1, 2-3, ...), every hop2 prompt of one length."""
+    from dataclasses import replace
+
+    chosen = items[: min(8, len(items) - len(items) % 2)]
+    return [replace(item, e1=item.hop1.split()[0], r1="located_in", r2="capital", pair=chosen[k ^ 1].id)
+            for k, item in enumerate(chosen)]
+
+
+def check_memory(shape: Shape) -> dict[str, Any]:
+    from bridgeprobe.probes.memory.analysis import run_memory
+    from bridgeprobe.probes.memory.plans import MemoryConfig
+
+    items = memory_items(shape.items)
+    # random weights answer nothing: back-patch the hop_failed group too, so that every analysis runs
+    config = MemoryConfig(analyses=("crosspatch", "decoding", "backpatch"), stride=4,
+                          backpatch_groups=("hops_ok_composition_failed", "correct", "hop_failed"))
+    with tempfile.TemporaryDirectory() as tmp:
+        seconds, peak, run = timed(lambda: run_memory(shape.hooked, items, Path(tmp), config, settings={}))
+    frame = run.frame
+    return {"items": len(items), "stride": config.stride, "rows": len(frame), "seconds": round(seconds, 3),
+            "seconds_per_item": round(seconds / len(items), 3),
+            "timings": {k: round(v, 3) for k, v in run.timings.items()},
+            "rows_per_analysis": frame["analysis"].value_counts().to_dict(), "peak_bytes": peak}
+
+
 # --------------------------------------------------------------------------------------------------- back-off
 
 
@@ -743,6 +772,9 @@ def summary(data: dict[str, Any]) -> str:
         elif check == "attribution":
             lines.append(f"    {c['seconds']} s = {c['forward_equivalents_measured']} forwards of the pair "
                          f"(naive sweep: {c['naive_forward_equivalents']})")
+        elif check == "memory":
+            lines.append(f"    {c['items']} items, stride {c['stride']}: {c['seconds']} s ({c['seconds_per_item']} s "
+                         f"per item; {c['timings']}), {c['rows']} rows, peak {gib(c['peak_bytes'])} GiB")
         elif check == "oom_lens":
             lines.append(f"    {c['trigger']}: batch {c['batch_size_planned']} -> {c['batch_size_used']} "
                          f"({c['cuda_ooms']} CUDA OOMs, {c['simulated_ooms']} simulated); same file as a plain run: "
@@ -827,7 +859,7 @@ def shape_checks(report: Report, args: argparse.Namespace, clock: Clock, name: s
 
     report.run("build", name, build)
     checks = {"lens": lambda shape: check_lens(shape, args, clock), "sweep": check_sweep,
-              "attribution": check_attribution, "oom_lens": check_oom_lens, "oom_sweep": check_oom_sweep}
+              "attribution": check_attribution, "memory": check_memory, "oom_lens": check_oom_lens, "oom_sweep": check_oom_sweep}
     for check in wanted[1:]:
         if "shape" not in holder:
             report.data["checks"][f"{name}/{check}"] = {"command": report.command(check, name),
