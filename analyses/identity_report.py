@@ -18,8 +18,8 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bridgeprobe.analyses.stats import (MIN_N, mean_interval, paired_difference, proportion_interval, sign_test,  # noqa: E402
-                                       signflip_test)
+from bridgeprobe.analyses.stats import (MIN_N, mean_interval, paired_difference, proportion_interval, sign_test,
+                                        signflip_test)
 from bridgeprobe.analyses.page import Figure, Section, p_number, p_value, render, table as page_table  # noqa: E402
 from bridgeprobe.probes.io.results import atomic_write  # noqa: E402
 

@@ -22,9 +22,10 @@ pair's in-distribution queries; ``id_test`` the other in-distribution queries. W
 there is no two-hop training data at all: every query is OOD and ``id_test`` is empty.
 
 Renderings: token level (:func:`token_vocab` / :meth:`Example.tokens`: one token per entity and relation, for the
-from-scratch models in ``probes.identity.scratch``) and natural language with made-up names (:mod:`prompts.synthetic_text`:
-:func:`~prompts.synthetic_text.render_items` gives :class:`~prompts.schema.PromptItem` s, so every probe reads them;
-:func:`~prompts.synthetic_text.training_texts` the fine-tuning sentences). :func:`save_splits` writes a dataset as files that :func:`load_splits` reads back and re-checks.
+from-scratch models in ``probes.identity.scratch``) and natural language with made-up names
+(:mod:`prompts.synthetic_text`: :func:`~prompts.synthetic_text.render_items` gives :class:`~prompts.schema.PromptItem`
+s, so every probe reads them; :func:`~prompts.synthetic_text.training_texts` the fine-tuning sentences).
+:func:`save_splits` writes a dataset as files that :func:`load_splits` reads back and re-checks.
 """
 
 from __future__ import annotations

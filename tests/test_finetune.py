@@ -17,9 +17,9 @@ from conftest import TINY_CONFIGS, CharTokenizer, requires_smollm2
 
 pytest.importorskip("peft")
 
-from bridgeprobe.probes.identity.finetune import (BASE, FinetuneConfig, accuracy, add_adapter, encode_texts, eval_pairs, inner_model,  # noqa: E402
-                                         item_scores, load_base, model_state, save_adapter, target_loss,
-                                         train_adapter)
+from bridgeprobe.probes.identity.finetune import (BASE, FinetuneConfig, accuracy, add_adapter, encode_texts, eval_pairs,
+                                                  inner_model, item_scores, load_base, model_state, save_adapter,
+                                                  target_loss, train_adapter)
 from bridgeprobe.probes.model.targets import target_ids  # noqa: E402
 from bridgeprobe.probes.model.hooks import NativeHooks, pad_right  # noqa: E402
 from bridgeprobe.probes.readouts.lens import lens_batch, lens_queries  # noqa: E402

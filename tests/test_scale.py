@@ -16,8 +16,8 @@ import bridgeprobe.probes.runs.pipeline
 from conftest import CharTokenizer, requires_smollm2, save_tiny_checkpoint, tiny_model
 from bridgeprobe.probes.runs.fidelity import compare_lens, compare_patching, spearman
 from bridgeprobe.probes.model.hooks import NativeHooks
-from bridgeprobe.probes.readouts.lens import (DEFAULT_BATCH_SIZE, MAX_AUTO_BATCH, _encode, auto_batch_size, lens_batch, lens_memory,
-                                     lens_queries)
+from bridgeprobe.probes.readouts.lens import (DEFAULT_BATCH_SIZE, MAX_AUTO_BATCH, _encode, auto_batch_size, lens_batch,
+                                              lens_memory, lens_queries)
 from bridgeprobe.probes.runs.pipeline import run_lens
 from bridgeprobe.prompts.schema import PromptItem
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from bridgeprobe.probes.identity.scratch import (TrainConfig, Vocab, alignment, batch_indices, build_model, fixed_subsets,
-                                        load_checkpoint, train, weight_stats)
+from bridgeprobe.probes.identity.scratch import (TrainConfig, Vocab, alignment, batch_indices, build_model,
+                                                 fixed_subsets, load_checkpoint, train, weight_stats)
 from bridgeprobe.prompts.synthetic import SynthConfig, generate
 
 TINY_DATA = SynthConfig(n_subjects=12, n_bridges=6, n_objects=6, n_r1=2, n_r2=2, seed=1)

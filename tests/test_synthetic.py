@@ -13,7 +13,8 @@ from conftest import requires_smollm2
 from bridgeprobe.probes.model.targets import target_ids
 from bridgeprobe.prompts.loaders import load_prompts
 from bridgeprobe.prompts.schema import PromptSetError
-from bridgeprobe.prompts.synthetic import SPLITS, SynthConfig, check_splits, generate, load_splits, save_splits, token_vocab
+from bridgeprobe.prompts.synthetic import (SPLITS, SynthConfig, check_splits, generate, load_splits, save_splits,
+                                           token_vocab)
 from bridgeprobe.prompts.synthetic_text import make_names, render_items, training_texts
 
 class ChunkTokenizer:

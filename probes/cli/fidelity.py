@@ -13,8 +13,8 @@ import torch
 
 from bridgeprobe.analyses.summaries import files_line
 from bridgeprobe.probes.runs.checks import check_context_length
-from bridgeprobe.probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, positive_int,
-                                           non_negative_int, prompt_args, prompt_settings, rundir_args)
+from bridgeprobe.probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options,
+                                           positive_int, non_negative_int, prompt_args, prompt_settings, rundir_args)
 from bridgeprobe.probes.runs.fidelity import COLUMNS, compare_lens, compare_patching, summary
 from bridgeprobe.probes.model.hooks import SITES
 from bridgeprobe.probes.model.load import DTYPES

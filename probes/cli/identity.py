@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from bridgeprobe.analyses.summaries import files_line
-from bridgeprobe.probes.cli.common import (EPILOG, RUNS, check_options, fingerprint, fraction, non_negative_float, non_negative_int, positive_float, positive_int,
-                                           rundir_args)
+from bridgeprobe.probes.cli.common import (EPILOG, RUNS, check_options, fingerprint, fraction, non_negative_float,
+                                           non_negative_int, positive_float, positive_int, rundir_args)
 from bridgeprobe.probes.identity.data import REPRODUCE_PRESETS, write_synth
 from bridgeprobe.probes.jobs.reproduce import GRID_FILES, reproduce, write_grid
 from bridgeprobe.prompts.synthetic import IDENTITY_FORMS, OOD_KINDS, SynthConfig

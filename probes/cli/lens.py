@@ -13,11 +13,12 @@ from bridgeprobe.probes.runs.checks import check_context_length
 from bridgeprobe.probes.cli.common import (EPILOG, check_options, default_out, fingerprint, load_items, model_args,
                                            model_options, non_negative_int, prompt_args, prompt_settings, run_args,
                                            rundir_args)
-from bridgeprobe.probes.cli.memory import (memory_config, memory_flags, memory_report_section, read_memory_csv,  # memory section
+from bridgeprobe.probes.cli.memory import (memory_config, memory_flags, memory_report_section, read_memory_csv,
                                            run_memory_section)
 from bridgeprobe.probes.model.hooks import HookedModel
 from bridgeprobe.probes.model.load import DEFAULT_MODEL
-from bridgeprobe.probes.runs.pipeline import ModelOptions, PatchingRun, Timer, item_pairs, run_lens, run_patching, run_record
+from bridgeprobe.probes.runs.pipeline import (ModelOptions, PatchingRun, Timer, item_pairs, run_lens, run_patching,
+                                              run_record)
 from bridgeprobe.probes.io.results import read_table
 from bridgeprobe.probes.runs.rundir import (RunDirError, RunDirectory, check_prompt_files, check_rows, read_run_record,
                                       run_directory, table_path)

@@ -14,8 +14,8 @@ import torch
 
 from bridgeprobe.analyses.summaries import MEMORY_FILES, files_line, memory_lines
 from bridgeprobe.probes.runs.checks import check_context_length
-from bridgeprobe.probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, positive_int,
-                                           non_negative_int, prompt_args, prompt_settings, rundir_args)
+from bridgeprobe.probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options,
+                                           positive_int, non_negative_int, prompt_args, prompt_settings, rundir_args)
 from bridgeprobe.probes.model.hooks import HookedModel
 from bridgeprobe.probes.memory.analysis import MemoryRun, run_memory
 from bridgeprobe.probes.memory.plans import ANALYSES, MemoryConfig

@@ -9,8 +9,8 @@ import torch
 
 from bridgeprobe.analyses.summaries import PATCH_FILES, files_line, patching_lines
 from bridgeprobe.probes.runs.checks import check_context_length
-from bridgeprobe.probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options, prompt_args,
-                                           non_negative_int, prompt_settings, rundir_args)
+from bridgeprobe.probes.cli.common import (EPILOG, check_options, fingerprint, load_items, model_args, model_options,
+                                           prompt_args, non_negative_int, prompt_settings, rundir_args)
 from bridgeprobe.probes.model.hooks import SITES
 from bridgeprobe.probes.readouts.patching import HEAD
 from bridgeprobe.probes.runs.pipeline import ModelOptions, Timer, item_pairs, run_patching, run_record

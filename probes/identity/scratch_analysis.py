@@ -34,7 +34,8 @@ from torch import nn
 
 from bridgeprobe.probes.model.hooks import NativeHooks, Patch
 from bridgeprobe.probes.runs.rundir import RunDirError, read_run_record
-from bridgeprobe.probes.identity.scratch import TrainConfig, Vocab, build_model, fixed_subsets, load_checkpoint, run_name
+from bridgeprobe.probes.identity.scratch import (TrainConfig, Vocab, build_model, fixed_subsets, load_checkpoint,
+                                                 run_name)
 from bridgeprobe.prompts.schema import PromptSetError
 from bridgeprobe.prompts.synthetic import Example, Splits, load_splits
 

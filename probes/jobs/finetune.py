@@ -34,8 +34,9 @@ def finetune(out: Path, options: ModelOptions, data: dict[int, Any], config: Any
     of the first seed; and write the report."""
     from accelerate import Accelerator
 
-    from bridgeprobe.probes.identity.finetune import (BASE, add_adapter, eval_pairs, inner_model, item_scores, load_base,
-                                             metric_columns, model_state, save_adapter, train_adapter)
+    from bridgeprobe.probes.identity.finetune import (BASE, add_adapter, eval_pairs, inner_model, item_scores,
+                                                      load_base, metric_columns, model_state, save_adapter,
+                                                      train_adapter)
     from bridgeprobe.probes.model.hooks import NativeHooks
     from bridgeprobe.probes.runs.pipeline import item_pairs, run_lens, run_patching, run_record
 

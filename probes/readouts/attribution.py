@@ -21,7 +21,8 @@ from torch import Tensor
 
 from bridgeprobe.probes.readouts.heads import HEAD, edit_out_projection_input, n_heads
 from bridgeprobe.probes.model.hooks import SITES, NativeHooks, _post_hook, _pre_hook
-from bridgeprobe.probes.readouts.patching import Pair, SweepResult, _normalize, _roles, _source_run, cell_frame, patch_cells
+from bridgeprobe.probes.readouts.patching import (Pair, SweepResult, _normalize, _roles, _source_run, cell_frame,
+                                                  patch_cells)
 
 
 def attribution_sweep(

@@ -131,7 +131,8 @@ def weight_formula(model: torch.nn.Module, quantize: str | None, dtype: torch.dt
 
 def bench_model(spec: str, variant: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     from bridgeprobe.probes.model.hooks import NativeHooks
-    from bridgeprobe.probes.readouts.lens import _encode, auto_batch_size, batches, lens_batch, lens_memory, lens_queries
+    from bridgeprobe.probes.readouts.lens import (_encode, auto_batch_size, batches, lens_batch, lens_memory,
+                                                  lens_queries)
     from bridgeprobe.probes.model.load import DTYPES, load_model
     from bridgeprobe.probes.readouts.patching import sweep
     from bridgeprobe.probes.runs.pipeline import item_pairs

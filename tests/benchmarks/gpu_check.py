@@ -329,7 +329,8 @@ def check_build(shape: Shape) -> dict[str, Any]:
 
 
 def check_lens(shape: Shape, args: argparse.Namespace, clock: Clock) -> dict[str, Any]:
-    from bridgeprobe.probes.readouts.lens import _encode, auto_batch_size, batches, free_memory, lens_batch, lens_memory, lens_queries
+    from bridgeprobe.probes.readouts.lens import (_encode, auto_batch_size, batches, free_memory, lens_batch,
+                                                  lens_memory, lens_queries)
 
     hooked = shape.hooked
     queries = lens_queries(shape.items)
