@@ -197,7 +197,7 @@ def write_grid(paths: Sequence[Path], out: Path) -> pd.DataFrame:
     cells = grid_cells(runs)
     extra_keys = list(next(iter(cells.values())))
     results = report.grid_results(runs, cells)
-    keys = [c for c, _, _ in report.CELL_KEYS] + extra_keys + [*GRID_KEYS, "condition", "seed"]
+    keys = [c for c, _, _ in CELL_KEYS] + extra_keys + [*GRID_KEYS, "condition", "seed"]
     for _, group in results.groupby(keys, dropna=False, sort=False):
         if len(group) > 1:  # one row per cell, condition and seed in each run: the seed is in two runs
             raise RunDirError(f"{' and '.join(sorted(set(group['run_dir'])))} both hold seed {group['seed'].iloc[0]} "
