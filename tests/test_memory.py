@@ -343,8 +343,29 @@ def test_cosine_and_cka_equal_direct_numpy() -> None:
         return a, b
 
     spread = np.std([linear_cka(*sample(seed)) for seed in range(200)])
-    low, high = jackknife_cka(x, z, np.random.default_rng(1))
-    assert low < direct < high and 0.6 < (high - low) / (2 * 1.96) / spread < 1.6
+    cka, low, high = jackknife_cka(x, z, np.random.default_rng(1))
+    assert cka == pytest.approx(direct, rel=1e-10) and low < direct < high and 0.6 < (high - low) / (2 * 1.96) / spread < 1.6
+
+
+def test_jackknife_cka_equals_recentring_each_held_out_gram() -> None:
+    """The block-sum jackknife equals the direct one: every held-out Gram matrix recentred and its CKA computed."""
+    def direct(x: np.ndarray, z: np.ndarray, rng: np.random.Generator, groups: int) -> tuple[float, float]:
+        labels = rng.permutation(len(x)) % min(groups, len(x))
+        values = []
+        for g in np.unique(labels):
+            keep = labels != g
+            values.append(linear_cka(x[keep], z[keep]))  # centres the held-out items' Gram matrices itself
+        values = np.array(values)
+        se = np.sqrt((len(values) - 1) / len(values) * ((values - values.mean()) ** 2).sum())
+        return linear_cka(x, z), linear_cka(x, z) - 1.96 * se, linear_cka(x, z) + 1.96 * se
+
+    rng = np.random.default_rng(3)
+    for n, d, groups in ((40, 16, 20), (97, 8, 20), (25, 30, 7), (6, 4, 20)):
+        x = rng.normal(size=(n, d)) + 50.0  # a large shared offset, as in the residual stream
+        z = rng.normal(size=(n, d)) - 20.0
+        z[:, : d // 2] += x[:, : d // 2]
+        fast = jackknife_cka(x, z, np.random.default_rng(n), groups)
+        assert fast == pytest.approx(direct(x, z, np.random.default_rng(n), groups), rel=1e-9, abs=1e-12)
 
 
 def test_alignment_rows_equal_states_read_with_plain_hf() -> None:
@@ -397,6 +418,31 @@ def test_alignment_rows_are_the_same_with_any_number_of_fitting_threads() -> Non
         torch.set_num_threads(threads)
     assert pooled["metric"].str.startswith("probe_").sum() > 0
     pd.testing.assert_frame_equal(pooled, serial)
+
+
+def test_alignment_reuses_the_reference_forwards_states(monkeypatch) -> None:
+    """The states the items' reference forwards read are those the alignment would read itself (same prompt,
+    same position); given them, it runs only the templates and writes the same rows."""
+    import bridgeprobe.probes.memory.alignment as alignment
+    from bridgeprobe.probes.memory.rows import reference_runs, reference_states
+
+    hooked = _hooked("llama")
+    encoded = {i.id: encode(hooked.tokenizer, i) for i in ITEMS}
+    plans = make_plans(encoded, [i.id for i in ITEMS], 0)
+    known = {}
+    for plan, sources in zip(plans, reference_runs(hooked, plans)):
+        known.update(reference_states(plan, sources))
+    assert len(known) == 3 * len(ITEMS)  # last token, e1's last token, the bridge in hop2
+    fresh = alignment.read_at(hooked, [(ids, [position]) for ids, position in known])[:, 0]
+    torch.testing.assert_close(torch.stack(list(known.values())), fresh, atol=1e-5, rtol=1e-5)
+
+    plain = pd.DataFrame(alignment_rows(hooked, plans, encoded, workers=1))
+    forwards = []
+    monkeypatch.setattr(alignment, "read_states", lambda h, prompts: forwards.append(len(prompts)) or read_states(h, prompts))
+    reused = pd.DataFrame(alignment_rows(hooked, plans, encoded, workers=1, known=known))
+    assert sum(forwards) == len(alignment.TEMPLATES) * len({e.bridge for e in encoded.values()})  # templates only
+    pd.testing.assert_frame_equal(reused.drop(columns="value"), plain.drop(columns="value"))
+    np.testing.assert_allclose(reused["value"], plain["value"], atol=1e-5, rtol=1e-5)
 
 
 def test_probe_reads_separable_classes_and_not_shuffled_ones() -> None:

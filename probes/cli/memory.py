@@ -70,7 +70,8 @@ def memory_flags(parser: argparse.ArgumentParser, prefix: str = "", *, items: in
     group.add_argument(f"--{prefix}decode-layer", type=non_negative_int,
                        help="fixed target layer of the decoding (default: n_layers // 8)")
     group.add_argument(f"--{prefix}batch-items", type=positive_int, default=8,
-                       help="items per decoding call (they share the identity prompt; default 8)")
+                       help="items per reference forward and per decoding call (they share the identity prompt); "
+                            "an interrupted run resumes after the last finished batch (default 8)")
 
 
 def memory_config(args: argparse.Namespace, prefix: str = "") -> MemoryConfig:

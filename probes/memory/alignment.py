@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -52,13 +52,21 @@ BATCH = 32
 
 @torch.no_grad()
 def read_at(hooked: HookedModel, prompts: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = BATCH,
-            ) -> Tensor:
+            known: Mapping[tuple[tuple[int, ...], int], Tensor] | None = None) -> Tensor:
     """``resid_post`` of every block at the given positions of each prompt: ``[N, K, L, d]`` (float32, CPU; a
     shorter position list repeats its last entry up to the longest, ``K``), batched by length, so reading several
-    positions of a prompt costs one forward."""
+    positions of a prompt costs one forward. A prompt whose every position is in ``known`` (``(token ids,
+    position) -> [L, d]``, states read before) is not run again."""
     width = max(len(positions) for _, positions in prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][0]))
     out: list[Tensor | None] = [None] * len(prompts)
+    todo = []
+    for i, (ids, positions) in enumerate(prompts):
+        found = [known.get((tuple(ids), p)) for p in positions] if known else [None]
+        if any(state is None for state in found):
+            todo.append(i)
+        else:
+            out[i] = torch.stack([*found, *[found[-1]] * (width - len(found))]).float()
+    order = sorted(todo, key=lambda i: len(prompts[i][0]))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         padded = [(prompts[i][0], [*prompts[i][1], *[prompts[i][1][-1]] * (width - len(prompts[i][1]))]) for i in chunk]
@@ -73,37 +81,61 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-def _center(gram: np.ndarray) -> np.ndarray:
-    """``H K H`` with ``H`` the centering matrix."""
-    return gram - gram.mean(0, keepdims=True) - gram.mean(1, keepdims=True) + gram.mean()
+def _centred_grams(x: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``H X X' H`` and ``H Z Z' H`` (``H``: the centering matrix), as the Gram matrices of the centred rows."""
+    x, z = x.astype(np.float64), z.astype(np.float64)
+    x, z = x - x.mean(0), z - z.mean(0)
+    return x @ x.T, z @ z.T
 
 
 def linear_cka(x: np.ndarray, z: np.ndarray) -> float:
     """Linear CKA of two ``[n, d]`` representations of the same ``n`` inputs:
     ``<K_c, L_c> / (||K_c|| ||L_c||)`` with ``K_c``, ``L_c`` the centered Gram matrices."""
-    x, z = x.astype(np.float64), z.astype(np.float64)
-    k, l = _center(x @ x.T), _center(z @ z.T)
+    return _cka(*_centred_grams(x, z))
+
+
+def _cka(k: np.ndarray, l: np.ndarray) -> float:
     return float((k * l).sum() / np.sqrt((k * k).sum() * (l * l).sum()))
 
 
 def jackknife_cka(x: np.ndarray, z: np.ndarray, rng: np.random.Generator, groups: int = JACKKNIFE_GROUPS,
-                  ) -> tuple[float, float]:
-    """95% interval of :func:`linear_cka` over items: grouped (delete-a-group) jackknife standard error, normal
+                  ) -> tuple[float, float, float]:
+    """:func:`linear_cka` and its 95% interval over items, ``(cka, low, high)``: grouped (delete-a-group) jackknife standard error, normal
     approximation, ``cka +- 1.96 se``. Items are split at random into ``groups`` groups and each is left out once.
-    Not a bootstrap: a resample repeats items, which biases linear CKA upward."""
-    gx, gz = x.astype(np.float64) @ x.T.astype(np.float64), z.astype(np.float64) @ z.T.astype(np.float64)
+    Not a bootstrap: a resample repeats items, which biases linear CKA upward.
+
+    Every leave-one-group-out CKA comes from sums over the blocks of the full Gram matrices (:func:`_held_out_hsic`),
+    not from recentring a Gram matrix per group: one pass over ``n^2`` entries instead of one per group."""
+    gx, gz = _centred_grams(x, z)  # a shift leaves every CKA unchanged and keeps the sums below small
     labels = rng.permutation(len(x)) % min(groups, len(x))
-    values = []
-    for g in np.unique(labels):
-        keep = np.flatnonzero(labels != g)
-        k, l = _center(gx[np.ix_(keep, keep)]), _center(gz[np.ix_(keep, keep)])
-        with np.errstate(invalid="ignore", divide="ignore"):  # no variance left: NaN
-            values.append((k * l).sum() / np.sqrt((k * k).sum() * (l * l).sum()))
-    values = np.array(values)
+    with np.errstate(invalid="ignore", divide="ignore"):  # no variance left: NaN
+        values = _held_out_hsic(gx, gz, labels) / np.sqrt(_held_out_hsic(gx, gx, labels)
+                                                            * _held_out_hsic(gz, gz, labels))
     n = len(values)
     se = float(np.sqrt((n - 1) / n * np.nansum((values - np.nanmean(values)) ** 2)))
-    estimate = linear_cka(x, z)
-    return estimate - Z95 * se, estimate + Z95 * se
+    estimate = _cka(gx, gz)
+    return estimate, estimate - Z95 * se, estimate + Z95 * se
+
+
+def _held_out_hsic(k: np.ndarray, l: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per group ``g`` of ``labels``, ``<H K_S H, H L_S H>`` over the items ``S`` outside ``g`` (``H``: the
+    centering matrix of ``S``), from ``tr(K_S L_S) - 2/m 1'K_S L_S 1 + 1/m^2 (1'K_S 1)(1'L_S 1)`` with each term
+    the full sum less group ``g``'s rows and columns."""
+    groups = int(labels.max()) + 1
+    onehot = np.zeros((len(labels), groups))
+    onehot[np.arange(len(labels)), labels] = 1.0
+    m = len(labels) - onehot.sum(0)  # items left in S, per deleted group
+
+    def left(blocks: np.ndarray) -> np.ndarray:  # sum over S x S of a matrix whose group block sums are ``blocks``
+        return blocks.sum() - 2 * blocks.sum(1) + np.diag(blocks)
+
+    k_by_group, l_by_group = k @ onehot, l @ onehot  # [n, G]: sum of a row over each group's columns
+    k_rows = k_by_group.sum(1, keepdims=True) - k_by_group  # [n, G]: row sums over S (valid for rows in S)
+    l_rows = l_by_group.sum(1, keepdims=True) - l_by_group
+    outside = 1.0 - onehot  # [n, G]: 1 where the row is in S
+    trace = left(onehot.T @ (k * l) @ onehot)
+    cross = (k_rows * l_rows * outside).sum(0)
+    return trace - 2 / m * cross + left(onehot.T @ k_by_group) * left(onehot.T @ l_by_group) / m ** 2
 
 
 class LinearProbe:
@@ -169,11 +201,13 @@ def typical(states: Tensor) -> Tensor:
 
 
 def alignment_rows(hooked: HookedModel, plans: Sequence[Any], encoded: dict[str, Any], *, seed: int = 0,
-                   workers: int | None = None) -> list[dict]:
+                   workers: int | None = None, known: Mapping[tuple[tuple[int, ...], int], Tensor] | None = None,
+                   ) -> list[dict]:
     """The alignment rows of ``memory.csv`` for the analysed items (``plans`` of :func:`probes.memory.plans.make_plans`),
     for the latent state at the two-hop prompt's last token and at e1's last token (``source_position``); one row
     ``(alignment, "", n_items)`` marks the analysis done even when no item qualifies. The layers' probes are fitted
-    on ``workers`` threads (:func:`fit_pool`)."""
+    on ``workers`` threads (:func:`fit_pool`); ``known`` states (the items' reference forwards,
+    :func:`probes.memory.rows.reference_states`) are not read again (:func:`read_at`)."""
     items = [p.a for p in plans if p.a.hop2_position is not None]
     rows: list[dict] = [_dataset_row("n_items", len(items))]
     if len(items) < 2:
@@ -193,11 +227,11 @@ def alignment_rows(hooked: HookedModel, plans: Sequence[Any], encoded: dict[str,
     with_e1 = [i for i, e in enumerate(items) if e.e1_position is not None]
     # both latent positions of a two-hop prompt in one forward: [last, e1's last token] (or [last, last])
     two_hop = read_at(hooked, [(e.two_hop, [len(e.two_hop) - 1, *[p for p in [e.e1_position] if p is not None]])
-                               for e in items])
+                               for e in items], known=known)
     latent = {"last": (list(range(len(items))), two_hop[:, 0])}
     if with_e1:  # prompts whose e1 span could not be located have no e1 state
         latent["e1_last"] = (with_e1, two_hop[with_e1, 1])
-    explicit_all = read_at(hooked, [(e.hop2, [e.hop2_position]) for e in hop2_list])[:, 0]
+    explicit_all = read_at(hooked, [(e.hop2, [e.hop2_position]) for e in hop2_list], known=known)[:, 0]
     templates = read_at(hooked, [(ids, [pos]) for ids, pos, _ in template_prompts])[:, 0]
     index = {e.hop2: i for i, e in enumerate(hop2_list)}
     own = np.array([index[e.hop2] for e in items])
@@ -279,8 +313,8 @@ def alignment_rows(hooked: HookedModel, plans: Sequence[Any], encoded: dict[str,
                     for metric, values in ((f"cosine_{kind}", raw), (f"cosine_centered_{kind}", centered)):
                         rows += [_item_row(items[i], metric, layer, float(v), pos) for i, v in zip(which[keep], values)]
                     if keep.sum() >= 3:
-                        low, high = jackknife_cka(x, z, rng)
-                        rows += [_dataset_row(f"cka_{kind}", linear_cka(x, z), layer, pos),
+                        cka, low, high = jackknife_cka(x, z, rng)
+                        rows += [_dataset_row(f"cka_{kind}", cka, layer, pos),
                                  _dataset_row(f"cka_{kind}_ci_low", low, layer, pos),
                                  _dataset_row(f"cka_{kind}_ci_high", high, layer, pos)]
     return rows

@@ -59,7 +59,7 @@ from bridgeprobe.probes.memory.plans import (COLUMNS, PLACEHOLDER, SORT_BY, Memo
                                              crosspatch_cells, decoding_cells, default_decode_layer, encode,
                                              identity_prompt, make_plans, span_end_position)
 from bridgeprobe.probes.memory.rows import (backpatch_rows, crosspatch_rows, decoding_rows, group_of, item_rows,
-                                            lens_rows, reference_run)
+                                            lens_rows, reference_runs, reference_states)
 from bridgeprobe.probes.model.hooks import HookedModel
 from bridgeprobe.probes.io.results import atomic_write_json
 from bridgeprobe.prompts.sampling import sample_items
@@ -121,13 +121,18 @@ def run_memory(hooked: HookedModel, items: Sequence[PromptItem], out_dir: Path, 
         _write_ledger(ledger, earlier, timings, time.perf_counter() - started)
 
     wanted = set(config.analyses)
+    # the reference forwards' states of the items' own prompts, which the alignment reads again (this session's)
+    states_read: dict[tuple[tuple[int, ...], int], Any] = {}
+    keep_states = "alignment" in wanted and not alignment_done and shards.is_main
     total = sum(len(c) for c in chunks)
     with tqdm(total=total, desc="memory", unit="item", disable=not total or not shards.is_main) as bar:
         for chunk in chunks:
             rows, ran = [], []
-            for plan in chunk:
-                with _timed(timings, "reference_s"):
-                    sources = reference_run(hooked, plan)
+            with _timed(timings, "reference_s"):
+                chunk_sources = reference_runs(hooked, chunk)
+            for plan, sources in zip(chunk, chunk_sources):
+                if keep_states:
+                    states_read.update(reference_states(plan, sources))
                 group = group_of(plan, sources)
                 if "crosspatch" in wanted and plan.maps and plan.c is not None:
                     with _timed(timings, "crosspatch_s"):
@@ -151,7 +156,7 @@ def run_memory(hooked: HookedModel, items: Sequence[PromptItem], out_dir: Path, 
             bar.set_postfix_str("")
     if "alignment" in wanted and not alignment_done and shards.is_main:
         with _timed(timings, "alignment_s"):
-            rows = alignment_rows(hooked, plans, encoded, seed=config.seed)
+            rows = alignment_rows(hooked, plans, encoded, seed=config.seed, known=states_read)
         commit(rows)
     totals: dict[str, float] = defaultdict(float)
     parts = shards.all_gather((dict(timings), earlier))

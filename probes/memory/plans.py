@@ -224,7 +224,7 @@ class MemoryConfig:
     map_items: int | None = None  # of those, this many get the cross-patch maps and the decoding; None: all
     stride: int = 1  # layer stride of the s x t maps (the diagonal is always complete)
     decode_layer: int | None = None  # fixed target layer of the decoding; None: default_decode_layer
-    batch_items: int = 8  # items per decoding call (they share the identity prompt)
+    batch_items: int = 8  # items per reference forward and per decoding call (they share the identity prompt)
     backpatch_groups: tuple[str, ...] = BACKPATCH_GROUPS  # outcome groups whose prompts are back-patched
     seed: int = 0
     method: str = "auto"  # run_variants method

@@ -1,6 +1,6 @@
 """The rows of ``memory.csv`` per item (:mod:`probes.memory.analysis`): states written into a receiving prompt
 through the patching engine (:func:`patch_states`, :func:`candidate_measure`), an item's reference forward
-(:func:`reference_run`), and the cross-patch, back-patch, logit-lens, decoding and per-item rows."""
+(:func:`reference_runs`), and the cross-patch, back-patch, logit-lens, decoding and per-item rows."""
 
 from __future__ import annotations
 
@@ -89,7 +89,20 @@ class _Sources:
     logits: dict[str, Tensor]  # prompt kind -> [vocab]
 
 
-def reference_run(hooked: HookedModel, plan: Plan) -> _Sources:
+def reference_runs(hooked: HookedModel, plans: Sequence[Plan]) -> list[_Sources]:
+    """The items' reference forwards: their prompts read together in one batched forward (per item: the two-hop
+    prompt, and where present the random item's, hop1, hop2 and the transfer prompt)."""
+    prompts = [_reference_prompts(plan) for plan in plans]
+    states, logits = read_states(hooked, [(ids, pos) for own in prompts for _, ids, pos in own])
+    at = 0
+    sources = []
+    for plan, own in zip(plans, prompts):
+        sources.append(_sources(plan, [k for k, _, _ in own], states[at : at + len(own)], logits[at : at + len(own)]))
+        at += len(own)
+    return sources
+
+
+def _reference_prompts(plan: Plan) -> list[tuple[str, tuple[int, ...], list[int]]]:
     a = plan.a
     prompts: list[tuple[str, tuple[int, ...], list[int]]] = [
         ("two_hop", a.two_hop, [p for p in (a.e1_position, len(a.two_hop) - 1) if p is not None])]
@@ -102,8 +115,11 @@ def reference_run(hooked: HookedModel, plan: Plan) -> _Sources:
         prompts.append(("hop2", a.hop2, [p for p in (a.hop2_position, len(a.hop2) - 1) if p is not None]))
     if plan.maps and plan.e is not None:
         prompts.append(("transfer", plan.e.hop2, [len(plan.e.hop2) - 1]))
-    states, logits = read_states(hooked, [(ids, pos) for _, ids, pos in prompts])
-    kinds = [k for k, _, _ in prompts]
+    return prompts
+
+
+def _sources(plan: Plan, kinds: list[str], states: Tensor, logits: Tensor) -> _Sources:
+    a = plan.a
 
     def positions(kind: str, enc: Encoded) -> dict[str, Tensor]:
         row = states[kinds.index(kind)]
@@ -113,6 +129,18 @@ def reference_run(hooked: HookedModel, plan: Plan) -> _Sources:
     explicit = states[kinds.index("hop2"), 0] if a.hop2 and a.hop2_position is not None else None
     return _Sources(positions("two_hop", a), positions("random", plan.r) if "random" in kinds else {}, explicit,
                     dict(zip(kinds, logits)))
+
+
+def reference_states(plan: Plan, sources: _Sources) -> dict[tuple[tuple[int, ...], int], Tensor]:
+    """The states of A's own prompts that its reference forward read, as ``(token ids, position) -> [L, d]``
+    (float32 copies: the alignment reads the same prompts at the same positions, :func:`~probes.memory.alignment.read_at`)."""
+    a = plan.a
+    states = {(a.two_hop, len(a.two_hop) - 1): sources.latent["last"]}
+    if a.e1_position is not None:
+        states[(a.two_hop, a.e1_position)] = sources.latent["e1_last"]
+    if sources.explicit is not None:
+        states[(a.hop2, a.hop2_position)] = sources.explicit
+    return {key: state.float().clone() for key, state in states.items()}
 
 
 def group_of(plan: Plan, sources: _Sources) -> str:

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -61,6 +62,27 @@ def _whole_matrix_measure(tokens):  # the rank computation before the speed-up
     return measure
 
 
+def _recentred_jackknife(x, z, rng, groups=alignment.JACKKNIFE_GROUPS):  # the jackknife before the speed-up
+    gx, gz = x.astype(np.float64) @ x.T.astype(np.float64), z.astype(np.float64) @ z.T.astype(np.float64)
+
+    def center(gram):
+        return gram - gram.mean(0, keepdims=True) - gram.mean(1, keepdims=True) + gram.mean()
+
+    labels = rng.permutation(len(x)) % min(groups, len(x))
+    values = []
+    for g in np.unique(labels):
+        keep = np.flatnonzero(labels != g)
+        k, l = center(gx[np.ix_(keep, keep)]), center(gz[np.ix_(keep, keep)])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            values.append((k * l).sum() / np.sqrt((k * k).sum() * (l * l).sum()))
+    values = np.array(values)
+    n = len(values)
+    se = float(np.sqrt((n - 1) / n * np.nansum((values - np.nanmean(values)) ** 2)))
+    k, l = center(gx), center(gz)
+    estimate = float((k * l).sum() / np.sqrt((k * k).sum() * (l * l).sum()))
+    return estimate, estimate - alignment.Z95 * se, estimate + alignment.Z95 * se
+
+
 class _InCallingThread:
     """The probe fits as they ran before :func:`probes.memory.alignment.fit_pool`: one after another, every intra-op thread."""
 
@@ -84,8 +106,9 @@ def _serial_fits(workers: int | None = None) -> Iterator[_InCallingThread]:
 def before_speedup(model: torch.nn.Module) -> Iterator[None]:
     """Undo the changes for the duration: the head multiplies a non-contiguous slice of the normed last
     positions (what the HF forward with ``logits_to_keep`` handed it; rebuilt here as a strided view of the same
-    shape), the ranks compare the whole logit matrix once per candidate, and the probes are fitted one after
-    another with every thread."""
+    shape), the ranks compare the whole logit matrix once per candidate, the probes are fitted one after
+    another with every thread, the reference forwards run one item at a time, the alignment reads every prompt
+    itself, and the jackknife recentres per group."""
     head = model.get_output_embeddings()
     hooks = dict(head._forward_pre_hooks)
     head._forward_pre_hooks.clear()
@@ -99,13 +122,19 @@ def before_speedup(model: torch.nn.Module) -> Iterator[None]:
         return head_logits(self.model.config, head(strided))
 
     original_pool, original_probe = alignment.fit_pool, alignment.LinearProbe
+    original_jackknife, original_states = alignment.jackknife_cka, memory.reference_states
+    original_runs = memory.reference_runs
     NativeHooks.readout, rows.candidate_measure, alignment.fit_pool = readout, _whole_matrix_measure, _serial_fits
-    alignment.LinearProbe = _FromZero
+    alignment.LinearProbe, alignment.jackknife_cka = _FromZero, _recentred_jackknife
+    memory.reference_states = lambda plan, sources: {}  # nothing kept: the alignment reads every prompt itself
+    memory.reference_runs = lambda hooked, plans: [s for plan in plans for s in original_runs(hooked, [plan])]
     try:
         yield
     finally:
         NativeHooks.readout, rows.candidate_measure = original_readout, original_measure
         alignment.fit_pool, alignment.LinearProbe = original_pool, original_probe
+        alignment.jackknife_cka, memory.reference_states = original_jackknife, original_states
+        memory.reference_runs = original_runs
         head._forward_pre_hooks.update(hooks)
 
 
