@@ -141,15 +141,13 @@ def run_memory(hooked: HookedModel, items: Sequence[PromptItem], out_dir: Path, 
                 if "backpatch" in wanted and group in config.backpatch_groups:
                     with _timed(timings, "backpatch_s"):
                         rows += backpatch_rows(hooked, plan, sources, group, cells["backpatch"], config.method)
-                if "decoding" in wanted:
-                    with _timed(timings, "decoding_s"):
-                        rows += lens_rows(hooked, plan, sources)
                 ran.append((plan, sources))
                 rows += item_rows(plan, group, sources)
                 bar.update(1)  # per item; the chunk's decoding runs after its items
             if "decoding" in wanted:
                 bar.set_postfix_str("decoding the chunk")
                 with _timed(timings, "decoding_s"):
+                    rows += lens_rows(hooked, ran)
                     rows += decoding_rows(hooked, [(p, s) for p, s in ran if p.maps], prompt_ids, placeholder,
                                           cells["decoding"], config.method)
             commit(rows)

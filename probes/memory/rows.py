@@ -239,21 +239,26 @@ def backpatch_rows(hooked: HookedModel, plan: Plan, sources: _Sources, group: st
                              {"rank": scores.rank(a.answer), "prob": scores.prob(a.answer)}, analysis="backpatch")
 
 
-def lens_rows(hooked: HookedModel, plan: Plan, sources: _Sources) -> list[dict[str, Any]]:
-    """Logit-lens ranks of the bridge (and the answer) read from the states the decoding patches."""
+def lens_rows(hooked: HookedModel, chunk: Sequence[tuple[Plan, _Sources]]) -> list[dict[str, Any]]:
+    """Logit-lens ranks of the bridge (and the answer) read from the states the decoding patches, for a chunk of
+    items in one unembedding pass (:func:`~probes.readouts.lens.token_ranks`)."""
     from bridgeprobe.probes.readouts.lens import token_ranks
 
-    a = plan.a
-    reads = [("latent", pos, "bridge_rank", state, a.bridge) for pos, state in sources.latent.items()]
-    reads.append(("latent", "last", "answer_rank", sources.latent["last"], a.answer))
-    if sources.explicit is not None:
-        reads.append(("explicit", "bridge", "bridge_rank", sources.explicit, a.bridge))
-    rows = []
-    for condition, pos, metric, state, token in reads:
-        ranks = token_ranks(hooked, state, token).tolist()
-        rows += [_row("lens", plan, condition, metric, float(r), source_id=a.item.id, source_position=pos,
-                      source_layer=layer) for layer, r in enumerate(ranks)]
-    return rows
+    reads = []  # (plan, condition, source position, metric, state [L, d], token)
+    for plan, sources in chunk:
+        a = plan.a
+        reads += [(plan, "latent", pos, "bridge_rank", state, a.bridge) for pos, state in sources.latent.items()]
+        reads.append((plan, "latent", "last", "answer_rank", sources.latent["last"], a.answer))
+        if sources.explicit is not None:
+            reads.append((plan, "explicit", "bridge", "bridge_rank", sources.explicit, a.bridge))
+    if not reads:
+        return []
+    states = torch.stack([state for *_, state, _ in reads])  # [R, L, d]
+    tokens = torch.tensor([token for *_, token in reads])[:, None].expand(states.shape[:-1])
+    ranks = token_ranks(hooked, states, tokens).tolist()
+    return [_row("lens", plan, condition, metric, float(r), source_id=plan.a.item.id, source_position=pos,
+                 source_layer=layer)
+            for (plan, condition, pos, metric, _, _), per_layer in zip(reads, ranks) for layer, r in enumerate(per_layer)]
 
 
 def decoding_rows(hooked: HookedModel, chunk: Sequence[tuple[Plan, _Sources]], prompt_ids: Sequence[int],

@@ -151,14 +151,17 @@ def _vocab_size(hooked: HookedModel) -> int:
     return int(hooked.model.get_output_embeddings().weight.shape[0])
 
 
-def token_ranks(hooked: HookedModel, hidden: torch.Tensor, token: int) -> torch.Tensor:
+def token_ranks(hooked: HookedModel, hidden: torch.Tensor, token: int | torch.Tensor) -> torch.Tensor:
     """Logit-lens rank of ``token`` (the number of tokens with a strictly larger logit) for each residual vector
-    of ``hidden`` (``[..., d]``), unembedding at most :data:`READOUT_BUDGET` logits at a time."""
+    of ``hidden`` (``[..., d]``; ``token``: one id, or one per vector, ``[...]``), unembedding at most
+    :data:`READOUT_BUDGET` logits at a time."""
     flat = hidden.reshape(-1, hidden.shape[-1])
+    tokens = torch.as_tensor(token).expand(hidden.shape[:-1]).reshape(-1, 1)
+    rows = max(1, READOUT_BUDGET // _vocab_size(hooked))
     ranks = []
-    for chunk in flat.split(max(1, READOUT_BUDGET // _vocab_size(hooked))):
+    for chunk, own in zip(flat.split(rows), tokens.split(rows)):
         logits = hooked.readout(chunk).float()
-        ranks.append((logits > logits[:, token : token + 1]).sum(-1))
+        ranks.append((logits > logits.gather(1, own.to(logits.device))).sum(-1))
     return torch.cat(ranks).reshape(hidden.shape[:-1])
 
 

@@ -41,6 +41,7 @@ import bridgeprobe.probes.memory.alignment as alignment
 import bridgeprobe.probes.memory.analysis as memory
 import bridgeprobe.probes.memory.plans as plans
 import bridgeprobe.probes.memory.rows as rows
+import bridgeprobe.probes.readouts.lens as lens
 from bridgeprobe.probes.model.architecture import head_logits
 from bridgeprobe.probes.model.hooks import NativeHooks
 from bridgeprobe.probes.model.load import load_model
@@ -107,8 +108,8 @@ def before_speedup(model: torch.nn.Module) -> Iterator[None]:
     """Undo the changes for the duration: the head multiplies a non-contiguous slice of the normed last
     positions (what the HF forward with ``logits_to_keep`` handed it; rebuilt here as a strided view of the same
     shape), the ranks compare the whole logit matrix once per candidate, the probes are fitted one after
-    another with every thread, the reference forwards run one item at a time, the alignment reads every prompt
-    itself, and the jackknife recentres per group."""
+    another with every thread, the reference forwards run one item at a time, each state's lens ranks are one
+    unembedding, the alignment reads every prompt itself, and the jackknife recentres per group."""
     head = model.get_output_embeddings()
     hooks = dict(head._forward_pre_hooks)
     head._forward_pre_hooks.clear()
@@ -123,18 +124,20 @@ def before_speedup(model: torch.nn.Module) -> Iterator[None]:
 
     original_pool, original_probe = alignment.fit_pool, alignment.LinearProbe
     original_jackknife, original_states = alignment.jackknife_cka, memory.reference_states
-    original_runs = memory.reference_runs
+    original_runs, original_ranks = memory.reference_runs, lens.token_ranks
     NativeHooks.readout, rows.candidate_measure, alignment.fit_pool = readout, _whole_matrix_measure, _serial_fits
     alignment.LinearProbe, alignment.jackknife_cka = _FromZero, _recentred_jackknife
     memory.reference_states = lambda plan, sources: {}  # nothing kept: the alignment reads every prompt itself
     memory.reference_runs = lambda hooked, plans: [s for plan in plans for s in original_runs(hooked, [plan])]
+    lens.token_ranks = lambda hooked, hidden, token: torch.stack([  # one state ([L, d]) per unembedding
+        original_ranks(hooked, state, own) for state, own in zip(hidden, torch.as_tensor(token).expand(hidden.shape[:-1]))])
     try:
         yield
     finally:
         NativeHooks.readout, rows.candidate_measure = original_readout, original_measure
         alignment.fit_pool, alignment.LinearProbe = original_pool, original_probe
         alignment.jackknife_cka, memory.reference_states = original_jackknife, original_states
-        memory.reference_runs = original_runs
+        memory.reference_runs, lens.token_ranks = original_runs, original_ranks
         head._forward_pre_hooks.update(hooks)
 
 
