@@ -117,9 +117,10 @@ def _identity_prose() -> list[tuple[str, str]]:
     shares = {share: _cell({"weight_decay": 1.0, "init_scale": 1.0, "identity_coverage": share})["ood_two_hop_acc identity mean"]
               for share in (0.25, 0.5, 0.75)}
     small_init = _cell({"weight_decay": 0.0, "init_scale": 0.3, "two_hop_training": True, "identity_coverage": 1.0})
+    small_init_wd = _cell({"weight_decay": 0.1, "init_scale": 0.3, "two_hop_training": True, "identity_coverage": 1.0})
     patch = pd.read_csv(ROOT / "reports" / "identity" / "scratch-analysis" / "crosspatch_summary.csv")
     paper = patch[(patch["split"] == "ood_test") & (patch["source_layer"] == 2) & (patch["target_layer"] == 0)]
-    transfer = {(r["weight_decay"], "one_hop_only" in r["cell"], r["identity_coverage"]):
+    transfer = {(r["weight_decay"], r["init_scale"], "one_hop_only" in r["cell"], r["identity_coverage"]):
                 f"{r['transfer no_identity']:.2f} → {r['transfer identity']:.2f}" for r in paper.to_dict("records")}
 
     def delta(row: dict) -> str:
@@ -128,12 +129,15 @@ def _identity_prose() -> list[tuple[str, str]]:
 
     docs = [f"weight decay 0: {_ood(wd0)}, {delta(wd0)}, {wd0['ood_two_hop_acc identity higher']} seeds higher",
             f"weight decay 1: {_ood(wd1)}, {delta(wd1)}, {wd1['ood_two_hop_acc identity higher']}",
-            f"weight decay 0: {transfer[(0.0, False, 1.0)]}", f"weight decay 1: {transfer[(1.0, False, 1.0)]}",
-            f"one-hop only: {transfer[(1.0, True, 1.0)]}", f"{_ood(one_hop)}, {delta(one_hop)}",
+            f"weight decay 0: {transfer[(0.0, 1.0, False, 1.0)]}", f"weight decay 1: {transfer[(1.0, 1.0, False, 1.0)]}",
+            f"weight decay 0, init 0.3: {transfer[(0.0, 0.3, False, 1.0)]}",
+            f"weight decay 0.1, init 0.3: {transfer[(0.1, 0.3, False, 1.0)]}",
+            f"one-hop only: {transfer[(1.0, 1.0, True, 1.0)]}", f"{_ood(one_hop)}, {delta(one_hop)}",
             f"→ {shares[0.25]:.2f} (25% of the bridges) → {shares[0.5]:.2f} (50%) → {shares[0.75]:.2f} (75%)",
-            f"init 0.3 at weight decay 0: {_ood(small_init)}, {delta(small_init)}"]
+            f"init 0.3 at weight decay 0: {_ood(small_init)}, {delta(small_init)}",
+            f"init 0.3 at weight decay 0.1: {_ood(small_init_wd)}, {delta(small_init_wd)}"]
     readme = [f"{_ood(wd0)} at weight decay 0", f"{_ood(wd1)} at weight decay 1",
-              f"{transfer[(0.0, False, 1.0)].replace('0.', '').replace(' → ', '% → ')}% of items",
+              f"{transfer[(0.0, 1.0, False, 1.0)].replace('0.', '').replace(' → ', '% → ')}% of items",
               f"({shares[0.25]:.2f}, {shares[0.5]:.2f}, {shares[0.75]:.2f})"]
     return [("docs/identity.md", q) for q in docs] + [("README.md", q) for q in readme]
 
