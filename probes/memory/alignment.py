@@ -100,8 +100,9 @@ def _cka(k: np.ndarray, l: np.ndarray) -> float:
 
 def jackknife_cka(x: np.ndarray, z: np.ndarray, rng: np.random.Generator, groups: int = JACKKNIFE_GROUPS,
                   ) -> tuple[float, float, float]:
-    """:func:`linear_cka` and its 95% interval over items, ``(cka, low, high)``: grouped (delete-a-group) jackknife standard error, normal
-    approximation, ``cka +- 1.96 se``. Items are split at random into ``groups`` groups and each is left out once.
+    """:func:`linear_cka` and its 95% interval over items, ``(cka, low, high)``: grouped (delete-a-group) jackknife
+    standard error, normal approximation, ``cka +- 1.96 se``. Items are split at random into ``groups`` groups and
+    each is left out once.
     Not a bootstrap: a resample repeats items, which biases linear CKA upward.
 
     Every leave-one-group-out CKA comes from sums over the blocks of the full Gram matrices (:func:`_held_out_hsic`),

@@ -133,7 +133,8 @@ def _sources(plan: Plan, kinds: list[str], states: Tensor, logits: Tensor) -> _S
 
 def reference_states(plan: Plan, sources: _Sources) -> dict[tuple[tuple[int, ...], int], Tensor]:
     """The states of A's own prompts that its reference forward read, as ``(token ids, position) -> [L, d]``
-    (float32 copies: the alignment reads the same prompts at the same positions, :func:`~probes.memory.alignment.read_at`)."""
+    (float32 copies: the alignment reads the same prompts at the same positions,
+    :func:`~probes.memory.alignment.read_at`)."""
     a = plan.a
     states = {(a.two_hop, len(a.two_hop) - 1): sources.latent["last"]}
     if a.e1_position is not None:

@@ -130,7 +130,8 @@ def before_speedup(model: torch.nn.Module) -> Iterator[None]:
     memory.reference_states = lambda plan, sources: {}  # nothing kept: the alignment reads every prompt itself
     memory.reference_runs = lambda hooked, plans: [s for plan in plans for s in original_runs(hooked, [plan])]
     lens.token_ranks = lambda hooked, hidden, token: torch.stack([  # one state ([L, d]) per unembedding
-        original_ranks(hooked, state, own) for state, own in zip(hidden, torch.as_tensor(token).expand(hidden.shape[:-1]))])
+        original_ranks(hooked, state, own)
+        for state, own in zip(hidden, torch.as_tensor(token).expand(hidden.shape[:-1]))])
     try:
         yield
     finally:
