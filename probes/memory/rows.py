@@ -14,6 +14,7 @@ from torch import Tensor
 from bridgeprobe.probes.memory.plans import Encoded, Plan
 from bridgeprobe.probes.model.hooks import HookedModel
 from bridgeprobe.probes.model.states import read_states
+from bridgeprobe.probes.readouts import lens
 from bridgeprobe.probes.readouts.variants import Measure, Variant, run_variants
 
 
@@ -243,8 +244,6 @@ def backpatch_rows(hooked: HookedModel, plan: Plan, sources: _Sources, group: st
 def lens_rows(hooked: HookedModel, chunk: Sequence[tuple[Plan, _Sources]]) -> list[dict[str, Any]]:
     """Logit-lens ranks of the bridge (and the answer) read from the states the decoding patches, for a chunk of
     items in one unembedding pass (:func:`~probes.readouts.lens.token_ranks`)."""
-    from bridgeprobe.probes.readouts.lens import token_ranks
-
     reads = []  # (plan, condition, source position, metric, state [L, d], token)
     for plan, sources in chunk:
         a = plan.a
@@ -256,7 +255,7 @@ def lens_rows(hooked: HookedModel, chunk: Sequence[tuple[Plan, _Sources]]) -> li
         return []
     states = torch.stack([state for *_, state, _ in reads])  # [R, L, d]
     tokens = torch.tensor([token for *_, token in reads])[:, None].expand(states.shape[:-1])
-    ranks = token_ranks(hooked, states, tokens).tolist()
+    ranks = lens.token_ranks(hooked, states, tokens).tolist()
     return [_row("lens", plan, condition, metric, float(r), source_id=plan.a.item.id, source_position=pos,
                  source_layer=layer)
             for (plan, condition, pos, metric, _, _), per_layer in zip(reads, ranks) for layer, r in enumerate(per_layer)]
