@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bridgeprobe.probes.identity.chat_sft import SFTConfig, encode_chat, entity_correct, train_chat, weighted_loss
+from bridgeprobe.probes.identity.chat_sft import (SFTConfig, _common_prefix, encode_chat, entity_correct, train_chat,
+                                                  weighted_loss)
 from bridgeprobe.prompts.couples import FORMS, check_couples, eval_sets, load_couples, training_set
 from conftest import TINY_CONFIGS
 
@@ -35,10 +36,10 @@ def _tokenizer():
     return tokenizer
 
 
-def _model(seed: int = 0) -> torch.nn.Module:
+def _model(seed: int = 0, kind: str = "llama") -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = TINY_CONFIGS["llama"]()
-    config.max_position_embeddings = 128
+    config = TINY_CONFIGS[kind]()
+    config.max_position_embeddings = config.n_positions = 128  # GPT-2 reads the second name
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.lm_head.weight.data *= 25  # room for confident predictions (see test_finetune._tiny)
     return model
@@ -65,12 +66,16 @@ def test_three_forms_follow_their_files() -> None:
         assert not trained & {e.instruction for e in eval_sets(form, pairs)["reverse"]}
 
 
-def test_weighted_loss_equals_weighted_single_example_losses() -> None:
-    tokenizer, model = _tokenizer(), _model()
-    examples = training_set("ocr", load_couples(n=3))
+@pytest.mark.parametrize("kind", sorted(TINY_CONFIGS))
+def test_weighted_loss_equals_weighted_single_example_losses(kind: str) -> None:
+    """Loss and gradients equal those of HF's own loss on each unpadded example, weighted, although the batch's
+    shared prefix runs once and only answer positions get logits (gemma3_text: sliding window 4, shorter than the
+    prefix)."""
+    tokenizer, model = _tokenizer(), _model(kind=kind).eval()  # eval: no dropout (GPT-2 has some)
+    examples = training_set("ocr", load_couples(n=4))[:5]  # three lengths of names, so padding too
     rows = [encode_chat(tokenizer, e.instruction, e.output, e.weight) for e in examples]
+    assert len({len(r.ids) for r in rows}) > 1 and _common_prefix(rows) == len("<|user|>The ")
     singles = []
-    torch.set_grad_enabled(False)
     for row in rows:  # HF's own loss: mean cross-entropy over the labelled (answer) tokens of one unpadded example
         ids = torch.tensor([row.ids])
         labels = ids.clone()
@@ -78,8 +83,12 @@ def test_weighted_loss_equals_weighted_single_example_losses() -> None:
         singles.append(model(input_ids=ids, labels=labels).loss)
     weights = torch.tensor([r.weight for r in rows])
     expected = (torch.stack(singles) * weights / weights.mean()).mean()
-    assert float(weighted_loss(model, rows, pad_id=0)) == pytest.approx(float(expected), rel=1e-5)
-    torch.set_grad_enabled(True)
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+    loss = weighted_loss(model, rows, pad_id=0)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     answer = tokenizer.decode(list(rows[0].ids[rows[0].prompt:]))
     assert answer == "Catherine.<|end|>"  # the loss covers the answer and the template's end of turn
 

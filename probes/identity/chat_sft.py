@@ -30,8 +30,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from transformers import DynamicCache
 
 from bridgeprobe.probes.io.results import atomic_write
+from bridgeprobe.probes.model.hooks import cache_kwarg
 
 
 @dataclass(frozen=True)
@@ -101,17 +103,41 @@ def _batch(rows: Sequence[Encoded], pad_id: int, device: torch.device) -> tuple[
 
 
 def weighted_loss(model: nn.Module, rows: Sequence[Encoded], pad_id: int) -> Tensor:
-    """``mean_i (w_i / mean(w)) * mean token cross-entropy of example i's answer`` over the batch ``rows``."""
+    """``mean_i (w_i / mean(w)) * mean token cross-entropy of example i's answer`` over the batch ``rows``.
+
+    Computed as the full batch forward would, with two savings that change only float rounding (tested against
+    the plain forward, loss and gradients): the rows' common prefix (the chat template's system and user header,
+    the same in every example) runs once, as one row whose keys and values every row then attends to (gradients
+    flow back through them), and the logits are computed only at the positions that predict an answer token. On
+    SmolLM2-135M with Ma et al.'s batch of 30 a step costs 0.4x the plain forward's (tests/benchmarks/bench_sft.py)."""
     device = next(model.parameters()).device
     ids, mask, labels = _batch(rows, pad_id, device)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    target = labels[:, 1:]
+    shared = _common_prefix(rows)
+    kwargs: dict[str, Any] = {}
+    if shared:
+        prefix = DynamicCache()  # no config: sliding-window layers keep every prefix position too
+        model(input_ids=ids[:1, :shared], use_cache=True, logits_to_keep=1, **{cache_kwarg(model): prefix})
+        kwargs = {"use_cache": True, cache_kwarg(model): DynamicCache(ddp_cache_data=[
+            (layer.keys.expand(len(rows), -1, -1, -1), layer.values.expand(len(rows), -1, -1, -1))
+            for layer in prefix.layers])}
+    target = labels[:, shared + 1:]  # the token each position of the rest predicts
+    keep = (target != -100).any(0).nonzero()[:, 0]
+    logits = model(input_ids=ids[:, shared:], attention_mask=mask, logits_to_keep=keep,
+                   position_ids=torch.arange(shared, ids.shape[1], device=device)[None], **kwargs).logits
+    target = target[:, keep]
     tokens = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                                          ignore_index=-100, reduction="none").view(target.shape)
-    counted = (target != -100).sum(1)
-    per_example = tokens.sum(1) / counted
+    per_example = tokens.sum(1) / (target != -100).sum(1)
     weights = torch.tensor([r.weight for r in rows], device=device)
     return (per_example * weights / weights.mean()).mean()
+
+
+def _common_prefix(rows: Sequence[Encoded]) -> int:
+    """Length of the token prefix all ``rows`` share, ending before the first position that predicts an answer
+    token (so every such position lies after it)."""
+    limit = min(r.prompt for r in rows) - 1
+    first = rows[0].ids
+    return next((i for i in range(limit) if any(r.ids[i] != first[i] for r in rows)), max(limit, 0))
 
 
 def optimizer_for(model: nn.Module, config: SFTConfig) -> torch.optim.AdamW:

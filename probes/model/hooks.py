@@ -228,7 +228,7 @@ class NativeHooks(HookedModel):
         cache = DynamicCache()  # no config: every layer keeps all its positions, sliding-window ones too
         result, _ = self._forward(read, (), positions, True, input_ids=input_ids.to(device),
                                   attention_mask=torch.ones_like(input_ids, device=device),
-                                  use_cache=True, **{_cache_kwarg(self.model): cache})
+                                  use_cache=True, **{cache_kwarg(self.model): cache})
         if len(cache.layers) != self.n_layers:
             raise RuntimeError(f"expected a key/value cache for {self.n_layers} blocks, got {len(cache.layers)}")
         return result, [(layer.keys, layer.values) for layer in cache.layers]
@@ -292,7 +292,7 @@ class NativeHooks(HookedModel):
             for k in range(self.n_layers):
                 rows += join[k].shape[0] if k in join else 0
                 present.append(rows)
-            kwargs[_cache_kwarg(self.model)] = DynamicCache(ddp_cache_data=[
+            kwargs[cache_kwarg(self.model)] = DynamicCache(ddp_cache_data=[
                 (k, v) if i < start else (k.expand(present[i], *k.shape[1:]), v.expand(present[i], *v.shape[1:]))
                 for i, (k, v) in enumerate(past_kv)
             ])
@@ -317,7 +317,7 @@ class NativeHooks(HookedModel):
         return RunResult(self.readout(last[:, -logits_to_keep:] if logits_to_keep else last), result.acts)
 
 
-def _cache_kwarg(model: nn.Module) -> str:
+def cache_kwarg(model: nn.Module) -> str:
     """The name the model's forward takes its key/value cache under: ``cache`` since transformers renamed it
     (``past_key_values`` warns a FutureWarning there and goes in 5.40), ``past_key_values`` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
