@@ -129,7 +129,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "warmup then constant, fp32. Scores forward facts, the never-trained reversed questions (\"The "
                     "wife of B is?\" -> A) and the shortcut (answering B) at entity level. Writes DIR/results.csv "
                     "(rates with exact intervals), metrics.csv, items.csv, data/ and run.json. Their full size "
-                    "(2,500 steps of a 135M model at batch 30) takes about 40 hours on 2 CPU cores and minutes on "
+                    "(2,500 steps of a 135M model at batch 30) takes about 5 hours on 2 CPU cores and minutes on "
                     "a GPU; run it on a GPU host (--device cuda).", epilog=EPILOG)
     model_args(sft, DEFAULT_MODEL)
     sft.add_argument("--form", choices=COUPLE_FORMS, required=True, help="the training set")
