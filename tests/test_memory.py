@@ -446,16 +446,18 @@ def test_alignment_reuses_the_reference_forwards_states(monkeypatch) -> None:
     np.testing.assert_allclose(reused["value"], plain["value"], atol=1e-5, rtol=1e-5)
 
 
-def test_token_ranks_with_a_token_per_state_equal_one_state_at_a_time() -> None:
-    from bridgeprobe.probes.readouts.lens import token_ranks
+def test_token_ranks_with_a_token_per_state_equal_one_state_at_a_time(monkeypatch) -> None:
+    from bridgeprobe.probes.readouts import lens
 
     hooked = _hooked("llama")
     states = torch.randn(5, hooked.n_layers, hooked.d_model) * 3
     tokens = torch.tensor([1, 7, 7, 30, 2])
-    one_at_a_time = torch.stack([token_ranks(hooked, s, int(t)) for s, t in zip(states, tokens)])
-    together = token_ranks(hooked, states, tokens[:, None].expand(states.shape[:-1]))
+    one_at_a_time = torch.stack([lens.token_ranks(hooked, s, int(t)) for s, t in zip(states, tokens)])
+    together = lens.token_ranks(hooked, states, tokens[:, None].expand(states.shape[:-1]))
     assert one_at_a_time.unique().numel() > 3  # the ranks vary: a wrong token per row would show
     assert torch.equal(together, one_at_a_time)
+    monkeypatch.setattr(lens, "RANK_BUDGET", 4 * 128)  # 4 of the 15 vectors per unembedding: calls split states
+    assert torch.equal(lens.token_ranks(hooked, states, tokens[:, None].expand(states.shape[:-1])), one_at_a_time)
 
 
 def test_probe_reads_separable_classes_and_not_shuffled_ones() -> None:
