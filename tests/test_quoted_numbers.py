@@ -119,6 +119,8 @@ def _identity_prose() -> list[tuple[str, str]]:
     small_init = _cell({"weight_decay": 0.0, "init_scale": 0.3, "two_hop_training": True, "identity_coverage": 1.0})
     small_init_wd = _cell({"weight_decay": 0.1, "init_scale": 0.3, "two_hop_training": True, "identity_coverage": 1.0})
     wd001 = _cell({"weight_decay": 0.01, "init_scale": 1.0, "two_hop_training": True, "identity_coverage": 1.0})
+    small_init_more = {wd: _cell({"weight_decay": wd, "init_scale": 0.3, "two_hop_training": True, "identity_coverage": 1.0})
+                       for wd in (0.01, 1.0)}
     patch = pd.read_csv(ROOT / "reports" / "identity" / "scratch-analysis" / "crosspatch_summary.csv")
     paper = patch[(patch["split"] == "ood_test") & (patch["source_layer"] == 2) & (patch["target_layer"] == 0)]
     transfer = {(r["weight_decay"], r["init_scale"], "one_hop_only" in r["cell"], r["identity_coverage"]):
@@ -134,6 +136,9 @@ def _identity_prose() -> list[tuple[str, str]]:
             f"weight decay 0, init 0.3: {transfer[(0.0, 0.3, False, 1.0)]}",
             f"weight decay 0.1, init 0.3: {transfer[(0.1, 0.3, False, 1.0)]}",
             f"weight decay 0.01: {transfer[(0.01, 1.0, False, 1.0)]}", f"weight decay 0.01: {_ood(wd001)}, {delta(wd001)}",
+            f"weight decay 0.01, init 0.3: {transfer[(0.01, 0.3, False, 1.0)]}",
+            f"weight decay 1, init 0.3: {transfer[(1.0, 0.3, False, 1.0)]}",
+            *[f"init 0.3 at weight decay {wd:g}: {_ood(row)}, {delta(row)}" for wd, row in small_init_more.items()],
             f"one-hop only: {transfer[(1.0, 1.0, True, 1.0)]}", f"{_ood(one_hop)}, {delta(one_hop)}",
             f"→ {shares[0.25]:.2f} (25% of the bridges) → {shares[0.5]:.2f} (50%) → {shares[0.75]:.2f} (75%)",
             f"init 0.3 at weight decay 0: {_ood(small_init)}, {delta(small_init)}",
