@@ -1,4 +1,5 @@
-"""One optimizer step of Ma et al.'s recipe (``reversal-sft``): the plain batch forward vs :func:`weighted_loss`.
+"""Forward and backward of one optimizer batch of Ma et al.'s recipe (``reversal-sft``): the plain batch forward vs
+:func:`weighted_loss`.
 
 The plain path is the recipe written directly (how the loss was computed before): one forward of the padded
 batch, logits at every position, cross-entropy on the answer tokens. :func:`weighted_loss` runs the batch's shared
