@@ -141,6 +141,31 @@ def test_fast_sweep_with_a_small_memory_budget_and_subsets() -> None:
     assert list(tight.frame["layer"]) == [2, 2, 2, 0, 0, 0] and list(tight.frame["position"]) == [10, 4, 5] * 2
 
 
+def test_fast_passes_keep_their_last_position_logits_within_the_budget() -> None:
+    """A fast pass unembeds one position per row: with a large vocabulary (Gemma 3: 1 MiB of fp32 logits per row)
+    those logits dominate a pass's memory and must count against the budget, not only the activations."""
+    torch.manual_seed(0)
+    config = TINY_CONFIGS["llama"]()
+    config.vocab_size, config.architectures, config.initializer_range = 32768, None, 0.2
+    hooked = NativeHooks(AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval())
+    budget = 4 * config.vocab_size * 3  # room for three rows' logits
+    rows: list[int] = []
+    readout = hooked.readout
+
+    def counting(hidden: torch.Tensor) -> torch.Tensor:
+        logits = readout(hidden)
+        rows.append(logits.shape[0])
+        return logits
+
+    hooked.readout = counting
+    pair = random_pair(length=11, shared=3)
+    fast = sweep(hooked, pair, "resid_pre", method="fast", memory_budget=budget, overhead_tokens=10**9)
+    del hooked.readout
+    assert_same(fast, sweep(hooked, pair, "resid_pre", method="naive"))
+    assert max(rows) * 4 * config.vocab_size <= budget
+    assert max(rows) > 1  # the budget still batches rows
+
+
 def test_unverified_architecture_falls_back_to_batched() -> None:
     hooked = NativeHooks(model_of("gpt_neox"))
     assert hooked.model.config.model_type not in FAST_ARCHITECTURES and not fast_supported(hooked)

@@ -49,7 +49,7 @@ from bridgeprobe.probes.readouts.lens import free_memory
 METHODS = ("auto", "fast", "batched", "naive")
 # model_type values whose fast path is tested against the naive loop (tests/test_patching.py)
 FAST_ARCHITECTURES = frozenset({"llama", "qwen2", "qwen3", "mistral", "gpt2", "gemma2", "gemma3_text"})
-CPU_MEMORY_BUDGET = 2 << 30  # bytes of activations per forward on the CPU
+CPU_MEMORY_BUDGET = 1 << 30  # bytes per forward on the CPU (more gains no speed; docs/benchmarks.md)
 
 # (last-position logits [B, vocab], last-position resid_post of every block [B, L, d] or None) -> [B, k]
 Measure = Callable[[Tensor, "Tensor | None"], Tensor]
@@ -136,7 +136,7 @@ def run_variants(
     """Run each variant of the receiving prompt ``input_ids`` on its own and ``measure`` its last position.
 
     ``resid=True`` also passes ``measure`` the last position's residual stream after every block. ``memory_budget``
-    (bytes of activations per forward) defaults to half the free GPU memory, or 2 GiB on the CPU;
+    (bytes of activations per forward) defaults to half the free GPU memory, or 1 GiB on the CPU;
     ``overhead_tokens`` is the fixed cost of one forward in token-rows of block work (default 4096 on a GPU, 32
     on the CPU)."""
     ids = [int(t) for t in input_ids]
@@ -172,7 +172,8 @@ def _free_memory(device: torch.device) -> None:
 
 def token_capacity(hooked: HookedModel, length: int, memory_budget: int | None, *, logits: bool = False) -> int:
     """How many token-rows (batch rows x sequence length) one forward may hold within the memory budget
-    (``logits``: the forward returns the logits of every position)."""
+    (``logits``: the forward returns the logits of every position; otherwise of each row's last position, which
+    is counted as spread over the row's ``length`` tokens)."""
     if memory_budget is None:
         free = free_memory(hooked)  # the fullest GPU's, for a model sharded over several
         memory_budget = CPU_MEMORY_BUDGET if free is None else free // 2
@@ -186,8 +187,8 @@ def token_capacity(hooked: HookedModel, length: int, memory_budget: int | None, 
     elt = hooked.model.get_input_embeddings().weight.element_size()
     # per token: the prefix cache of every block, the widest activations, fp32 attention scores
     per_token = elt * (hooked.n_layers * 2 * kv_heads * head_dim + 6 * d + 3 * inner) + 4 * heads * length
-    if logits:
-        per_token += 4 * int(hooked.model.get_output_embeddings().weight.shape[0])
+    row_logits = 4 * int(hooked.model.get_output_embeddings().weight.shape[0])  # fp32 logits of one position
+    per_token += row_logits if logits else -(-row_logits // length)
     return max(length, int(memory_budget) // per_token)
 
 
