@@ -136,7 +136,8 @@ def run_variants(
     """Run each variant of the receiving prompt ``input_ids`` on its own and ``measure`` its last position.
 
     ``resid=True`` also passes ``measure`` the last position's residual stream after every block. ``memory_budget``
-    (bytes of activations per forward) defaults to half the free GPU memory, or 1 GiB on the CPU;
+    (bytes per forward: activations and the logits it returns) defaults to half the free GPU memory, or 1 GiB on
+    the CPU;
     ``overhead_tokens`` is the fixed cost of one forward in token-rows of block work (default 4096 on a GPU, 32
     on the CPU)."""
     ids = [int(t) for t in input_ids]

@@ -380,7 +380,8 @@ def patching_memory(shape: Shape, length: int) -> dict[str, int]:
     kv = c.num_key_value_heads * head_dim
     d, inner, layers, heads = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads
     return {"cache_bytes": e * layers * length * (2 * kv + 2 * d),
-            "per_variant_bytes": length * (e * (layers * 2 * kv + 6 * d + 3 * inner) + 4 * heads * length)}
+            "per_variant_bytes": length * (e * (layers * 2 * kv + 6 * d + 3 * inner) + 4 * heads * length)
+                                 + 4 * c.vocab_size}  # and its last position's fp32 logits
 
 
 def check_sweep(shape: Shape) -> dict[str, Any]:
