@@ -115,6 +115,7 @@ def _identity_prose() -> list[tuple[str, str]]:
     wd1 = _cell({"weight_decay": 1.0, "init_scale": 1.0, "two_hop_training": True, "identity_coverage": 1.0})
     one_hop = _cell({"weight_decay": 1.0, "init_scale": 1.0, "two_hop_training": False})
     one_hop_wd0 = _cell({"weight_decay": 0.0, "init_scale": 1.0, "two_hop_training": False})
+    one_hop_wd01 = _cell({"weight_decay": 0.1, "init_scale": 1.0, "two_hop_training": False})
     shares = {share: _cell({"weight_decay": 1.0, "init_scale": 1.0, "identity_coverage": share})["ood_two_hop_acc identity mean"]
               for share in (0.25, 0.5, 0.75)}
     small_init = _cell({"weight_decay": 0.0, "init_scale": 0.3, "two_hop_training": True, "identity_coverage": 1.0})
@@ -143,6 +144,8 @@ def _identity_prose() -> list[tuple[str, str]]:
             f"one-hop only: {transfer[(1.0, 1.0, True, 1.0)]}", f"{_ood(one_hop)}, {delta(one_hop)}",
             f"one-hop only, weight decay 0: {transfer[(0.0, 1.0, True, 1.0)]}",
             f"weight decay 0: {_ood(one_hop_wd0)}, {delta(one_hop_wd0)}, {one_hop_wd0['ood_two_hop_acc identity higher']}",
+            f"one-hop only, weight decay 0.1: {transfer[(0.1, 1.0, True, 1.0)]}",
+            f"weight decay 0.1: {_ood(one_hop_wd01)}, {delta(one_hop_wd01)}, {one_hop_wd01['ood_two_hop_acc identity higher']}",
             f"→ {shares[0.25]:.2f} (25% of the bridges) → {shares[0.5]:.2f} (50%) → {shares[0.75]:.2f} (75%)",
             f"init 0.3 at weight decay 0: {_ood(small_init)}, {delta(small_init)}",
             f"init 0.3 at weight decay 0.1: {_ood(small_init_wd)}, {delta(small_init_wd)}"]
