@@ -189,7 +189,7 @@ def token_capacity(hooked: HookedModel, length: int, memory_budget: int | None, 
     # per token: the prefix cache of every block, the widest activations, fp32 attention scores
     per_token = elt * (hooked.n_layers * 2 * kv_heads * head_dim + 6 * d + 3 * inner) + 4 * heads * length
     row_logits = 4 * int(hooked.model.get_output_embeddings().weight.shape[0])  # fp32 logits of one position
-    per_token += row_logits if logits else -(-row_logits // length)
+    per_token += row_logits if logits else math.ceil(row_logits / length)
     return max(length, int(memory_budget) // per_token)
 
 
